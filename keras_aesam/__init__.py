@@ -1,0 +1,41 @@
+"""keras-aesam: sharpness-aware training for Keras 3 that uses SAM only where it pays.
+
+The paper's seven methods (ERM, SAM, ESAM, SS-SAM, LookSAM, AE-SAM, AE-LookSAM)
+as drop-in ``keras.Model`` subclasses: a *policy* decides when a step is a SAM
+step, a *direction* rule forms the update, and ``SharpnessAwareModel`` runs both
+inside ``train_step``.
+"""
+
+from keras_aesam import directions, ops, policies
+from keras_aesam.methods import METHODS, build_method, method_parameters
+from keras_aesam.model import (
+    AELookSAMModel,
+    AESAMModel,
+    ERMModel,
+    ESAMModel,
+    LookSAMModel,
+    SAMModel,
+    SharpnessAwareModel,
+    SSSAMModel,
+    wrap,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AELookSAMModel",
+    "AESAMModel",
+    "ERMModel",
+    "ESAMModel",
+    "LookSAMModel",
+    "METHODS",
+    "SAMModel",
+    "SSSAMModel",
+    "SharpnessAwareModel",
+    "build_method",
+    "directions",
+    "method_parameters",
+    "ops",
+    "policies",
+    "wrap",
+]

@@ -1,0 +1,123 @@
+"""*How* the update direction is formed: SAM, ASAM, ESAM and LookSAM.
+
+A direction rule answers three questions for the model's ``train_step``:
+
+- ``perturbation(g, w, t)``: the ``e`` at which a SAM step takes its second
+  gradient ``ĝ = ∇L(B; w + e)``;
+- ``on_sam_step(g, ĝ, state)``: the direction ``d`` handed to the optimizer on a
+  SAM step, and the rule's new state;
+- ``on_erm_step(g, state)``: ``d`` on a step without a second pass.
+
+State is a list of tensors shaped like the trainable weights (LookSAM's ``g_v``)
+or empty; the model stores it in non-trainable variables, so checkpoints carry it.
+"""
+
+from keras import ops
+
+from keras_aesam import ops as sam_ops
+from keras_aesam.validation import check_range
+
+
+class Direction:
+    """Plain SAM (Foret et al., 2021): ``e = ρ·g/‖g‖``, ``d = ĝ``; ERM steps use ``g``.
+
+    ``adaptive=True`` gives ASAM's scale-invariant ball (Kwon et al., 2021).
+    """
+
+    name = "sam"
+    #: ESAM's data selection: the second backward pass uses a subset of the batch.
+    selects_samples = False
+
+    def __init__(self, rho=0.05, adaptive=False):
+        self.rho = check_range("rho", rho, 0.0, low_open=True)
+        self.adaptive = bool(adaptive)
+
+    # State ----------------------------------------------------------------
+    def has_state(self):
+        return False
+
+    # Rules ----------------------------------------------------------------
+    def perturbation(self, grads, weights, step):
+        if self.adaptive:
+            return sam_ops.asam_perturbation(grads, weights, self.rho)
+        return sam_ops.sam_perturbation(grads, self.rho)
+
+    def on_sam_step(self, grads, sam_grads, state):
+        return sam_grads, state
+
+    def on_erm_step(self, grads, state):
+        return grads, state
+
+    def get_config(self):
+        return {"rho": self.rho, "adaptive": self.adaptive}
+
+    def __repr__(self):
+        args = ", ".join(f"{k}={v!r}" for k, v in self.get_config().items())
+        return f"{type(self).__name__}({args})"
+
+
+SAM = Direction
+
+
+class LookSAM(Direction):
+    """LookSAM (Liu et al., 2022): reuse the SAM gradient's orthogonal part.
+
+    On a SAM step ``g_v = ĝ - (⟨ĝ,g⟩/‖g‖²)·g`` is stored and ``d = ĝ``; on the
+    other steps ``d = g + α·(‖g‖/‖g_v‖)·g_v`` at the cost of one pass. Global
+    norms by default; ``per_tensor=True`` projects each tensor on its own.
+    """
+
+    name = "looksam"
+
+    def __init__(self, rho=0.05, alpha=0.7, per_tensor=False, adaptive=False):
+        super().__init__(rho=rho, adaptive=adaptive)
+        self.alpha = check_range("alpha", alpha, 0.0)
+        self.per_tensor = bool(per_tensor)
+
+    def has_state(self):
+        return True
+
+    def on_sam_step(self, grads, sam_grads, state):
+        g_v = sam_ops.looksam_orthogonal(sam_grads, grads, per_tensor=self.per_tensor)
+        return sam_grads, [ops.cast(v, s.dtype) for v, s in zip(g_v, state)]
+
+    def on_erm_step(self, grads, state):
+        d = sam_ops.looksam_reuse(grads, state, self.alpha, per_tensor=self.per_tensor)
+        return d, state
+
+    def get_config(self):
+        return {**super().get_config(), "alpha": self.alpha, "per_tensor": self.per_tensor}
+
+
+class ESAM(Direction):
+    """ESAM (Du et al., 2022a): perturb a random ``beta`` share of the weight
+    tensors (SWP, scaled by ``1/beta``) and take the second backward pass on the
+    ``⌈gamma·|B|⌉`` samples whose loss rose most under ``e`` (SDS).
+
+    The random tensor choice depends only on ``(seed, t)``: reproducible, equal
+    on every replica, and resumed exactly with the step counter.
+    """
+
+    name = "esam"
+    selects_samples = True
+
+    def __init__(self, rho=0.05, beta=0.6, gamma=0.5, seed=0, adaptive=False):
+        super().__init__(rho=rho, adaptive=adaptive)
+        self.beta = check_range("beta", beta, 0.0, 1.0, low_open=True)
+        self.gamma = check_range("gamma", gamma, 0.0, 1.0, low_open=True)
+        self.seed = int(seed)
+        self.selects_samples = self.gamma < 1.0
+
+    def swp_mask(self, num_tensors, step):
+        """One Bernoulli(beta) draw per weight tensor, from ``(seed, t)``."""
+        draws = sam_ops.uniform_from_counter((num_tensors,), self.seed, 2, step)
+        return [draws[i] < self.beta for i in range(num_tensors)]
+
+    def perturbation(self, grads, weights, step):
+        e = super().perturbation(grads, weights, step)
+        if self.beta >= 1.0:
+            return e
+        return sam_ops.swp_perturbation(e, self.swp_mask(len(e), step), self.beta)
+
+    def get_config(self):
+        return {**super().get_config(), "beta": self.beta, "gamma": self.gamma, "seed": self.seed}

@@ -1,0 +1,595 @@
+"""*Where* it runs: the Keras model whose ``train_step`` mixes ERM and SAM steps.
+
+This is the one module with TensorFlow control flow (tapes, ``tf.cond``,
+replica context, variable assignment). Each step:
+
+1. one tape at ``w`` gives the ERM gradient ``g`` (and updates BatchNorm once);
+2. the policy reads ``‖g‖²`` and its state and decides ``use_sam``;
+3. ``tf.cond`` runs either nothing more, or a second tape at ``w + e`` through a
+   *stateless* call (weights are never written, BatchNorm statistics and
+   metrics are left as the first pass set them);
+4. the direction rule forms ``d`` and the optimizer applies it once, outside
+   the cond. Non-finite steps move nothing and leave the policy state alone.
+"""
+
+import warnings
+
+import keras
+import tensorflow as tf
+from keras import ops
+from keras.src.losses import loss as keras_loss_module
+from keras.src.trainers.data_adapters import data_adapter_utils
+
+from keras_aesam import directions as directions_module
+from keras_aesam import ops as sam_ops
+from keras_aesam import policies as policies_module
+from keras_aesam.methods import build_method, method_config, method_parameters
+from keras_aesam.validation import check_int
+
+_PACKAGE = "keras_aesam"
+
+
+def _serialize_part(obj):
+    return {"class_name": type(obj).__name__, "config": obj.get_config()}
+
+
+def _deserialize_part(config, module, base):
+    if isinstance(config, base):
+        return config
+    cls = getattr(module, config["class_name"], None)
+    if not (isinstance(cls, type) and issubclass(cls, base)):
+        raise ValueError(f"Unknown {base.__name__} {config['class_name']!r}.")
+    return cls(**config["config"])
+
+
+def _zeros_for_none(grads, variables):
+    return [
+        ops.zeros_like(v.value) if g is None else g for g, v in zip(grads, variables)
+    ]
+
+
+def _loss_scale(optimizer):
+    """The dynamic loss scale of a ``LossScaleOptimizer``, else ``None``."""
+    if isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
+        return optimizer.dynamic_scale
+    return None
+
+
+def _replica_context():
+    ctx = tf.distribute.get_replica_context()
+    if ctx is None or ctx.num_replicas_in_sync == 1:
+        return None
+    return ctx
+
+
+def _all_reduce_sum(tensors):
+    ctx = _replica_context()
+    if ctx is None:
+        return tensors
+    return ctx.all_reduce(tf.distribute.ReduceOp.SUM, tensors)
+
+
+def _apply_if(condition, optimizer, grads, variables):
+    """``optimizer.apply(grads)`` when ``condition``; nothing (not even momentum) otherwise.
+
+    Under a strategy the cond must run in cross-replica context, since
+    ``apply`` merges across replicas (the pattern of Keras's loss scaling).
+    """
+    ctx = _replica_context()
+    if ctx is None:
+        tf.cond(
+            condition,
+            lambda: _applied(optimizer, grads, variables),
+            lambda: tf.constant(False),
+        )
+        return
+
+    def cross_replica(distribution, grads, condition):
+        first = distribution.experimental_local_results(condition)[0]
+
+        def apply_fn():
+            distribution.extended.call_for_each_replica(
+                optimizer.apply, args=(grads, variables)
+            )
+            return tf.constant(True)
+
+        tf.cond(first, apply_fn, lambda: tf.constant(False))
+
+    ctx.merge_call(cross_replica, args=(grads, condition))
+
+
+def _applied(optimizer, grads, variables):
+    optimizer.apply(grads, variables)
+    return tf.constant(True)
+
+
+class _InferTotalSteps(keras.callbacks.Callback):
+    """Sets ``T`` from ``fit``'s epochs × steps per epoch when it was not given."""
+
+    def __init__(self, sam_model):
+        super().__init__()
+        self._sam_model = sam_model
+
+    def on_train_begin(self, logs=None):
+        self._sam_model._resolve_total_steps(self.params.get("epochs"), self.params.get("steps"))
+
+
+@keras.saving.register_keras_serializable(package=_PACKAGE)
+class SharpnessAwareModel(keras.Model):
+    """A ``keras.Model`` that takes SAM steps where its policy says so.
+
+    Three ways to build it: ``SharpnessAwareModel(inner=model, ...)`` (or
+    ``keras_aesam.wrap``) shares ``model``'s weights; ``Cls(inputs, outputs,
+    ...)`` builds the functional model and wraps it; a subclass defines
+    ``call`` (and, for saving, ``get_config``).
+
+    Args:
+        method: one of ``"erm"``, ``"sam"``, ``"esam"``, ``"ss_sam"``,
+            ``"looksam"``, ``"ae_sam"``, ``"ae_looksam"``; its hyperparameters
+            come as keyword arguments (``rho``, ``lambda1`` …).
+        policy, direction: instead of ``method``, any ``keras_aesam.policies``
+            policy with any ``keras_aesam.directions`` rule.
+        total_steps: the paper's ``T`` for the ``c_t`` schedule; ``None``
+            infers it from ``fit``'s epochs × steps per epoch.
+        sync_perturbation: under a distribution strategy, perturb with the
+            all-reduced gradient and decide on the global ``‖g‖²`` (``True``,
+            the default: same training as one device on the global batch, one
+            extra gradient all-reduce per step), or perturb each replica with
+            its own shard's gradient (``False``, SAM's m-sharpness).
+    """
+
+    method = None  # the named subclasses fix it
+
+    def __init__(
+        self,
+        inputs=None,
+        outputs=None,
+        *,
+        inner=None,
+        method=None,
+        policy=None,
+        direction=None,
+        total_steps=None,
+        sync_perturbation=True,
+        **kwargs,
+    ):
+        model_kwargs = {
+            k: kwargs.pop(k) for k in ("name", "trainable", "dtype") if k in kwargs
+        }
+        # Keras bookkeeping that reaches __init__ through from_config.
+        for key in ("build_config", "compile_config"):
+            kwargs.pop(key, None)
+        method = method if method is not None else type(self).method
+        if policy is not None or direction is not None:
+            if method is not None and type(self).method is None:
+                raise ValueError("Pass either method= or policy=/direction=, not both.")
+            if kwargs:
+                raise TypeError(f"Unexpected arguments {sorted(kwargs)}.")
+            policy = _deserialize_part(
+                policy if policy is not None else policies_module.Always(),
+                policies_module, policies_module.Policy,
+            )
+            direction = _deserialize_part(
+                direction if direction is not None else directions_module.Direction(),
+                directions_module, directions_module.Direction,
+            )
+            method = None
+        else:
+            if method is None:
+                raise ValueError(
+                    "SharpnessAwareModel needs method= (one of 'erm', 'sam', "
+                    "'esam', 'ss_sam', 'looksam', 'ae_sam', 'ae_looksam') or "
+                    "policy= and direction=."
+                )
+            policy, direction = build_method(method, **kwargs)
+
+        if (inputs is None) != (outputs is None):
+            raise ValueError("Pass both inputs and outputs, or neither.")
+        if inputs is not None:
+            if inner is not None:
+                raise ValueError("Pass inputs/outputs or inner=, not both.")
+            inner = keras.Model(inputs, outputs, name=model_kwargs.get("name"))
+        if inner is not None:
+            if isinstance(inner, dict):
+                inner = keras.saving.deserialize_keras_object(inner)
+            if not isinstance(inner, keras.Model):
+                raise TypeError(
+                    "inner must be a keras.Model (keras.Sequential, functional "
+                    f"or subclassed), got {type(inner).__name__}."
+                )
+            if isinstance(inner, SharpnessAwareModel):
+                raise ValueError(
+                    "This model is already sharpness-aware; wrap its inner model "
+                    "(model.inner) instead of wrapping it twice."
+                )
+
+        super().__init__(**model_kwargs)
+        self.inner = inner
+        self.policy = policy
+        self.direction = direction
+        self.method = method
+        self.total_steps = check_int("total_steps", total_steps, low=1, allow_none=True)
+        self.sync_perturbation = bool(sync_perturbation)
+        self._xla_passes = False
+
+        self.sam_fraction_tracker = keras.metrics.Mean(name="sam_fraction")
+        self.skipped_steps_tracker = keras.metrics.Sum(name="skipped_steps")
+        self._create_policy_state()
+        self._direction_state = None
+        if inner is not None and inner.built:
+            self.built = True
+            self._ensure_direction_state()
+
+    # ------------------------------------------------------------------
+    # State
+    # ------------------------------------------------------------------
+    def _state_weight(self, name, initial, dtype="float32", shape=()):
+        return self.add_weight(
+            name=name,
+            shape=shape,
+            dtype=dtype,
+            initializer=keras.initializers.Constant(initial),
+            trainable=False,
+            aggregation="only_first_replica",
+        )
+
+    def _create_policy_state(self):
+        self.sam_step = self._state_weight("sam_step", 0, dtype="int64")
+        self.sam_total_steps = self._state_weight(
+            "sam_total_steps", self.total_steps or 0, dtype="int64"
+        )
+        self._policy_state = {
+            name: self._state_weight(name, value)
+            for name, value in self.policy.state_spec().items()
+        }
+
+    def _ensure_direction_state(self):
+        """Create the direction's per-weight state (LookSAM's ``g_v``) once built."""
+        if self._direction_state is not None or not self.direction.has_state():
+            return
+        self._direction_state = [
+            self._state_weight(
+                f"direction_state_{i}", 0.0, dtype=v.dtype, shape=tuple(v.shape)
+            )
+            for i, v in enumerate(self.trainable_variables)
+        ]
+
+    @property
+    def policy_state(self):
+        """The policy's state as Python floats (µ, σ² …) plus ``step`` and ``total_steps``."""
+        state = {k: float(v.numpy()) for k, v in self._policy_state.items()}
+        state["step"] = int(self.sam_step.numpy())
+        state["total_steps"] = int(self.sam_total_steps.numpy()) or None
+        return state
+
+    @property
+    def hyperparameters(self):
+        """The method's hyperparameters, resolved (defaults included)."""
+        return method_config(self.policy, self.direction)
+
+    def _resolve_total_steps(self, epochs, steps_per_epoch):
+        if self.total_steps is not None or not self.policy.needs_total_steps:
+            return
+        if not epochs or not steps_per_epoch:
+            raise ValueError(
+                f"total_steps is unknown: the {self.policy.name} policy's c_t "
+                "schedule needs the total number of training steps T, and fit() "
+                "cannot tell the number of steps per epoch (e.g. an endless or "
+                "unsized dataset). Pass steps_per_epoch= to fit(), or "
+                "total_steps= to the model."
+            )
+        self.sam_total_steps.assign(int(epochs) * int(steps_per_epoch))
+
+    # ------------------------------------------------------------------
+    # Keras plumbing
+    # ------------------------------------------------------------------
+    def call(self, inputs, training=None):
+        if self.inner is None:
+            raise NotImplementedError(
+                "A subclass of SharpnessAwareModel without inner= must define call()."
+            )
+        return self.inner(inputs, training=training)
+
+    def build(self, input_shape=None):
+        if self.inner is None:
+            return super().build(input_shape)
+        if not self.inner.built:
+            self.inner.build(input_shape)
+        self.built = True
+        self._ensure_direction_state()
+
+    def compile(self, *args, jit_compile="auto", **kwargs):
+        super().compile(*args, jit_compile=jit_compile, **kwargs)
+        if self.direction.selects_samples:
+            self._per_sample_loss_fn()  # fail now, not at the first step
+
+    def fit(self, *args, callbacks=None, **kwargs):
+        if not self.compiled:
+            raise RuntimeError(
+                "You must call compile() before fit(): the model needs an "
+                "optimizer and a loss."
+            )
+        callbacks = list(callbacks or []) + [_InferTotalSteps(self)]
+        return super().fit(*args, callbacks=callbacks, **kwargs)
+
+    def make_train_function(self, force=False):
+        """Keep the policy's ``tf.cond`` out of XLA; compile the passes instead.
+
+        A SAM branch inside an XLA-compiled ``tf.cond`` is pathologically slow on
+        CPU, so with ``jit_compile=True`` the step runs as a graph and each
+        forward-backward pass is its own XLA cluster.
+        """
+        if self.train_function is not None and not force:
+            return self.train_function
+        self._ensure_direction_state()
+        jit = self.jit_compile
+        self._xla_passes = bool(jit)
+        try:
+            self._jit_compile = False
+            return super().make_train_function(force=force)
+        finally:
+            self._jit_compile = jit
+
+    def load_own_variables(self, store):
+        self._ensure_direction_state()
+        super().load_own_variables(store)
+
+    def get_config(self):
+        config = {"name": self.name, "trainable": self.trainable}
+        if self.inner is not None:
+            config["inner"] = keras.saving.serialize_keras_object(self.inner)
+        if self.method is not None:
+            if type(self).method is None:
+                config["method"] = self.method
+            config.update(self.hyperparameters)
+        else:
+            config["policy"] = _serialize_part(self.policy)
+            config["direction"] = _serialize_part(self.direction)
+        config["total_steps"] = self.total_steps
+        config["sync_perturbation"] = self.sync_perturbation
+        return config
+
+    @classmethod
+    def from_config(cls, config, custom_objects=None):
+        config = dict(config)
+        if "inner" in config and isinstance(config["inner"], dict):
+            config["inner"] = keras.saving.deserialize_keras_object(
+                config["inner"], custom_objects=custom_objects
+            )
+        return cls(**config)
+
+    # ------------------------------------------------------------------
+    # Losses
+    # ------------------------------------------------------------------
+    def _per_sample_loss_fn(self):
+        """A function ``(y, y_pred) -> per-sample losses`` for ESAM's selection."""
+        loss = self.loss
+        if isinstance(loss, str):
+            loss = keras.losses.get(loss)
+        fn = None
+        if isinstance(loss, keras.losses.Loss):
+            fn = loss.call
+        elif callable(loss):
+            fn = loss
+        if fn is None:
+            raise ValueError(
+                "ESAM's data selection (gamma < 1) needs per-sample losses: compile "
+                "with one loss (a keras.losses.Loss, a loss name or a function "
+                f"returning per-sample values), got loss={self.loss!r}. Use "
+                "gamma=1.0 to turn selection off."
+            )
+
+        def per_sample(y, y_pred):
+            values = ops.convert_to_tensor(fn(y, y_pred))
+            if values.shape.rank == 0:
+                raise ValueError(
+                    "ESAM's data selection (gamma < 1) needs per-sample losses, "
+                    "but the compiled loss returns a scalar. Use a loss with "
+                    "per-sample output, or gamma=1.0."
+                )
+            if values.shape.rank > 1:
+                values = ops.mean(values, axis=tuple(range(1, values.shape.rank)))
+            return values
+
+        return per_sample
+
+    def _forward_loss(self, x, y, sample_weight, values=None):
+        """Forward pass and compiled loss (with regularizers) in training mode.
+
+        With ``values`` (one tensor per trainable variable) the pass is
+        stateless: the model sees ``values`` as its weights and every state
+        update it makes (BatchNorm statistics, loss metrics) is discarded.
+        """
+        if values is None:
+            y_pred = self(x, training=True)
+            loss = self._compute_loss(
+                x=x, y=y, y_pred=y_pred, sample_weight=sample_weight, training=True
+            )
+            return y_pred, loss
+        mapping = list(zip(self.trainable_variables, values))
+        with keras.StatelessScope(state_mapping=mapping, collect_losses=True):
+            y_pred = self(x, training=True)
+            loss = self._compute_loss(
+                x=x, y=y, y_pred=y_pred, sample_weight=sample_weight, training=True
+            )
+        return y_pred, loss
+
+    def _xla(self, fn):
+        return tf.function(fn, jit_compile=True) if self._xla_passes else fn
+
+    # ------------------------------------------------------------------
+    # The step
+    # ------------------------------------------------------------------
+    def _erm_pass(self, x, y, sample_weight):
+        variables = self.trainable_variables
+        with tf.GradientTape() as tape:
+            y_pred, loss = self._forward_loss(x, y, sample_weight)
+            scaled = self.optimizer.scale_loss(loss)
+        grads = _zeros_for_none(tape.gradient(scaled, variables), variables)
+        return y_pred, loss, grads
+
+    def _sam_pass(self, x, y, sample_weight, perturbation):
+        """Scaled gradient of the loss at ``w + e``, without touching any state."""
+        variables = self.trainable_variables
+        values = sam_ops.add_lists([v.value for v in variables], perturbation)
+        with tf.GradientTape() as tape:
+            tape.watch(values)
+            _, loss = self._forward_loss(x, y, sample_weight, values=values)
+            scaled = self.optimizer.scale_loss(loss)
+        return _zeros_for_none(tape.gradient(scaled, values), variables)
+
+    def _select_samples(self, x, y, sample_weight, y_pred, perturbation):
+        """ESAM's SDS: the samples whose loss rose most under ``e``."""
+        per_sample = self._per_sample_loss_fn()
+        values = sam_ops.add_lists([v.value for v in self.trainable_variables], perturbation)
+        mapping = list(zip(self.trainable_variables, values))
+        with keras.StatelessScope(state_mapping=mapping):
+            y_pred_after = self(x, training=True)
+        before = tf.stop_gradient(per_sample(y, y_pred))
+        after = tf.stop_gradient(per_sample(y, y_pred_after))
+        keep = sam_ops.sds_select(before, after, self.direction.gamma)
+        take = lambda t: None if t is None else tf.gather(t, keep)
+        return (
+            tf.nest.map_structure(take, x),
+            tf.nest.map_structure(take, y),
+            None if sample_weight is None else tf.gather(sample_weight, keep),
+        )
+
+    def train_step(self, data):
+        x, y, sample_weight = data_adapter_utils.unpack_x_y_sample_weight(data)
+        variables = self.trainable_variables
+        if not variables:
+            raise ValueError(
+                "The model has no trainable weights: there is nothing for SAM "
+                "(or ERM) to update."
+            )
+        optimizer = self.optimizer
+        ctx = _replica_context()
+        replicas = 1 if ctx is None else ctx.num_replicas_in_sync
+        scale = _loss_scale(optimizer)
+        unscale = (lambda gs: gs) if scale is None else (
+            lambda gs: [g / ops.cast(scale, g.dtype) for g in gs]
+        )
+
+        # 1. the ERM gradient (scaled by 1/replicas, and by the loss scale)
+        y_pred, loss, local_grads = self._xla(self._erm_pass)(x, y, sample_weight)
+        self._loss_tracker.update_state(
+            keras_loss_module.unscale_loss_for_distribution(loss),
+            sample_weight=tf.shape(tf.nest.flatten(x)[0])[0],
+        )
+
+        # 2. the statistic and the decision, identical on every replica
+        needs_global = replicas > 1 and (
+            self.sync_perturbation or self.direction.has_state()
+        )
+        global_grads = _all_reduce_sum(local_grads) if needs_global else local_grads
+        if replicas > 1 and self.sync_perturbation:
+            stat = sam_ops.global_sq_norm(unscale(global_grads))
+            perturb_from = global_grads
+        else:
+            own = [g * replicas for g in local_grads] if replicas > 1 else local_grads
+            stat = sam_ops.global_sq_norm(unscale(own))
+            if replicas > 1:
+                stat = ctx.all_reduce(tf.distribute.ReduceOp.MEAN, stat)
+            perturb_from = own
+        finite = tf.math.is_finite(stat)
+        step = self.sam_step.value
+        total_steps = self.sam_total_steps.value
+        old_state = {k: v.value for k, v in self._policy_state.items()}
+        use_sam, new_state, logs = self.policy.decide(
+            old_state, tf.where(finite, stat, 0.0), step, total_steps
+        )
+        # A zero gradient has no direction to perturb along: an ERM step.
+        use_sam = tf.logical_and(
+            tf.logical_and(tf.convert_to_tensor(use_sam), finite), stat > 0.0
+        )
+
+        # 3. the second pass, on SAM steps only
+        def sam_branch():
+            e = self.direction.perturbation(
+                unscale(perturb_from), [v.value for v in variables], step
+            )
+            xs, ys, sws = x, y, sample_weight
+            if self.direction.selects_samples:
+                xs, ys, sws = self._select_samples(x, y, sample_weight, y_pred, e)
+            return self._xla(self._sam_pass)(xs, ys, sws, e)
+
+        if self.policy.static_decision is False:
+            pass_grads = local_grads
+        else:
+            pass_grads = tf.cond(use_sam, sam_branch, lambda: local_grads)
+
+        # 4. the direction, the optimizer step, the state
+        direction_state = [v.value for v in self._direction_state or []]
+        if self.direction.has_state():
+            reduced = _all_reduce_sum(pass_grads) if replicas > 1 else pass_grads
+            g, g_hat = unscale(global_grads), unscale(reduced)
+            d, new_direction_state = tf.cond(
+                use_sam,
+                lambda: self.direction.on_sam_step(g, g_hat, direction_state),
+                lambda: self.direction.on_erm_step(g, direction_state),
+            )
+            d = [t / replicas for t in d] if replicas > 1 else d
+            d = d if scale is None else [t * ops.cast(scale, t.dtype) for t in d]
+        else:
+            d, new_direction_state = pass_grads, direction_state
+
+        d_finite = tf.math.is_finite(sam_ops.global_sq_norm(d))
+        if replicas > 1:
+            d_finite = ctx.all_reduce(
+                tf.distribute.ReduceOp.MIN, tf.cast(d_finite, tf.float32)
+            ) > 0.5
+        ok = tf.logical_and(finite, d_finite)
+        if scale is not None:
+            optimizer.apply(d, variables)  # unscales, skips and adapts itself
+        else:
+            _apply_if(ok, optimizer, d, variables)
+
+        for name, var in self._policy_state.items():
+            var.assign(tf.where(ok, new_state[name], old_state[name]))
+        for var, new, old in zip(self._direction_state or [], new_direction_state, direction_state):
+            var.assign(tf.where(ok, new, old))
+        self.sam_step.assign_add(tf.cast(ok, "int64"))
+        self.sam_fraction_tracker.update_state(
+            tf.cast(tf.logical_and(use_sam, ok), "float32")
+        )
+        self.skipped_steps_tracker.update_state(tf.cast(tf.logical_not(ok), "float32"))
+
+        results = self.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
+        results.update(logs)
+        return results
+
+
+def wrap(model, method="ae_sam", **hyperparameters):
+    """Make ``model`` sharpness-aware: a ``SharpnessAwareModel`` sharing its weights.
+
+    ``model`` keeps working on its own and its ``weights`` hold no policy
+    state. ``hyperparameters`` are the method's (``rho``, ``lambda1`` …) plus
+    ``total_steps`` and ``sync_perturbation``.
+    """
+    if not isinstance(model, keras.Model):
+        raise TypeError(
+            f"wrap() takes a keras.Model, got {type(model).__name__}."
+        )
+    return SharpnessAwareModel(inner=model, method=method, **hyperparameters)
+
+
+def _named(class_name, method_name, doc):
+    cls = type(class_name, (SharpnessAwareModel,), {"method": method_name, "__doc__": doc})
+    cls.__module__ = __name__
+    return keras.saving.register_keras_serializable(package=_PACKAGE)(cls)
+
+
+ERMModel = _named("ERMModel", "erm", "Plain ERM steps (``method='erm'``): the baseline, one pass per step.")
+SAMModel = _named("SAMModel", "sam", "SAM on every step (Foret et al., 2021): ``rho``, ``adaptive``.")
+ESAMModel = _named("ESAMModel", "esam", "ESAM (Du et al., 2022a): SAM with SWP (``beta``) and SDS (``gamma``).")
+SSSAMModel = _named("SSSAMModel", "ss_sam", "SS-SAM (Zhao et al., 2022b): SAM with probability ``p``.")
+LookSAMModel = _named("LookSAMModel", "looksam", "LookSAM (Liu et al., 2022): SAM every ``k`` steps, ``g_v`` reused with ``alpha``.")
+AESAMModel = _named("AESAMModel", "ae_sam", "AE-SAM (Algorithm 1): SAM where ``‖g‖² ≥ µ + c_t·σ``; ``lambda1``, ``lambda2``, ``delta``.")
+AELookSAMModel = _named("AELookSAMModel", "ae_looksam", "AE-LookSAM (Algorithm 1): the adaptive policy deciding LookSAM's SAM steps.")
+
+__all__ = [
+    "SharpnessAwareModel", "wrap", "method_parameters",
+    "ERMModel", "SAMModel", "ESAMModel", "SSSAMModel", "LookSAMModel",
+    "AESAMModel", "AELookSAMModel",
+]

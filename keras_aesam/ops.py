@@ -1,0 +1,213 @@
+"""The math of every method, as small pure functions over lists of tensors.
+
+Nothing here owns state or control flow: each function maps tensors to tensors
+(written with ``keras.ops``) or Python numbers to Python numbers, so that each
+rule can be checked against a NumPy reference in the tests. The notation is the
+one of ``algorithms.md``: ``g`` the mini-batch gradient, ``‖·‖`` the global L2
+norm over all trainable weights, ``eps`` a guard against division by zero.
+"""
+
+import math
+
+import tensorflow as tf
+from keras import ops
+
+EPS = 1e-12
+SIGMA2_INIT = math.exp(-10.0)  # σ² before the first step (Algorithm 1)
+
+
+# --------------------------------------------------------------------------
+# Norms and the SAM perturbation
+# --------------------------------------------------------------------------
+def global_sq_norm(tensors):
+    """``Σ_i ‖t_i‖²`` in float32: the squared global norm (the AE statistic)."""
+    return ops.sum(
+        ops.stack([ops.sum(ops.square(ops.cast(t, "float32"))) for t in tensors])
+    )
+
+
+def global_norm(tensors):
+    """The global L2 norm ``‖[t_1, …, t_n]‖``."""
+    return ops.sqrt(global_sq_norm(tensors))
+
+
+def _scaled(tensors, scale):
+    return [ops.cast(scale, t.dtype) * t for t in tensors]
+
+
+def sam_perturbation(grads, rho, eps=EPS):
+    """``e = ρ · g / (‖g‖ + eps)``: the first-order worst case in a ρ-ball (eq. 2)."""
+    return _scaled(grads, rho / (global_norm(grads) + eps))
+
+
+def asam_perturbation(grads, weights, rho, eps=EPS):
+    """Adaptive SAM (Kwon et al., 2021): ``e = ρ·(|w|²⊙g) / (‖|w|⊙g‖ + eps)``.
+
+    The ball is scaled by the weights' magnitudes, so the perturbation is
+    invariant to rescalings of a layer that leave the network function fixed.
+    """
+    abs_w = [ops.abs(ops.cast(w, g.dtype)) for w, g in zip(weights, grads)]
+    scaled = [a * g for a, g in zip(abs_w, grads)]
+    scale = rho / (global_norm(scaled) + eps)
+    return [ops.cast(scale, g.dtype) * a * s for a, s, g in zip(abs_w, scaled, grads)]
+
+
+def add_lists(a, b):
+    """Elementwise ``a + b`` over two lists of tensors (``w + e``)."""
+    return [x + ops.cast(y, x.dtype) for x, y in zip(a, b)]
+
+
+# --------------------------------------------------------------------------
+# The adaptive policy (Algorithm 1)
+# --------------------------------------------------------------------------
+def ema_moments(mean, var, stat, delta):
+    """One EMA step of the mean and variance of ``‖g‖²`` (eqs. 4 and 5).
+
+    The variance update uses the *new* mean, as in Algorithm 1.
+    """
+    new_mean = delta * mean + (1.0 - delta) * stat
+    new_var = delta * var + (1.0 - delta) * ops.square(stat - new_mean)
+    return new_mean, new_var
+
+
+def threshold_coefficient(step, total_steps, lambda1, lambda2):
+    """``c_t = (t/T)·λ1 + (1 - t/T)·λ2``, linear from λ2 at t=0 to λ1 at t=T.
+
+    Steps beyond ``T`` keep ``c = λ1``.
+    """
+    frac = ops.minimum(
+        ops.cast(step, "float32") / ops.maximum(ops.cast(total_steps, "float32"), 1.0),
+        1.0,
+    )
+    return frac * lambda1 + (1.0 - frac) * lambda2
+
+
+# --------------------------------------------------------------------------
+# LookSAM (Liu et al., 2022)
+# --------------------------------------------------------------------------
+def _dot(a, b):
+    return ops.sum(
+        ops.stack(
+            [
+                ops.sum(ops.cast(x, "float32") * ops.cast(y, "float32"))
+                for x, y in zip(a, b)
+            ]
+        )
+    )
+
+
+def looksam_orthogonal(g_hat, g, per_tensor=False, eps=EPS):
+    """``g_v = ĝ - (⟨ĝ, g⟩ / (‖g‖² + eps))·g``: the part of ĝ orthogonal to g.
+
+    Global projection by default; ``per_tensor=True`` projects each weight
+    tensor on its own, as public LookSAM ports do.
+    """
+    if per_tensor:
+        return [
+            gh - ops.cast(_dot([gh], [gg]) / (global_sq_norm([gg]) + eps), gg.dtype) * gg
+            for gh, gg in zip(g_hat, g)
+        ]
+    coef = _dot(g_hat, g) / (global_sq_norm(g) + eps)
+    return [gh - ops.cast(coef, gg.dtype) * gg for gh, gg in zip(g_hat, g)]
+
+
+def looksam_reuse(g, g_v, alpha, per_tensor=False, eps=EPS):
+    """``d = g + α·(‖g‖ / (‖g_v‖ + eps))·g_v``: an approximate SAM direction."""
+    if per_tensor:
+        return [
+            gg + ops.cast(alpha * global_norm([gg]) / (global_norm([v]) + eps), gg.dtype) * v
+            for gg, v in zip(g, g_v)
+        ]
+    scale = alpha * global_norm(g) / (global_norm(g_v) + eps)
+    return [gg + ops.cast(scale, gg.dtype) * v for gg, v in zip(g, g_v)]
+
+
+# --------------------------------------------------------------------------
+# ESAM (Du et al., 2022a)
+# --------------------------------------------------------------------------
+def swp_perturbation(e, mask, beta):
+    """Stochastic weight perturbation: keep tensor ``i`` of ``e`` where ``mask[i]``,
+    scaled by ``1/β`` so the expected perturbation is unchanged; 0 elsewhere."""
+    return [
+        ops.where(m, t / ops.cast(beta, t.dtype), ops.zeros_like(t))
+        for t, m in zip(e, mask)
+    ]
+
+
+def sds_count(batch_size, gamma):
+    """``⌈γ·|B|⌉`` (at least one): how many samples SDS keeps."""
+    keep = ops.ceil(ops.cast(batch_size, "float32") * gamma)
+    return ops.maximum(ops.cast(keep, "int32"), 1)
+
+
+def sds_select(loss_before, loss_after, gamma):
+    """Indices of the ``⌈γ·|B|⌉`` samples whose loss rose most under ``e``."""
+    increase = ops.cast(loss_after, "float32") - ops.cast(loss_before, "float32")
+    k = sds_count(ops.shape(increase)[0], gamma)
+    order = ops.argsort(-increase)
+    return order[:k]
+
+
+# --------------------------------------------------------------------------
+# Counter-based randomness
+# --------------------------------------------------------------------------
+def uniform_from_counter(shape, seed, stream, step):
+    """U[0,1) draws that depend only on ``(seed, stream, step)``.
+
+    Stateless on purpose: every replica draws the same numbers, and a run
+    resumed at step ``t`` draws what the uninterrupted run drew at ``t``.
+    (Keras has no stateless draw with a tensor seed, hence ``tf.random``.)
+    """
+    key = tf.stack(
+        [
+            tf.constant(int(seed) * 1_000_003 + int(stream), tf.int64),
+            tf.cast(step, tf.int64),
+        ]
+    )
+    return tf.random.stateless_uniform(shape, seed=key, alg="philox")
+
+
+# --------------------------------------------------------------------------
+# Expected SAM fraction under a normal model of ‖g‖² (Python numbers)
+# --------------------------------------------------------------------------
+def _phi(c):
+    return math.exp(-0.5 * c * c) / math.sqrt(2.0 * math.pi)
+
+
+def _upper_tail(c):
+    return 0.5 * math.erfc(c / math.sqrt(2.0))
+
+
+def expected_sam_fraction(lambda1, lambda2):
+    """Mean of ``1 - Φ(c)`` as ``c`` runs linearly from λ2 down to λ1.
+
+    This is the expected share of SAM steps if ``‖g‖²`` were exactly normal
+    with the EMA's mean and variance: 0.5 for (-1, 1), ≈0.195 for (0, 2).
+    """
+    lambda1, lambda2 = float(lambda1), float(lambda2)
+    if math.isclose(lambda1, lambda2):
+        return _upper_tail(lambda1)
+
+    def antiderivative(c):  # ∫(1-Φ(c))dc = c(1-Φ(c)) - φ(c)
+        return c * _upper_tail(c) - _phi(c)
+
+    return (antiderivative(lambda2) - antiderivative(lambda1)) / (lambda2 - lambda1)
+
+
+def lambdas_for_sam_fraction(target, spread):
+    """``(λ1, λ2)`` with ``λ2 - λ1 = spread`` whose expected SAM fraction is ``target``.
+
+    The fraction decreases monotonically as the pair shifts up, so a bisection
+    on the centre finds it to machine precision.
+    """
+    if not 0.0 < target < 1.0:
+        raise ValueError(f"target_sam_fraction must be in (0, 1), got {target!r}.")
+    lo, hi = -40.0, 40.0
+    for _ in range(200):
+        mid = 0.5 * (lo + hi)
+        if expected_sam_fraction(mid - spread / 2, mid + spread / 2) > target:
+            lo = mid
+        else:
+            hi = mid
+    centre = 0.5 * (lo + hi)
+    return centre - spread / 2, centre + spread / 2
