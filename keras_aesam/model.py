@@ -290,14 +290,6 @@ class SharpnessAwareModel(keras.Model):
             )
         return self.inner(inputs, training=training)
 
-    def build(self, input_shape=None):
-        if self.inner is None:
-            return super().build(input_shape)
-        if not self.inner.built:
-            self.inner.build(input_shape)
-        self.built = True
-        self._ensure_direction_state()
-
     def compile(self, *args, jit_compile="auto", **kwargs):
         super().compile(*args, jit_compile=jit_compile, **kwargs)
         if self.direction.selects_samples:
@@ -421,10 +413,15 @@ class SharpnessAwareModel(keras.Model):
     # The step
     # ------------------------------------------------------------------
     def _erm_pass(self, x, y, sample_weight):
-        variables = self.trainable_variables
         with tf.GradientTape() as tape:
             y_pred, loss = self._forward_loss(x, y, sample_weight)
             scaled = self.optimizer.scale_loss(loss)
+        variables = self.trainable_variables
+        if not variables:
+            raise ValueError(
+                "The model has no trainable weights: there is nothing for SAM "
+                "(or ERM) to update."
+            )
         grads = _zeros_for_none(tape.gradient(scaled, variables), variables)
         return y_pred, loss, grads
 
@@ -457,12 +454,6 @@ class SharpnessAwareModel(keras.Model):
 
     def train_step(self, data):
         x, y, sample_weight = data_adapter_utils.unpack_x_y_sample_weight(data)
-        variables = self.trainable_variables
-        if not variables:
-            raise ValueError(
-                "The model has no trainable weights: there is nothing for SAM "
-                "(or ERM) to update."
-            )
         optimizer = self.optimizer
         ctx = _replica_context()
         replicas = 1 if ctx is None else ctx.num_replicas_in_sync
@@ -473,6 +464,7 @@ class SharpnessAwareModel(keras.Model):
 
         # 1. the ERM gradient (scaled by 1/replicas, and by the loss scale)
         y_pred, loss, local_grads = self._xla(self._erm_pass)(x, y, sample_weight)
+        variables = self.trainable_variables
         self._loss_tracker.update_state(
             keras_loss_module.unscale_loss_for_distribution(loss),
             sample_weight=tf.shape(tf.nest.flatten(x)[0])[0],

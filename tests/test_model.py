@@ -1,0 +1,249 @@
+"""SharpnessAwareModel as a Keras model: usage forms, metrics, BatchNorm, saving, errors."""
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import keras
+import keras_aesam
+from keras_aesam import directions, policies
+
+
+def small_net(dropout=0.0, batchnorm=True, seed=0):
+    layers = [keras.Input((6,)), keras.layers.Dense(8, activation="relu")]
+    if batchnorm:
+        layers.append(keras.layers.BatchNormalization())
+    if dropout:
+        layers.append(keras.layers.Dropout(dropout, seed=seed))
+    layers.append(keras.layers.Dense(3))
+    return keras.Sequential(layers)
+
+
+def toy_data(n=64, seed=0):
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, 6)).astype("float32")
+    y = (np.abs(x[:, :3]).argmax(axis=1)).astype("int32")
+    return x, y
+
+
+def compile_sgd(model, **kw):
+    model.compile(
+        optimizer=keras.optimizers.SGD(0.05, momentum=0.9),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        metrics=["accuracy"],
+        **kw,
+    )
+    return model
+
+
+# --------------------------------------------------------------------------
+# Three ways to use it
+# --------------------------------------------------------------------------
+def test_wrap_shares_weights_and_leaves_inner_clean():
+    inner = small_net()
+    n_inner_weights = len(inner.weights)
+    model = compile_sgd(keras_aesam.wrap(inner, method="ae_sam", rho=0.1))
+    x, y = toy_data()
+    before = [w.copy() for w in inner.get_weights()]
+    model.fit(x, y, epochs=1, batch_size=16, verbose=0)
+    after = inner.get_weights()
+    assert any(np.max(np.abs(a - b)) > 0 for a, b in zip(after, before))
+    assert len(inner.weights) == n_inner_weights
+    assert not any("ema" in w.name or "sam_" in w.name for w in inner.weights)
+    np.testing.assert_allclose(inner.predict(x, verbose=0), model.predict(x, verbose=0), rtol=1e-6)
+    compile_sgd(inner).fit(x, y, epochs=1, batch_size=16, verbose=0)  # still trains on its own
+
+
+def test_functional_form():
+    inputs = keras.Input((6,))
+    h = keras.layers.Dense(8, activation="relu")(inputs)
+    outputs = keras.layers.Dense(3)(h)
+    model = compile_sgd(keras_aesam.AESAMModel(inputs, outputs, rho=0.02, lambda1=-0.5))
+    x, y = toy_data()
+    history = model.fit(x, y, epochs=2, batch_size=16, verbose=0)
+    assert model.hyperparameters["rho"] == 0.02 and model.hyperparameters["lambda1"] == -0.5
+    assert len(history.history["sam_fraction"]) == 2
+
+
+class SubclassedNet(keras_aesam.AESAMModel):
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.hidden = keras.layers.Dense(8, activation="relu")
+        self.bn = keras.layers.BatchNormalization()
+        self.out = keras.layers.Dense(3)
+
+    def call(self, x, training=False):
+        return self.out(self.bn(self.hidden(x), training=training))
+
+
+def test_subclass_form_trains():
+    model = compile_sgd(SubclassedNet(rho=0.05))
+    x, y = toy_data()
+    history = model.fit(x, y, epochs=2, batch_size=16, verbose=0)
+    assert 0.0 <= history.history["sam_fraction"][-1] <= 1.0
+    assert model.policy_state["step"] == 8
+
+
+# --------------------------------------------------------------------------
+# Metrics
+# --------------------------------------------------------------------------
+def test_metrics_in_history_and_reset_each_epoch():
+    model = compile_sgd(keras_aesam.wrap(small_net(), method="ae_sam"))
+    x, y = toy_data()
+    history = model.fit(x, y, epochs=3, batch_size=16, verbose=0).history
+    for key in ("sam_fraction", "grad_norm_sq", "ema_mean", "ema_std", "sam_threshold", "skipped_steps"):
+        assert key in history and len(history[key]) == 3
+    # an epoch of 4 steps: the fraction is a multiple of 1/4, not a running total
+    for f in history["sam_fraction"]:
+        assert f * 4 == pytest.approx(round(f * 4), abs=1e-6)
+    sam = compile_sgd(keras_aesam.wrap(small_net(), method="sam"))
+    assert sam.fit(x, y, epochs=2, batch_size=16, verbose=0).history["sam_fraction"] == [1.0, 1.0]
+    erm = compile_sgd(keras_aesam.wrap(small_net(), method="erm"))
+    assert erm.fit(x, y, epochs=2, batch_size=16, verbose=0).history["sam_fraction"] == [0.0, 0.0]
+
+
+# --------------------------------------------------------------------------
+# BatchNorm, Dropout, training mode
+# --------------------------------------------------------------------------
+def test_batchnorm_statistics_move_once_per_sam_step():
+    x, y = toy_data(n=16)
+    inner = small_net()
+    reference = small_net()
+    reference.set_weights(inner.get_weights())
+    model = compile_sgd(keras_aesam.wrap(inner, method="sam", rho=0.5))
+    model.fit(x, y, epochs=1, batch_size=16, verbose=0, shuffle=False)
+    reference(x, training=True)  # a single ERM forward pass in training mode
+    bn, ref_bn = inner.layers[1], reference.layers[1]
+    np.testing.assert_allclose(bn.moving_mean.numpy(), ref_bn.moving_mean.numpy(), rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(bn.moving_variance.numpy(), ref_bn.moving_variance.numpy(), rtol=1e-6, atol=1e-7)
+    assert model.policy_state["step"] == 1
+
+
+def test_second_pass_runs_in_training_mode():
+    """With Dropout(0.9) in training mode the SAM gradient differs from inference mode."""
+    calls = []
+
+    class Probe(keras.layers.Layer):
+        def call(self, x, training=None):
+            calls.append(training)
+            return x
+
+    inner = keras.Sequential([keras.Input((6,)), Probe(), keras.layers.Dense(3)])
+    model = compile_sgd(keras_aesam.wrap(inner, method="sam"))
+    x, y = toy_data(n=16)
+    model.fit(x, y, epochs=1, batch_size=16, verbose=0)
+    traced_in_fit = calls[-2:]  # the two passes traced by the train function
+    assert traced_in_fit == [True, True]
+
+
+# --------------------------------------------------------------------------
+# sample_weight, class_weight
+# --------------------------------------------------------------------------
+def test_class_weight_reaches_both_passes():
+    x, y = toy_data()
+    cw = {0: 1.0, 1: 3.0, 2: 0.5}
+
+    def run(**fit_kw):
+        inner = small_net(batchnorm=False)
+        inner.set_weights(small_net(batchnorm=False, seed=1).get_weights())
+        keras.utils.set_random_seed(7)
+        init = [np.random.default_rng(5).normal(size=w.shape).astype("float32") * 0.3 for w in inner.get_weights()]
+        inner.set_weights(init)
+        model = compile_sgd(keras_aesam.wrap(inner, method="sam"))
+        model.fit(x, y, epochs=2, batch_size=16, verbose=0, shuffle=False, **fit_kw)
+        return inner.get_weights()
+
+    with_cw = run(class_weight=cw)
+    with_sw = run(sample_weight=np.array([cw[int(c)] for c in y], "float32"))
+    without = run()
+    for a, b in zip(with_cw, with_sw):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    assert max(np.max(np.abs(a - b)) for a, b in zip(with_cw, without)) > 1e-4
+
+
+# --------------------------------------------------------------------------
+# Degenerate steps
+# --------------------------------------------------------------------------
+def test_zero_gradient_is_an_erm_step_without_nan():
+    inner = keras.Sequential([keras.Input((4,)), keras.layers.Dense(1, kernel_initializer="zeros")])
+    model = keras_aesam.wrap(inner, method="sam")
+    model.compile(optimizer=keras.optimizers.SGD(0.1), loss="mse")
+    x = np.zeros((8, 4), "float32")
+    y = np.zeros((8, 1), "float32")
+    history = model.fit(x, y, epochs=1, batch_size=4, verbose=0).history
+    assert history["sam_fraction"] == [0.0]
+    assert all(np.all(np.isfinite(w)) for w in inner.get_weights())
+
+
+class PassCounter(keras.layers.Layer):
+    """Identity that counts, at run time, how many forward passes execute."""
+
+    def __init__(self, **kw):
+        super().__init__(**kw)
+        self.count = 0
+
+    def _tick(self):
+        self.count += 1
+        return np.int32(0)
+
+    def call(self, x):
+        tick = tf.py_function(self._tick, [], tf.int32)
+        with tf.control_dependencies([tick]):
+            return tf.identity(x)
+
+
+@pytest.mark.parametrize("lambdas", [(1e9, 1e9), (-1e9, -1e9), (-1.0, 1.0)])
+def test_only_the_taken_branch_runs(lambdas):
+    counter = PassCounter()
+    inner = keras.Sequential([keras.Input((6,)), counter, keras.layers.Dense(3)])
+    model = compile_sgd(keras_aesam.wrap(inner, method="ae_sam", lambda1=lambdas[0], lambda2=lambdas[1]))
+    x, y = toy_data(n=64)
+    counter.count = 0
+    history = model.fit(x, y, epochs=2, batch_size=16, verbose=0).history
+    sam_steps = round(sum(f * 4 for f in history["sam_fraction"]))
+    assert counter.count == 8 + sam_steps
+    if lambdas[0] > 1e8:
+        assert sam_steps == 0
+    if lambdas[0] < -1e8:
+        assert sam_steps == 8
+
+
+# --------------------------------------------------------------------------
+# total_steps
+# --------------------------------------------------------------------------
+def test_total_steps_inferred_from_fit():
+    model = compile_sgd(keras_aesam.wrap(small_net(), method="ae_sam"))
+    x, y = toy_data()
+    model.fit(x, y, epochs=3, batch_size=16, verbose=0)
+    assert model.policy_state["total_steps"] == 12
+
+
+def test_total_steps_unknowable_is_a_clear_error():
+    model = compile_sgd(keras_aesam.wrap(small_net(), method="ae_sam"))
+    x, y = toy_data()
+    endless = tf.data.Dataset.from_tensor_slices((x, y)).batch(16).repeat()
+    with pytest.raises(ValueError, match="total_steps"):
+        model.fit(endless, epochs=1, verbose=0)
+    # fine once steps_per_epoch is given
+    model.fit(endless, epochs=2, steps_per_epoch=3, verbose=0)
+    assert model.policy_state["total_steps"] == 6
+
+
+# --------------------------------------------------------------------------
+# XLA
+# --------------------------------------------------------------------------
+@pytest.mark.parametrize("method", ["ae_sam", "sam"])
+def test_jit_compile_matches_graph_mode(method):
+    x, y = toy_data()
+    init = small_net().get_weights()
+    results = []
+    for jit in (False, True):
+        inner = small_net()
+        inner.set_weights(init)
+        model = compile_sgd(keras_aesam.wrap(inner, method=method), jit_compile=jit)
+        h = model.fit(x, y, epochs=2, batch_size=16, verbose=0, shuffle=False).history
+        assert model.jit_compile is jit
+        results.append((h["sam_fraction"], inner.get_weights()))
+    assert results[0][0] == results[1][0]
+    for a, b in zip(results[0][1], results[1][1]):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)

@@ -1,0 +1,194 @@
+"""The model against an independent NumPy (float64) implementation of Algorithm 1.
+
+The reference below is written from ``algorithms.md`` and calls nothing from the
+package: a linear model ``ŷ = Xw + b`` with the mean squared error (plus an
+optional L2 penalty and per-sample weights, as Keras defines them), trained with
+plain SGD over several epochs of unshuffled mini-batches.
+"""
+
+import math
+
+import keras
+import numpy as np
+import pytest
+
+import keras_aesam
+
+EPS = 1e-12
+LR = 0.05
+
+
+# --------------------------------------------------------------------------
+# The reference
+# --------------------------------------------------------------------------
+def loss_grad(params, X, Y, sw=None, l2=0.0):
+    """Gradient of ``Σ_i sw_i (x_i·w + b - y_i)² / B + l2·‖w‖²`` (Keras's reduction)."""
+    w, b = params
+    sw = np.ones(len(X)) if sw is None else sw
+    r = (X @ w + b - Y) * sw[:, None]
+    gw = 2.0 * X.T @ r / len(X) + 2.0 * l2 * w
+    gb = 2.0 * r.sum(axis=0) / len(X)
+    return [gw, gb]
+
+
+def sq_norm(ts):
+    return float(sum(np.sum(t * t) for t in ts))
+
+
+def reference_run(X, Y, params, method, epochs, batch, rho=0.05, lambda1=-1.0,
+                  lambda2=1.0, delta=0.9, total_steps=None, k=5, alpha=0.7,
+                  sw=None, l2=0.0):
+    """Algorithm 1 (AE-SAM / AE-LookSAM) and its special cases, step by step."""
+    params = [p.astype(np.float64).copy() for p in params]
+    X, Y = X.astype(np.float64), Y.astype(np.float64)
+    mu, var, t = 0.0, math.exp(-10.0), 0
+    g_v = [np.zeros_like(p) for p in params]
+    fractions = []
+    steps_per_epoch = math.ceil(len(X) / batch)
+    T = total_steps or epochs * steps_per_epoch
+    for _ in range(epochs):
+        sam_steps = 0
+        for start in range(0, len(X), batch):
+            sl = slice(start, start + batch)
+            swb = None if sw is None else sw[sl]
+            g = loss_grad(params, X[sl], Y[sl], swb, l2)
+            s = sq_norm(g)
+            if method in ("ae_sam", "ae_looksam"):
+                mu = delta * mu + (1 - delta) * s
+                var = delta * var + (1 - delta) * (s - mu) ** 2
+                frac = min(t / T, 1.0)
+                c = frac * lambda1 + (1 - frac) * lambda2
+                use_sam = s >= mu + c * math.sqrt(var)
+            elif method == "sam":
+                use_sam = True
+            elif method == "looksam":
+                use_sam = t % k == 0
+            else:
+                use_sam = False
+            looks = method in ("looksam", "ae_looksam")
+            if use_sam:
+                norm = math.sqrt(s)
+                perturbed = [p + rho * gi / (norm + EPS) for p, gi in zip(params, g)]
+                g_hat = loss_grad(perturbed, X[sl], Y[sl], swb, l2)
+                if looks:
+                    coef = sum(np.sum(a * b) for a, b in zip(g_hat, g)) / (s + EPS)
+                    g_v = [a - coef * b for a, b in zip(g_hat, g)]
+                d = g_hat
+                sam_steps += 1
+            elif looks:
+                scale = alpha * math.sqrt(s) / (math.sqrt(sq_norm(g_v)) + EPS)
+                d = [gi + scale * v for gi, v in zip(g, g_v)]
+            else:
+                d = g
+            params = [p - LR * di for p, di in zip(params, d)]
+            t += 1
+        fractions.append(sam_steps / steps_per_epoch)
+    return params, fractions
+
+
+# --------------------------------------------------------------------------
+# The same run through Keras
+# --------------------------------------------------------------------------
+def make_data(n=96, d=5, seed=0):
+    rng = np.random.default_rng(seed)
+    X = rng.normal(size=(n, d)).astype("float32")
+    w_true = rng.normal(size=(d, 1))
+    Y = (X @ w_true + 0.5 * rng.normal(size=(n, 1))).astype("float32")
+    w0 = (0.1 * rng.normal(size=(d, 1))).astype("float32")
+    b0 = np.zeros((1,), "float32")
+    return X, Y, w0, b0
+
+
+def keras_run(X, Y, w0, b0, method, epochs, batch, sw=None, l2=0.0, **hp):
+    reg = keras.regularizers.L2(l2) if l2 else None
+    inner = keras.Sequential(
+        [keras.Input((X.shape[1],)), keras.layers.Dense(1, kernel_regularizer=reg)]
+    )
+    inner.set_weights([w0, b0])
+    model = keras_aesam.wrap(inner, method=method, **hp)
+    model.compile(optimizer=keras.optimizers.SGD(LR), loss="mse")
+    history = model.fit(
+        X, Y, sample_weight=sw, batch_size=batch, epochs=epochs, shuffle=False, verbose=0
+    )
+    return inner.get_weights(), history.history["sam_fraction"], model
+
+
+def assert_close(actual, expected, rtol=1e-5):
+    for a, e in zip(actual, expected):
+        scale = max(np.max(np.abs(e)), 1e-8)
+        assert np.max(np.abs(a - e)) / scale < rtol, (a, e)
+
+
+METHODS = ["erm", "sam", "ae_sam", "looksam", "ae_looksam"]
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_matches_numpy_reference_over_epochs(method):
+    X, Y, w0, b0 = make_data()
+    weights, fractions, _ = keras_run(X, Y, w0, b0, method, epochs=4, batch=16)
+    ref_weights, ref_fractions = reference_run(
+        X, Y, [w0, b0], method, epochs=4, batch=16,
+        **({"lambda1": 0.0, "lambda2": 2.0} if method == "ae_looksam" else {}),
+    )
+    assert_close(weights, ref_weights)
+    assert fractions == pytest.approx(ref_fractions, abs=1e-6)
+    if method.startswith("ae"):
+        # the adaptive policy really mixes: neither all SAM nor all ERM
+        assert 0.0 < np.mean(ref_fractions) < 1.0
+
+
+def test_ae_sam_with_sample_weights_and_l2_regularizer():
+    """sample_weight and regularization losses reach both passes."""
+    X, Y, w0, b0 = make_data(seed=1)
+    sw = np.random.default_rng(3).uniform(0.0, 2.0, size=len(X)).astype("float32")
+    weights, fractions, _ = keras_run(X, Y, w0, b0, "ae_sam", epochs=3, batch=16, sw=sw, l2=0.01)
+    ref_weights, ref_fractions = reference_run(
+        X, Y, [w0, b0], "ae_sam", epochs=3, batch=16, sw=sw, l2=0.01
+    )
+    assert_close(weights, ref_weights)
+    assert fractions == pytest.approx(ref_fractions, abs=1e-6)
+
+
+def test_sam_with_sample_weights_differs_from_unweighted():
+    """A check that the weighted reference above is sensitive to the weights."""
+    X, Y, w0, b0 = make_data(seed=1)
+    sw = np.random.default_rng(3).uniform(0.0, 2.0, size=len(X))
+    weighted, _ = reference_run(X, Y, [w0, b0], "sam", epochs=2, batch=16, sw=sw)
+    plain, _ = reference_run(X, Y, [w0, b0], "sam", epochs=2, batch=16)
+    assert np.max(np.abs(weighted[0] - plain[0])) > 1e-3
+
+
+def test_explicit_total_steps_and_training_past_it():
+    """With T shorter than the run, c stays at lambda1 after step T."""
+    X, Y, w0, b0 = make_data(seed=2)
+    weights, fractions, model = keras_run(
+        X, Y, w0, b0, "ae_sam", epochs=4, batch=16, total_steps=7
+    )
+    ref_weights, ref_fractions = reference_run(
+        X, Y, [w0, b0], "ae_sam", epochs=4, batch=16, total_steps=7
+    )
+    assert_close(weights, ref_weights)
+    assert fractions == pytest.approx(ref_fractions, abs=1e-6)
+    assert model.policy_state["step"] == 24
+
+
+# --------------------------------------------------------------------------
+# The policy on synthetic statistics
+# --------------------------------------------------------------------------
+def simulate_policy(lambda1, lambda2, steps=4000, seed=0):
+    policy = keras_aesam.policies.Adaptive(lambda1=lambda1, lambda2=lambda2)
+    state = {k: np.float32(v) for k, v in policy.state_spec().items()}
+    stats = np.random.default_rng(seed).normal(10.0, 1.0, size=steps).astype("float32")
+    decisions = []
+    for t, s in enumerate(stats):
+        use, state, _ = policy.decide(state, s, t, steps)
+        decisions.append(bool(use))
+    return np.mean(decisions[50:])  # past the EMA's warm-up
+
+
+@pytest.mark.parametrize(
+    "lambdas, expected", [((-1.0, 1.0), 0.50), ((0.0, 2.0), 0.195)]
+)
+def test_sam_fraction_on_normal_statistics(lambdas, expected):
+    assert keras_aesam.ops.expected_sam_fraction(*lambdas) == pytest.approx(expected, abs=1e-3)
+    assert simulate_policy(*lambdas) == pytest.approx(expected, abs=0.035)
