@@ -17,6 +17,7 @@ import warnings
 import keras
 import tensorflow as tf
 from keras import ops
+from keras.src.export import export_utils
 from keras.src.losses import loss as keras_loss_module
 from keras.src.trainers.data_adapters import data_adapter_utils
 
@@ -224,7 +225,10 @@ class SharpnessAwareModel(keras.Model):
     # State
     # ------------------------------------------------------------------
     def _state_weight(self, name, initial, dtype="float32", shape=()):
-        return self.add_weight(
+        """A non-trainable state variable, also set as an attribute of its own
+        name so that ``tf.train.Checkpoint`` (which does not look inside
+        Keras's tracked dicts and lists) finds it."""
+        var = self.add_weight(
             name=name,
             shape=shape,
             dtype=dtype,
@@ -232,11 +236,13 @@ class SharpnessAwareModel(keras.Model):
             trainable=False,
             aggregation="only_first_replica",
         )
+        setattr(self, f"_state_{name}", var)
+        return var
 
     def _create_policy_state(self):
-        self.sam_step = self._state_weight("sam_step", 0, dtype="int64")
+        self.sam_step = self._state_weight("step", 0, dtype="int64")
         self.sam_total_steps = self._state_weight(
-            "sam_total_steps", self.total_steps or 0, dtype="int64"
+            "total_steps", self.total_steps or 0, dtype="int64"
         )
         self._policy_state = {
             name: self._state_weight(name, value)
@@ -290,11 +296,6 @@ class SharpnessAwareModel(keras.Model):
             )
         return self.inner(inputs, training=training)
 
-    def compile(self, *args, jit_compile="auto", **kwargs):
-        super().compile(*args, jit_compile=jit_compile, **kwargs)
-        if self.direction.selects_samples:
-            self._per_sample_loss_fn()  # fail now, not at the first step
-
     def fit(self, *args, callbacks=None, **kwargs):
         if not self.compiled:
             raise RuntimeError(
@@ -314,6 +315,8 @@ class SharpnessAwareModel(keras.Model):
         if self.train_function is not None and not force:
             return self.train_function
         self._ensure_direction_state()
+        if self.direction.selects_samples:
+            self._per_sample_loss_fn()  # fail before the first step, not inside it
         jit = self.jit_compile
         self._xla_passes = bool(jit)
         try:
@@ -321,6 +324,18 @@ class SharpnessAwareModel(keras.Model):
             return super().make_train_function(force=force)
         finally:
             self._jit_compile = jit
+
+    def export(self, filepath, format="tf_saved_model", verbose=None, input_signature=None, **kwargs):
+        """Export for inference; a wrapper takes its input signature from ``inner``.
+
+        The served function is the forward pass only: no policy state, no
+        custom class needed to load it.
+        """
+        if input_signature is None and self.inner is not None:
+            input_signature = export_utils.get_input_signature(self.inner)
+        return super().export(
+            filepath, format=format, verbose=verbose, input_signature=input_signature, **kwargs
+        )
 
     def load_own_variables(self, store):
         self._ensure_direction_state()
