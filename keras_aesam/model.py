@@ -63,6 +63,15 @@ def _replica_context():
     return ctx
 
 
+def _multi_worker():
+    strategy = tf.distribute.get_strategy()
+    extended = getattr(strategy, "extended", None)
+    in_multi_worker = getattr(extended, "_in_multi_worker_mode", None)
+    return isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy) and bool(
+        in_multi_worker and in_multi_worker()
+    )
+
+
 def _all_reduce_sum(tensors):
     ctx = _replica_context()
     if ctx is None:
@@ -73,11 +82,12 @@ def _all_reduce_sum(tensors):
 def _apply_if(condition, optimizer, grads, variables):
     """``optimizer.apply(grads)`` when ``condition``; nothing (not even momentum) otherwise.
 
-    Under a strategy the cond must run in cross-replica context, since
-    ``apply`` merges across replicas (the pattern of Keras's loss scaling).
+    Under a strategy that merges (MirroredStrategy) the cond must run in
+    cross-replica context, since ``apply`` merges across replicas there (the
+    pattern of Keras's loss scaling); collective strategies apply in place.
     """
     ctx = _replica_context()
-    if ctx is None:
+    if ctx is None or tf.__internal__.distribute.strategy_supports_no_merge_call():
         tf.cond(
             condition,
             lambda: _applied(optimizer, grads, variables),
@@ -305,6 +315,23 @@ class SharpnessAwareModel(keras.Model):
         callbacks = list(callbacks or []) + [_InferTotalSteps(self)]
         return super().fit(*args, callbacks=callbacks, **kwargs)
 
+    def _maybe_symbolic_build(self, iterator=None, data_batch=None):
+        """Keras learns the batch's shapes by ``strategy.reduce(MEAN, batch)``,
+        which fails eagerly under MultiWorkerMirroredStrategy (Keras 3.15);
+        the first replica's local batch has the same shapes."""
+        strategy = self._distribute_strategy
+        if strategy is None or iterator is None:
+            return super()._maybe_symbolic_build(iterator=iterator, data_batch=data_batch)
+        for _, _, it in iterator:
+            batch = tf.nest.map_structure(
+                lambda v: strategy.experimental_local_results(v)[0]
+                if isinstance(v, tf.distribute.DistributedValues) else v,
+                next(it),
+            )
+            break
+        with strategy.scope():
+            self._symbolic_build(data_batch=batch)
+
     def make_train_function(self, force=False):
         """Keep the policy's ``tf.cond`` out of XLA; compile the passes instead.
 
@@ -315,6 +342,30 @@ class SharpnessAwareModel(keras.Model):
         if self.train_function is not None and not force:
             return self.train_function
         self._ensure_direction_state()
+        accumulation = getattr(self.optimizer, "gradient_accumulation_steps", None)
+        if accumulation and accumulation > 1:
+            raise ValueError(
+                "gradient_accumulation_steps is not supported: the policy decides "
+                "SAM per batch and its ‖g‖² statistic and step count would see "
+                "micro-batches. Use a larger batch_size instead (or accumulate "
+                "outside the model)."
+            )
+        strategy = tf.distribute.get_strategy()
+        if strategy.num_replicas_in_sync > 1 and self.policy.static_decision is not False:
+            synced = [
+                layer.name for layer in self._flatten_layers()
+                if getattr(layer, "synchronized", False)
+            ]
+            if synced:
+                raise ValueError(
+                    f"Layers {synced} use BatchNormalization(synchronized=True), "
+                    "whose cross-replica all-reduce cannot run inside the SAM "
+                    "branch's tf.cond under a multi-replica strategy. Use "
+                    "synchronized=False (per-replica statistics)."
+                )
+        if self.optimizer is not None and not self.optimizer.built and self.built:
+            # Loss scaling needs its dynamic scale before the step is traced.
+            self.optimizer.build(self.trainable_variables)
         if self.direction.selects_samples:
             self._per_sample_loss_fn()  # fail before the first step, not inside it
         jit = self.jit_compile
@@ -543,9 +594,10 @@ class SharpnessAwareModel(keras.Model):
 
         d_finite = tf.math.is_finite(sam_ops.global_sq_norm(d))
         if replicas > 1:
-            d_finite = ctx.all_reduce(
-                tf.distribute.ReduceOp.MIN, tf.cast(d_finite, tf.float32)
-            ) > 0.5
+            bad = ctx.all_reduce(
+                tf.distribute.ReduceOp.SUM, tf.cast(tf.logical_not(d_finite), tf.float32)
+            )
+            d_finite = tf.equal(bad, 0.0)
         ok = tf.logical_and(finite, d_finite)
         if scale is not None:
             optimizer.apply(d, variables)  # unscales, skips and adapts itself
@@ -564,6 +616,10 @@ class SharpnessAwareModel(keras.Model):
 
         results = self.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
         results.update(logs)
+        if _multi_worker():
+            # Keras 3.15 reduces multi-worker step outputs with reduce(MEAN,
+            # axis=0), which needs a leading axis; scalars fail there.
+            results = {k: tf.reshape(v, [1]) for k, v in results.items()}
         return results
 
 
