@@ -15,7 +15,7 @@ or empty; the model stores it in non-trainable variables, so checkpoints carry i
 from keras import ops
 
 from keras_aesam import ops as sam_ops
-from keras_aesam.validation import check_range
+from keras_aesam.validation import check_bool, check_range, check_seed
 
 
 class Direction:
@@ -30,7 +30,7 @@ class Direction:
 
     def __init__(self, rho=0.05, adaptive=False):
         self.rho = check_range("rho", rho, 0.0, low_open=True)
-        self.adaptive = bool(adaptive)
+        self.adaptive = check_bool("adaptive", adaptive)
 
     # State ----------------------------------------------------------------
     def has_state(self):
@@ -72,7 +72,7 @@ class LookSAM(Direction):
     def __init__(self, rho=0.05, alpha=0.7, per_tensor=False, adaptive=False):
         super().__init__(rho=rho, adaptive=adaptive)
         self.alpha = check_range("alpha", alpha, 0.0)
-        self.per_tensor = bool(per_tensor)
+        self.per_tensor = check_bool("per_tensor", per_tensor)
 
     def has_state(self):
         return True
@@ -105,7 +105,7 @@ class ESAM(Direction):
         super().__init__(rho=rho, adaptive=adaptive)
         self.beta = check_range("beta", beta, 0.0, 1.0, low_open=True)
         self.gamma = check_range("gamma", gamma, 0.0, 1.0, low_open=True)
-        self.seed = int(seed)
+        self.seed = check_seed(seed)
         self.selects_samples = self.gamma < 1.0
 
     def swp_mask(self, num_tensors, step):

@@ -34,7 +34,12 @@ _INTERNAL = {"self", "default_lambdas"}
 
 
 def _parameters(cls):
-    return [p for p in inspect.signature(cls.__init__).parameters if p not in _INTERNAL]
+    params = inspect.signature(cls.__init__).parameters.values()
+    return [
+        p.name for p in params
+        if p.name not in _INTERNAL
+        and p.kind not in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
+    ]
 
 
 def method_parameters(name):

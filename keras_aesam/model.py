@@ -12,7 +12,7 @@ replica context, variable assignment). Each step:
    the cond. Non-finite steps move nothing and leave the policy state alone.
 """
 
-import warnings
+import copy
 
 import keras
 import tensorflow as tf
@@ -25,7 +25,7 @@ from keras_aesam import directions as directions_module
 from keras_aesam import ops as sam_ops
 from keras_aesam import policies as policies_module
 from keras_aesam.methods import build_method, method_config, method_parameters
-from keras_aesam.validation import check_int
+from keras_aesam.validation import check_bool, check_int
 
 _PACKAGE = "keras_aesam"
 
@@ -220,7 +220,7 @@ class SharpnessAwareModel(keras.Model):
         self.direction = direction
         self.method = method
         self.total_steps = check_int("total_steps", total_steps, low=1, allow_none=True)
-        self.sync_perturbation = bool(sync_perturbation)
+        self.sync_perturbation = check_bool("sync_perturbation", sync_perturbation)
         self._xla_passes = False
 
         self.sam_fraction_tracker = keras.metrics.Mean(name="sam_fraction")
@@ -270,6 +270,10 @@ class SharpnessAwareModel(keras.Model):
             for i, v in enumerate(self.trainable_variables)
         ]
 
+    def _own_state_variables(self):
+        return [self.sam_step, self.sam_total_steps, *self._policy_state.values(),
+                *(self._direction_state or [])]
+
     @property
     def policy_state(self):
         """The policy's state as Python floats (µ, σ² …) plus ``step`` and ``total_steps``."""
@@ -308,7 +312,7 @@ class SharpnessAwareModel(keras.Model):
 
     def fit(self, *args, callbacks=None, **kwargs):
         if not self.compiled:
-            raise RuntimeError(
+            raise ValueError(
                 "You must call compile() before fit(): the model needs an "
                 "optimizer and a loss."
             )
@@ -409,7 +413,7 @@ class SharpnessAwareModel(keras.Model):
 
     @classmethod
     def from_config(cls, config, custom_objects=None):
-        config = dict(config)
+        config = copy.deepcopy(config)  # Keras's functional from_config empties what it reads
         if "inner" in config and isinstance(config["inner"], dict):
             config["inner"] = keras.saving.deserialize_keras_object(
                 config["inner"], custom_objects=custom_objects
@@ -528,8 +532,13 @@ class SharpnessAwareModel(keras.Model):
             lambda gs: [g / ops.cast(scale, g.dtype) for g in gs]
         )
 
-        # 1. the ERM gradient (scaled by 1/replicas, and by the loss scale)
-        y_pred, loss, local_grads = self._xla(self._erm_pass)(x, y, sample_weight)
+        # 1. the ERM gradient (scaled by 1/replicas, and by the loss scale);
+        # the forward pass moves BatchNorm statistics, kept only if the step is
+        own_state = {id(v) for v in self._own_state_variables()}
+        guarded = [v for v in self.non_trainable_variables if id(v) not in own_state]
+        guarded_before = [tf.identity(v.value) for v in guarded]
+        with tf.control_dependencies(guarded_before):
+            y_pred, loss, local_grads = self._xla(self._erm_pass)(x, y, sample_weight)
         variables = self.trainable_variables
         self._loss_tracker.update_state(
             keras_loss_module.unscale_loss_for_distribution(loss),
@@ -604,6 +613,8 @@ class SharpnessAwareModel(keras.Model):
         else:
             _apply_if(ok, optimizer, d, variables)
 
+        for var, old in zip(guarded, guarded_before):
+            var.assign(tf.where(ok, var.value, old))
         for name, var in self._policy_state.items():
             var.assign(tf.where(ok, new_state[name], old_state[name]))
         for var, new, old in zip(self._direction_state or [], new_direction_state, direction_state):

@@ -19,7 +19,7 @@ policy             decides SAM at step ``t`` when         paper's method(s)
 from keras import ops
 
 from keras_aesam import ops as sam_ops
-from keras_aesam.validation import check_in_open_interval, check_int, check_range
+from keras_aesam.validation import check_in_open_interval, check_int, check_range, check_seed
 
 
 class Policy:
@@ -83,7 +83,7 @@ class Bernoulli(Policy):
 
     def __init__(self, p=0.5, seed=0):
         self.p = check_range("p", p, 0.0, 1.0, low_open=True)
-        self.seed = int(seed)
+        self.seed = check_seed(seed)
 
     def decide(self, state, stat, step, total_steps):
         return sam_ops.uniform_from_counter((), self.seed, 1, step) < self.p, state, {}
@@ -135,21 +135,21 @@ class Adaptive(Policy):
         default_lambdas=(-1.0, 1.0),
     ):
         self.delta = check_in_open_interval("delta", delta, 0.0, 1.0)
-        self.target_sam_fraction = target_sam_fraction
         if target_sam_fraction is not None:
             if lambda1 is not None or lambda2 is not None:
                 raise ValueError(
                     "target_sam_fraction sets lambda1 and lambda2: pass either "
                     "target_sam_fraction or the lambdas, not both."
                 )
-            check_in_open_interval("target_sam_fraction", target_sam_fraction, 0.0, 1.0)
-            spread = default_lambdas[1] - default_lambdas[0]
-            lambda1, lambda2 = sam_ops.lambdas_for_sam_fraction(
-                float(target_sam_fraction), spread
+            target_sam_fraction = check_in_open_interval(
+                "target_sam_fraction", target_sam_fraction, 0.0, 1.0
             )
+            spread = default_lambdas[1] - default_lambdas[0]
+            lambda1, lambda2 = sam_ops.lambdas_for_sam_fraction(target_sam_fraction, spread)
         else:
             lambda1 = default_lambdas[0] if lambda1 is None else lambda1
             lambda2 = default_lambdas[1] if lambda2 is None else lambda2
+        self.target_sam_fraction = target_sam_fraction
         self.lambda1 = check_range("lambda1", lambda1)
         self.lambda2 = check_range("lambda2", lambda2)
         if self.lambda1 > self.lambda2:

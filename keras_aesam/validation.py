@@ -38,8 +38,32 @@ def check_int(name, value, low=1, high=None, allow_none=False):
     if value is None and allow_none:
         return None
     upper = "" if high is None else f" and <= {high}"
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or int(value) != value:
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, numbers.Real)
+        or not math.isfinite(value)
+        or int(value) != value
+    ):
         raise ValueError(f"{name} must be an integer >= {low}{upper}, got {value!r}.")
     if value < low or (high is not None and value > high):
         raise ValueError(f"{name} must be an integer >= {low}{upper}, got {value!r}.")
     return int(value)
+
+
+def check_bool(name, value):
+    """Return ``value`` as a bool if it is one (Python or NumPy), else raise.
+
+    ``bool("false")`` is ``True``: switches take real booleans only.
+    """
+    if isinstance(value, bool) or type(value).__name__ == "bool_":
+        return bool(value)
+    raise ValueError(f"{name} must be True or False, got {value!r}.")
+
+
+#: Seeds are mixed with a stream number into one int64 counter key.
+MAX_SEED = 2**32 - 1
+
+
+def check_seed(value):
+    """A seed: a whole number in [0, 2**32 - 1]."""
+    return check_int("seed", value, low=0, high=MAX_SEED)

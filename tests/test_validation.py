@@ -65,7 +65,7 @@ def test_wrapping_twice_is_refused():
 def test_fit_before_compile_is_a_clear_error():
     model = keras_aesam.wrap(small_net())
     x, y = toy_data()
-    with pytest.raises(RuntimeError, match="compile"):
+    with pytest.raises(ValueError, match="compile"):
         model.fit(x, y, verbose=0)
 
 
