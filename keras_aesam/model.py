@@ -522,6 +522,13 @@ class SharpnessAwareModel(keras.Model):
             None if sample_weight is None else tf.gather(sample_weight, keep),
         )
 
+    def test_step(self, data):
+        """Keras's evaluation step, without the training-only SAM trackers."""
+        logs = super().test_step(data)
+        for tracker in (self.sam_fraction_tracker, self.skipped_steps_tracker):
+            logs.pop(tracker.name, None)
+        return logs
+
     def train_step(self, data):
         x, y, sample_weight = data_adapter_utils.unpack_x_y_sample_weight(data)
         optimizer = self.optimizer

@@ -282,3 +282,12 @@ def test_activity_regularizer_losses_reach_both_passes():
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
     ref(x, training=True)
     assert float(tf.add_n(ref.losses)) > 0.1  # the regularizer weighs in the loss
+
+
+def test_evaluation_reports_no_sam_metrics():
+    model = compile_sgd(keras_aesam.wrap(small_net(), method="ae_sam"))
+    x, y = toy_data()
+    history = model.fit(x, y, epochs=1, batch_size=16, validation_data=(x, y), verbose=0).history
+    assert "val_sam_fraction" not in history and "val_skipped_steps" not in history
+    assert "val_loss" in history and "sam_fraction" in history
+    assert "sam_fraction" not in model.evaluate(x, y, verbose=0, return_dict=True)
