@@ -1,0 +1,396 @@
+"""Callbacks that record what a sharpness-aware model did, step by step.
+
+:class:`StepRecorder` keeps the per-step series behind the plots of
+:mod:`keras_aesam.plots` (and ``keras-aesam train``'s ``steps.csv``):
+
+* the step's ``loss``: Keras reports the running mean over the epoch
+  (``loss_mean``, kept too), so the step's own value is recovered as
+  ``(k + 1)·mean_k − k·mean_{k−1}`` (exact when the epoch's batches have equal
+  size; the last, smaller batch of an epoch gets a value between its own loss
+  and the mean), and, for the adaptive methods (AE-SAM, AE-LookSAM), the
+  statistics behind the decision: ``grad_norm_sq`` (``‖g‖²``), ``ema_mean``
+  (``µ``), ``ema_std`` (``σ``) and ``sam_threshold`` (``µ + c_t·σ``);
+* whether the step took SAM. The model reports only ``sam_fraction``, the
+  running mean of the SAM indicator over the epoch so far (reset each epoch),
+  so after the ``k``-th step of an epoch (0-based) ``count_k =
+  round(sam_fraction_k · (k + 1))`` SAM steps have been taken and the step
+  took SAM iff ``count_k - count_{k-1} == 1``. The same difference of the
+  ``skipped_steps`` sum marks steps skipped for non-finite gradients.
+
+It only reads the logs ``train_step`` already returns, so it adds no work to
+the step. It declares itself ``async_safe``: when nothing else needs the batch
+logs synchronously (``verbose=0``), Keras hands them over from a thread pool
+and the training loop does not wait for it.
+
+**``steps_per_execution > 1``**: Keras calls the batch hooks once per
+execution, with the logs of its last step, so the recorder writes **one row per
+execution**: ``batch``/``step`` are those of the execution's last step,
+``steps`` says how many steps the row covers, ``sam`` and ``skipped`` count the
+SAM and skipped steps among them (exact, from the running means), ``loss`` is
+the mean loss of those steps, and the ``‖g‖²`` statistics are the last step's.
+
+Optionally it also samples the distribution the paper's Fig. 3 shows,
+``{‖∇L(B; w)‖² : B ∼ D}`` at *fixed* weights, at chosen epochs: see
+``grad_norm_epochs``. That costs one forward-backward pass per sampled batch,
+at those epochs only, outside the train step.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+import threading
+from typing import Iterable, Optional
+
+import keras
+import numpy as np
+
+__all__ = [
+    "GRAD_NORM_COLUMNS",
+    "STEP_COLUMNS",
+    "StepRecorder",
+    "sam_steps_from_fractions",
+    "step_values_from_means",
+]
+
+#: Columns of ``steps.csv``, in order.
+STEP_COLUMNS = (
+    "step",
+    "epoch",
+    "batch",
+    "steps",
+    "loss",
+    "loss_mean",
+    "sam",
+    "sam_fraction",
+    "skipped",
+    "grad_norm_sq",
+    "ema_mean",
+    "ema_std",
+    "sam_threshold",
+)
+
+#: Columns of ``grad_norms.csv`` (the Fig. 3 samples).
+GRAD_NORM_COLUMNS = ("epoch", "sample", "grad_norm_sq")
+
+_STAT_KEYS = ("grad_norm_sq", "ema_mean", "ema_std", "sam_threshold")
+
+
+def sam_steps_from_fractions(batches, fractions):
+    """SAM steps per row from the running ``sam_fraction`` of one epoch.
+
+    ``batches`` are the 0-based indices (within the epoch) of the last step of
+    each row, increasing; ``fractions`` the running mean reported there. Returns
+    the number of SAM steps each row covers: ``count_k - count_{k-1}`` with
+    ``count_k = round(fraction_k · (batch_k + 1))`` and ``count_{-1} = 0``.
+    Works for running sums of any 0/1 indicator (e.g. skipped steps, with
+    ``fraction = sum / (batch + 1)``).
+    """
+    counts = []
+    previous = 0
+    for batch, fraction in zip(batches, fractions):
+        if fraction is None or not math.isfinite(fraction):
+            counts.append(None)
+            continue
+        count = int(round(float(fraction) * (int(batch) + 1)))
+        counts.append(max(count - previous, 0))
+        previous = count
+    return counts
+
+
+def step_values_from_means(batches, means):
+    """Per-row values from a running mean over the epoch (Keras's ``loss``).
+
+    Row ``i`` covers the steps after ``batches[i-1]`` up to ``batches[i]``
+    (0-based, increasing); its value is the mean over those steps,
+    ``((b_i + 1)·m_i − (b_{i−1} + 1)·m_{i−1}) / (b_i − b_{i−1})``, assuming equal
+    batch sizes. Missing means give None.
+    """
+    values = []
+    previous_batch, previous_mean = -1, 0.0
+    for batch, mean in zip(batches, means):
+        batch = int(batch)
+        if mean is None or not math.isfinite(mean):
+            values.append(None)
+            previous_mean = None
+        elif previous_mean is None:  # cannot be told apart from the unknown steps before it
+            values.append(None)
+            previous_mean = float(mean)
+        else:
+            total = (batch + 1) * float(mean) - (previous_batch + 1) * previous_mean
+            values.append(total / (batch - previous_batch))
+            previous_mean = float(mean)
+        previous_batch = batch
+    return values
+
+
+def _float_or_none(value):
+    if value is None:
+        return None
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        try:
+            value = float(np.asarray(value))
+        except (TypeError, ValueError):
+            return None
+    return value
+
+
+def _format(value):
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        if math.isnan(value):
+            return "nan"
+        return repr(value)
+    return str(value)
+
+
+class StepRecorder(keras.callbacks.Callback):
+    """Records one row per training step (per execution) and writes ``steps.csv``.
+
+    Args:
+        path: where to write the CSV (columns :data:`STEP_COLUMNS`), or None to
+            keep the rows in memory only (``recorder.rows``). Rows are appended
+            at the end of every epoch, so an interrupted run keeps its finished
+            epochs.
+        append: append to an existing file instead of overwriting it (for a
+            resumed ``fit``; ``step`` then continues from ``initial_step``).
+        initial_step: the global index of the first recorded step.
+        grad_norm_epochs: numbers of *completed* epochs after which to sample
+            ``‖g‖²`` over ``grad_norm_batches`` mini-batches at fixed weights
+            (0 = before training starts). The samples go to
+            ``recorder.grad_norm_samples`` (``{epoch: np.ndarray}``) and to
+            ``grad_norm_path``. Needs ``grad_norm_data``.
+        grad_norm_data: a dataset of ``(x, y)`` or ``(x, y, sample_weight)``
+            batches (usually the training set); it is repeated as needed.
+        grad_norm_batches: mini-batches per sampled epoch.
+        grad_norm_path: CSV for the samples (columns :data:`GRAD_NORM_COLUMNS`);
+            default ``grad_norms.csv`` next to ``path``.
+
+    The gradient samples use the model's loss with its regularization terms,
+    in training mode, through a stateless call: BatchNorm statistics, dropout
+    seeds and metrics are left exactly as training left them (so every sampled
+    batch sees the same dropout seed). Single-device only.
+    """
+
+    async_safe = True
+
+    def __init__(
+        self,
+        path: Optional[str] = None,
+        *,
+        append: bool = False,
+        initial_step: int = 0,
+        grad_norm_epochs: Optional[Iterable[int]] = None,
+        grad_norm_data=None,
+        grad_norm_batches: int = 64,
+        grad_norm_path: Optional[str] = None,
+    ):
+        super().__init__()
+        self.path = None if path is None else os.fspath(path)
+        self.append = bool(append)
+        self.initial_step = int(initial_step)
+        epochs = sorted({int(e) for e in (grad_norm_epochs or ())})
+        if any(e < 0 for e in epochs):
+            raise ValueError(f"grad_norm_epochs must be >= 0 (0 = before training), got {epochs}")
+        if epochs and grad_norm_data is None:
+            raise ValueError("grad_norm_epochs needs grad_norm_data (a dataset of (x, y) batches).")
+        if isinstance(grad_norm_batches, bool) or int(grad_norm_batches) < 1:
+            raise ValueError(f"grad_norm_batches must be an integer >= 1, got {grad_norm_batches!r}")
+        self.grad_norm_epochs = epochs
+        self.grad_norm_data = grad_norm_data
+        self.grad_norm_batches = int(grad_norm_batches)
+        if grad_norm_path is None and self.path is not None and epochs:
+            grad_norm_path = os.path.join(os.path.dirname(self.path) or ".", "grad_norms.csv")
+        self.grad_norm_path = None if grad_norm_path is None else os.fspath(grad_norm_path)
+
+        self.rows: list = []
+        self.grad_norm_samples: dict = {}
+        self._pending: list = []
+        self._lock = threading.Lock()
+        self._epoch = 0
+        self._next_step = self.initial_step
+        self._grad_norm_fn = None
+        self._wrote_header = False
+        self._grad_norm_header = False
+
+    # ------------------------------------------------------------------ summary
+    @property
+    def total_steps(self) -> int:
+        """Steps recorded so far."""
+        return sum(int(r["steps"]) for r in self.rows)
+
+    @property
+    def sam_steps(self) -> int:
+        """SAM steps recorded so far."""
+        return sum(int(r["sam"] or 0) for r in self.rows)
+
+    @property
+    def sam_fraction(self) -> Optional[float]:
+        """SAM steps / steps over everything recorded (None before any step)."""
+        total = self.total_steps
+        return self.sam_steps / total if total else None
+
+    def series(self, column: str) -> np.ndarray:
+        """One column of the recorded rows as a float array (missing values NaN)."""
+        return np.array(
+            [np.nan if r.get(column) is None else float(r[column]) for r in self.rows],
+            dtype=float,
+        )
+
+    # ------------------------------------------------------------------ hooks
+    def on_train_begin(self, logs=None):
+        self._open_file()
+        if 0 in self.grad_norm_epochs:
+            self._sample_grad_norms(0)
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._epoch = int(epoch)
+        with self._lock:
+            self._pending = []
+
+    def on_train_batch_end(self, batch, logs=None):
+        logs = logs or {}
+        row = {
+            "epoch": self._epoch,
+            "batch": int(batch),
+            "loss": _float_or_none(logs.get("loss")),
+            "sam_fraction": _float_or_none(logs.get("sam_fraction")),
+            "skipped_sum": _float_or_none(logs.get("skipped_steps")),
+        }
+        for key in _STAT_KEYS:
+            row[key] = _float_or_none(logs.get(key))
+        with self._lock:
+            self._pending.append(row)
+
+    def on_epoch_end(self, epoch, logs=None):
+        self._finish_epoch()
+        if int(epoch) + 1 in self.grad_norm_epochs:
+            self._sample_grad_norms(int(epoch) + 1)
+
+    def on_train_end(self, logs=None):
+        # An interrupted epoch (stop_training, KeyboardInterrupt handled by the
+        # caller) still has pending rows.
+        self._finish_epoch()
+
+    # ------------------------------------------------------------------ rows
+    def _finish_epoch(self):
+        with self._lock:
+            pending, self._pending = self._pending, []
+        if not pending:
+            return
+        # Async dispatch may deliver batches out of order within an epoch.
+        pending.sort(key=lambda r: r["batch"])
+        batches = [r["batch"] for r in pending]
+        sam = sam_steps_from_fractions(batches, [r["sam_fraction"] for r in pending])
+        skipped_fractions = [
+            None if r["skipped_sum"] is None else r["skipped_sum"] / (r["batch"] + 1) for r in pending
+        ]
+        skipped = sam_steps_from_fractions(batches, skipped_fractions)
+        losses = step_values_from_means(batches, [r["loss"] for r in pending])
+        new_rows = []
+        previous_batch = -1
+        for row, n_sam, n_skipped, loss in zip(pending, sam, skipped, losses):
+            steps = row["batch"] - previous_batch
+            previous_batch = row["batch"]
+            self._next_step += steps
+            out = {
+                "step": self._next_step - 1,
+                "epoch": row["epoch"],
+                "batch": row["batch"],
+                "steps": steps,
+                "loss": loss,
+                "loss_mean": row["loss"],
+                "sam": n_sam,
+                "sam_fraction": row["sam_fraction"],
+                "skipped": n_skipped,
+            }
+            for key in _STAT_KEYS:
+                out[key] = row[key]
+            new_rows.append(out)
+        self.rows.extend(new_rows)
+        self._write_rows(new_rows)
+
+    def _open_file(self):
+        if self.path is None or self._wrote_header:
+            return
+        directory = os.path.dirname(self.path)
+        if directory:
+            os.makedirs(directory, exist_ok=True)
+        if self.append and os.path.isfile(self.path) and os.path.getsize(self.path) > 0:
+            self._wrote_header = True
+            return
+        with open(self.path, "w", newline="") as f:
+            csv.writer(f).writerow(STEP_COLUMNS)
+        self._wrote_header = True
+
+    def _write_rows(self, rows):
+        if self.path is None:
+            return
+        self._open_file()
+        with open(self.path, "a", newline="") as f:
+            writer = csv.writer(f)
+            for row in rows:
+                writer.writerow([_format(row.get(c)) for c in STEP_COLUMNS])
+
+    # ------------------------------------------------------------------ Fig. 3 samples
+    def _make_grad_norm_fn(self):
+        import tensorflow as tf
+
+        model = self.model
+
+        @tf.function(reduce_retracing=True)
+        def grad_norm_sq(x, y, sample_weight):
+            variables = model.trainable_variables
+            values = [tf.identity(v.value) for v in variables]
+            with tf.GradientTape() as tape:
+                tape.watch(values)
+                mapping = list(zip(variables, values))
+                with keras.StatelessScope(state_mapping=mapping, collect_losses=True):
+                    y_pred = model(x, training=True)
+                    loss = model.compute_loss(
+                        x=x, y=y, y_pred=y_pred, sample_weight=sample_weight, training=True
+                    )
+            grads = tape.gradient(loss, values)
+            return tf.add_n(
+                [tf.reduce_sum(tf.square(tf.cast(g, tf.float32))) for g in grads if g is not None]
+            )
+
+        return grad_norm_sq
+
+    def _sample_grad_norms(self, epoch):
+        """``‖∇L(B; w)‖²`` over ``grad_norm_batches`` batches at the current weights."""
+        if self._grad_norm_fn is None:
+            self._grad_norm_fn = self._make_grad_norm_fn()
+        data = self.grad_norm_data
+        if hasattr(data, "repeat"):
+            data = data.repeat()
+        samples = []
+        for batch in data:
+            if len(samples) >= self.grad_norm_batches:
+                break
+            if not isinstance(batch, (tuple, list)) or len(batch) < 2:
+                raise ValueError("grad_norm_data must yield (x, y) or (x, y, sample_weight) batches.")
+            x, y = batch[0], batch[1]
+            sample_weight = batch[2] if len(batch) > 2 else None
+            samples.append(float(self._grad_norm_fn(x, y, sample_weight)))
+        values = np.asarray(samples, dtype=float)
+        self.grad_norm_samples[epoch] = values
+        if self.grad_norm_path is not None:
+            directory = os.path.dirname(self.grad_norm_path)
+            if directory:
+                os.makedirs(directory, exist_ok=True)
+            new = not self._grad_norm_header and not (
+                self.append and os.path.isfile(self.grad_norm_path)
+            )
+            with open(self.grad_norm_path, "w" if new else "a", newline="") as f:
+                writer = csv.writer(f)
+                if new:
+                    writer.writerow(GRAD_NORM_COLUMNS)
+                for i, value in enumerate(values):
+                    writer.writerow([epoch, i, repr(float(value))])
+            self._grad_norm_header = True
+        return values

@@ -1,0 +1,424 @@
+"""The ``keras-aesam`` command, the StepRecorder callback and the plots.
+
+Fast: argument errors stop before any data or training; one tiny end-to-end
+run (512 Fashion-MNIST examples, one epoch) is shared by the run-directory,
+SavedModel and ``plot`` tests.
+"""
+
+import contextlib
+import csv
+import io
+import json
+import math
+import os
+import re
+import sys
+from importlib import metadata
+
+import numpy as np
+import pytest
+
+from keras_aesam import METHODS, cli
+from keras_aesam.callbacks import STEP_COLUMNS, StepRecorder, sam_steps_from_fractions, step_values_from_means
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def _fashion_mnist_available():
+    from keras_aesam import data
+
+    dirs = [data._keras_cache_dir(), data.DEBIAN_FASHION_MNIST_DIR]
+    return any(not data._missing_files(d) for d in dirs)
+
+
+needs_data = pytest.mark.skipif(not _fashion_mnist_available(), reason="Fashion-MNIST files not available offline")
+
+
+def _run_cli(argv, capsys):
+    """Runs the CLI in-process; returns (exit code, stdout, stderr)."""
+    code = 0
+    try:
+        cli.main(argv)
+    except SystemExit as exit_:
+        code = exit_.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def _last_line(text):
+    lines = [line for line in text.strip().splitlines() if line.strip()]
+    return lines[-1] if lines else ""
+
+
+# ------------------------------------------------------------------ bad input
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--dataset", "mnist"], r"unknown dataset 'mnist'; valid datasets: cifar10, cifar100, fashion_mnist, imagenet2012"),
+        (["--model", "resnet1000"], r"unknown network 'resnet1000'; valid networks: .*resnet18.*small_cnn"),
+        (["--method", "adam"], r"unknown method 'adam'; valid methods: ae_looksam, ae_sam, erm, esam, looksam, sam, ss_sam"),
+        (["--noise", "1.0"], r"--noise must be in \[0, 1\), got 1"),
+        (["--noise", "-0.1"], r"--noise must be in \[0, 1\), got -0.1"),
+        (["--batch-size", "0"], r"--batch-size must be >= 1, got 0"),
+        (["--epochs", "0"], r"--epochs must be >= 1"),
+        (["--train-size", "0"], r"--train-size must be >= 1"),
+        (["--lr", "-1"], r"--lr must be > 0"),
+        (["--method", "sam", "--lambda1", "0"], r"method 'sam' does not take --lambda1; it takes .*--rho"),
+        (["--method", "erm", "--k", "3", "--beta", "0.5"], r"method 'erm' does not take --k, --beta"),
+        (["--method", "ae_sam", "--lambda1", "2", "--lambda2", "1"], r"invalid hyperparameter for ae_sam: lambda1 must be <= lambda2"),
+        (["--method", "looksam", "--k", "0"], r"invalid hyperparameter for looksam: k must be an integer >= 1"),
+        (["--method", "sam", "--rho", "0"], r"invalid hyperparameter for sam: rho"),
+        (["--hist-epochs", "99"], r"--hist-epochs must be in \[0, 3\]"),
+        (["--manual-dir", "/x"], r"--manual-dir is for imagenet2012 only"),
+    ],
+)
+def test_bad_arguments_exit_2_with_one_line_before_anything_runs(argv, message, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    code, out, err = _run_cli(["train", *argv, "--output", str(tmp_path / "run")], capsys)
+    assert code == 2
+    line = _last_line(err)
+    assert line.startswith("keras-aesam train: error: ")
+    assert re.search(message, line), line
+    assert "usage: keras-aesam train" in err
+    assert not (tmp_path / "run").exists()
+    assert out == ""
+
+
+def test_existing_output_dir_needs_overwrite(capsys, tmp_path):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "something.txt").write_text("keep me")
+    code, _, err = _run_cli(["train", "--output", str(run_dir)], capsys)
+    assert code == 2
+    assert "output directory" in _last_line(err) and "exists; pass --overwrite" in _last_line(err)
+    # --overwrite never deletes a folder that is not a run directory.
+    code, _, err = _run_cli(["train", "--output", str(run_dir), "--overwrite"], capsys)
+    assert code == 2
+    assert "refuses to delete" in _last_line(err)
+    assert (run_dir / "something.txt").read_text() == "keep me"
+
+
+def test_unknown_subcommand_and_missing_run_dir(capsys, tmp_path):
+    code, _, err = _run_cli(["fly"], capsys)
+    assert code == 2 and "invalid choice" in err
+    code, _, err = _run_cli(["plot", str(tmp_path / "nope")], capsys)
+    assert code == 2 and "does not exist" in _last_line(err)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    code, _, err = _run_cli(["plot", str(empty)], capsys)
+    assert code == 2 and "nothing to plot" in _last_line(err)
+
+
+@needs_data
+def test_labels_that_do_not_fit_num_classes(capsys, tmp_path):
+    code, _, err = _run_cli(
+        ["train", "--num-classes", "5", "--train-size", "256", "--output", str(tmp_path / "run")], capsys
+    )
+    assert code == 2
+    assert "do not fit --num-classes 5" in _last_line(err)
+    assert not (tmp_path / "run").exists()
+
+
+def test_bad_labels_in_the_data_stop_before_training(capsys, tmp_path, monkeypatch):
+    from keras_aesam import data
+
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 255, size=(40, 28, 28), dtype=np.uint8)
+    y = np.arange(40) % 12  # 10 and 11 do not fit Fashion-MNIST's 10 classes
+    monkeypatch.setattr(data, "_load_fashion_mnist_with_source", lambda data_dir=None: (((x, y), (x, y)), "test"))
+    code, _, err = _run_cli(["train", "--output", str(tmp_path / "run")], capsys)
+    assert code == 2
+    assert "labels must be in [0, num_classes=10)" in _last_line(err)
+    assert not (tmp_path / "run").exists()
+
+
+def test_every_method_hyperparameter_has_a_flag():
+    flags = {name for name, *_ in cli.HYPERPARAMETER_FLAGS}
+    for method in METHODS:
+        assert set(cli._method_takes(method)) <= flags, method
+
+
+def test_console_script_is_declared():
+    scripts = {ep.name: ep.value for ep in metadata.entry_points(group="console_scripts")}
+    assert scripts.get("keras-aesam") == "keras_aesam.cli:main"
+
+
+def test_help_states_the_weight_decay_mode(capsys):
+    code, out, _ = _run_cli(["train", "--help"], capsys)
+    assert code == 0
+    assert "--weight-decay-mode {l2,decoupled}" in out
+    assert "weight_decay/2" in out and "PyTorch" in out
+    for flag in ("--lambda1", "--lambda2", "--delta", "--target-sam-fraction", "--p", "--k", "--alpha",
+                 "--per-tensor", "--adaptive", "--beta", "--gamma", "--total-steps", "--export-dir"):
+        assert flag in out
+
+
+# ------------------------------------------------------------- end to end
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    if not _fashion_mnist_available():
+        pytest.skip("Fashion-MNIST files not available offline")
+    import keras
+
+    keras.utils.clear_session()
+    root = tmp_path_factory.mktemp("cli")
+    run_dir = root / "runs" / "tiny"
+    export_root = root / "saved"
+    argv = [
+        "train", "--train-size", "512", "--epochs", "1", "--output", str(run_dir),
+        "--export-dir", str(export_root), "--hist-epochs", "0,1", "--hist-batches", "3",
+        "--eval-batches", "8", "--quiet",
+    ]
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        results = cli.run(argv)
+    return {"run_dir": run_dir, "export": export_root / "tiny", "results": results, "stdout": out.getvalue()}
+
+
+def test_train_writes_the_run_directory(tiny_run):
+    run_dir = tiny_run["run_dir"]
+    for name in ("config.json", "history.csv", "steps.csv", "grad_norms.csv", "model.keras"):
+        assert (run_dir / name).is_file(), name
+    for name in ("grad_norm_steps.png", "sam_fraction.png", "accuracy.png", "grad_norm_distribution.png"):
+        path = run_dir / name
+        assert path.is_file(), name
+        assert path.read_bytes()[:8] == PNG_SIGNATURE
+    config = json.loads((run_dir / "config.json").read_text())
+    assert config["method"] == "ae_sam" and config["model"] == "small_cnn" and config["dataset"] == "fashion_mnist"
+    assert config["train_examples"] == 512 and config["steps_per_epoch"] == 4
+    assert config["weight_decay_mode"] == "l2" and config["lr"] == cli.SMALL_CNN_LR
+    assert config["hyperparameters"]["lambda1"] == -1.0 and config["hyperparameters"]["lambda2"] == 1.0
+    results = config["results"]
+    assert 0.0 <= results["test_accuracy"] <= 1.0
+    assert results["steps"] == 4 and 0 <= results["sam_steps"] <= 4
+    assert results["saved_model"] == str(tiny_run["export"])
+    line = _last_line(tiny_run["stdout"])
+    assert line.startswith("test accuracy ") and "SAM" in line and "wall time" in line
+
+
+def test_steps_csv_marks_the_sam_steps_the_policy_took(tiny_run):
+    with open(tiny_run["run_dir"] / "steps.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert tuple(rows[0].keys()) == STEP_COLUMNS
+    assert [int(r["step"]) for r in rows] == [0, 1, 2, 3]
+    assert all(0 < float(r["loss"]) < 20 for r in rows)
+    for row in rows:
+        took = float(row["grad_norm_sq"]) >= float(row["sam_threshold"])
+        assert int(row["sam"]) == int(took)
+    assert rows[0]["sam"] == "1"  # sigma starts tiny: the first step always takes SAM
+    with open(tiny_run["run_dir"] / "grad_norms.csv", newline="") as f:
+        samples = list(csv.DictReader(f))
+    assert sorted({int(r["epoch"]) for r in samples}) == [0, 1]
+    assert len(samples) == 6 and all(float(r["grad_norm_sq"]) > 0 for r in samples)
+    with open(tiny_run["run_dir"] / "history.csv", newline="") as f:
+        history = list(csv.DictReader(f))
+    assert len(history) == 1 and {"accuracy", "val_accuracy", "sam_fraction"} <= set(history[0])
+    assert math.isclose(float(history[0]["sam_fraction"]), tiny_run["results"]["sam_fraction"], abs_tol=1e-6)
+
+
+def test_saved_model_loads_and_predicts_like_the_keras_model(tiny_run):
+    import keras
+    import tensorflow as tf
+
+    export = tiny_run["export"]
+    assert (export / "saved_model.pb").is_file()
+    served = tf.saved_model.load(str(export))
+    x = np.random.default_rng(0).normal(size=(5, 28, 28, 1)).astype("float32")
+    logits = served.serve(tf.constant(x)).numpy()
+    assert logits.shape == (5, 10) and np.isfinite(logits).all()
+    model = keras.models.load_model(tiny_run["run_dir"] / "model.keras")
+    np.testing.assert_allclose(model.predict(x, verbose=0), logits, rtol=1e-4, atol=1e-4)
+
+
+def test_plot_command_redraws_the_plots(tiny_run, capsys):
+    run_dir = tiny_run["run_dir"]
+    pngs = sorted(p.name for p in run_dir.glob("*.png"))
+    for name in pngs:
+        (run_dir / name).unlink()
+    code, out, err = _run_cli(["plot", str(run_dir)], capsys)
+    assert code == 0, err
+    assert sorted(p.name for p in run_dir.glob("*.png")) == pngs
+    assert len(out.strip().splitlines()) == len(pngs)
+
+
+def test_existing_export_dir_needs_overwrite(tiny_run, capsys, tmp_path):
+    # Same run name, fresh output folder: the SavedModel folder is taken.
+    argv = ["train", "--output", str(tmp_path / "tiny"), "--export-dir", str(tiny_run["export"].parent)]
+    code, _, err = _run_cli(argv, capsys)
+    assert code == 2 and "export directory" in _last_line(err)
+
+
+# ------------------------------------------------------------ StepRecorder
+
+
+def _step_losses(n):
+    return [2.0 + math.sin(i) for i in range(n)]
+
+
+def _feed(recorder, epoch, batches, fractions, skipped=None, stats=None):
+    """Logs as Keras reports them: running means of loss and SAM indicator."""
+    recorder.on_epoch_begin(epoch)
+    batches = list(batches)
+    running_loss = np.cumsum(_step_losses(len(batches))) / np.arange(1, len(batches) + 1)
+    for i, (batch, fraction) in enumerate(zip(batches, fractions)):
+        logs = {"loss": np.float32(running_loss[i]), "sam_fraction": fraction,
+                "skipped_steps": (skipped or {}).get(batch, 0.0)}
+        if stats:
+            logs.update({k: v[i] for k, v in stats.items()})
+        recorder.on_train_batch_end(batch, logs)
+    recorder.on_epoch_end(epoch)
+
+
+def test_recorder_derives_sam_steps_from_the_running_fraction(tmp_path):
+    pattern = [1, 1, 0, 0, 1, 0, 1, 0, 0, 0, 1, 1]
+    fractions = list(np.cumsum(pattern) / np.arange(1, len(pattern) + 1, dtype=np.float32))
+    path = tmp_path / "steps.csv"
+    recorder = StepRecorder(path)
+    recorder.on_train_begin()
+    _feed(recorder, 0, range(len(pattern)), fractions)
+    second = [0, 1, 1]
+    _feed(recorder, 1, range(3), list(np.cumsum(second) / np.arange(1, 4)))  # reset each epoch
+    recorder.on_train_end()
+    assert [r["sam"] for r in recorder.rows] == pattern + second
+    assert [r["step"] for r in recorder.rows] == list(range(15))
+    assert [r["epoch"] for r in recorder.rows] == [0] * 12 + [1] * 3
+    # The step's own loss, recovered from Keras's running mean over the epoch.
+    np.testing.assert_allclose([r["loss"] for r in recorder.rows], _step_losses(12) + _step_losses(3), rtol=1e-5)
+    assert recorder.sam_steps == sum(pattern) + 2 and recorder.total_steps == 15
+    assert math.isclose(recorder.sam_fraction, (sum(pattern) + 2) / 15)
+    from keras_aesam.plots import read_csv
+
+    table = read_csv(path)
+    assert list(table) == list(STEP_COLUMNS)
+    assert table["sam"].tolist() == pattern + second
+    assert np.isnan(table["grad_norm_sq"]).all()  # not an adaptive method: empty cells
+
+
+def test_recorder_with_steps_per_execution_and_out_of_order_batches():
+    # steps_per_execution=3: Keras reports the last step of each execution.
+    pattern = [1, 0, 1, 1, 1, 0, 0, 0, 0]
+    running = np.cumsum(pattern) / np.arange(1, 10)
+    batches = [2, 5, 8]
+    recorder = StepRecorder(None)
+    recorder.on_train_begin()
+    recorder.on_epoch_begin(0)
+    for batch in (5, 2, 8):  # async dispatch may deliver out of order
+        recorder.on_train_batch_end(batch, {"sam_fraction": running[batch], "skipped_steps": 1.0 if batch >= 5 else 0.0})
+    recorder.on_epoch_end(0)
+    assert [r["batch"] for r in recorder.rows] == batches
+    assert [r["steps"] for r in recorder.rows] == [3, 3, 3]
+    assert [r["sam"] for r in recorder.rows] == [2, 2, 0]
+    assert [r["skipped"] for r in recorder.rows] == [0, 1, 0]
+    assert [r["step"] for r in recorder.rows] == batches
+    assert sam_steps_from_fractions([0, 1], [float("nan"), 1.0]) == [None, 2]
+    # Loss of an execution = the mean over its steps.
+    losses = np.array([3.0, 1.0, 2.0, 6.0, 0.0, 3.0])
+    running = np.cumsum(losses) / np.arange(1, 7)
+    np.testing.assert_allclose(step_values_from_means([1, 3, 5], running[[1, 3, 5]]), [2.0, 4.0, 1.5])
+    assert step_values_from_means([0, 1, 2], [1.0, float("nan"), 2.0]) == [1.0, None, None]
+
+
+def test_recorder_checks_its_arguments():
+    with pytest.raises(ValueError, match="needs grad_norm_data"):
+        StepRecorder(None, grad_norm_epochs=[1])
+    with pytest.raises(ValueError, match="grad_norm_epochs must be >= 0"):
+        StepRecorder(None, grad_norm_epochs=[-1], grad_norm_data=[])
+
+
+# ------------------------------------------------------------------- plots
+
+
+def _synthetic_run(run_dir, adaptive=True, grad_norms=True, epochs=4, steps_per_epoch=30):
+    rng = np.random.default_rng(0)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with open(run_dir / "history.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["epoch", "accuracy", "loss", "sam_fraction", "val_accuracy", "val_loss"])
+        for e in range(epochs):
+            w.writerow([e, 0.5 + 0.1 * e, 1.0 / (e + 1), 0.2 + 0.15 * e, 0.55 + 0.08 * e, 1.1 / (e + 1)])
+    with open(run_dir / "steps.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(STEP_COLUMNS)
+        step = 0
+        for e in range(epochs):
+            count = 0
+            for b in range(steps_per_epoch):
+                g = float(abs(rng.normal(2.0 / (e + 1), 0.3)))
+                mu, sd = 2.0 / (e + 1), 0.3
+                threshold = mu + (1 - 2 * step / (epochs * steps_per_epoch)) * sd
+                sam = int(g >= threshold)
+                count += sam
+                stats = [g, mu, sd, threshold] if adaptive else ["", "", "", ""]
+                w.writerow([step, e, b, 1, 1.0 / (step + 1), 1.0 / (b + 1), sam, count / (b + 1), 0, *stats])
+                step += 1
+    if grad_norms:
+        with open(run_dir / "grad_norms.csv", "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["epoch", "sample", "grad_norm_sq"])
+            for e in (0, epochs):
+                for i, v in enumerate(rng.normal(3.0 / (e + 1), 0.2, size=50)):
+                    w.writerow([e, i, v])
+    (run_dir / "config.json").write_text(json.dumps(
+        {"method": "ae_sam", "model": "small_cnn", "dataset": "synthetic", "expected_sam_fraction": 0.5,
+         "results": {"test_accuracy": 0.8, "sam_fraction": 0.45}}))
+
+
+def test_plot_run_from_synthetic_csvs(tmp_path):
+    from keras_aesam.plots import PLOT_FILES, plot_run
+
+    run_dir = tmp_path / "run"
+    _synthetic_run(run_dir)
+    written = plot_run(run_dir)
+    assert sorted(os.path.basename(p) for p in written) == sorted(PLOT_FILES.values())
+    for path in written:
+        with open(path, "rb") as f:
+            assert f.read(8) == PNG_SIGNATURE
+        assert os.path.getsize(path) > 10_000
+
+
+def test_plot_run_without_grad_norm_stats(tmp_path):
+    """ERM-like runs log no ‖g‖²: loss panel only, and no distribution plot."""
+    from keras_aesam.plots import PLOT_FILES, plot_run
+
+    run_dir = tmp_path / "run"
+    _synthetic_run(run_dir, adaptive=False, grad_norms=False)
+    written = {os.path.basename(p) for p in plot_run(run_dir)}
+    assert written == {PLOT_FILES["steps"], PLOT_FILES["sam_fraction"], PLOT_FILES["accuracy"]}
+
+
+def test_distribution_falls_back_to_per_step_values(tmp_path):
+    from keras_aesam.plots import PLOT_FILES, _grad_norm_samples, plot_run, read_csv
+
+    run_dir = tmp_path / "run"
+    _synthetic_run(run_dir, grad_norms=False, epochs=6)
+    samples, source = _grad_norm_samples(str(run_dir), read_csv(run_dir / "steps.csv"))
+    assert list(samples) == ["during epoch 1", "during epoch 3", "during epoch 4", "during epoch 6"]
+    assert "per-step" in source
+    assert PLOT_FILES["distribution"] in {os.path.basename(p) for p in plot_run(run_dir, epochs=[2])}
+
+
+def test_normal_qq_matches_scipy_without_scipy(monkeypatch):
+    stats = pytest.importorskip("scipy.stats")
+    from keras_aesam.plots import normal_qq
+
+    x = np.random.default_rng(1).gamma(4.0, size=37)
+    (osm, osr), (slope, intercept, r) = stats.probplot(x, dist="norm")
+    monkeypatch.setitem(sys.modules, "scipy", None)  # `from scipy import stats` now fails
+    mine = normal_qq(x)
+    np.testing.assert_allclose(mine[0], osm, rtol=1e-7, atol=1e-9)
+    np.testing.assert_allclose(mine[1], osr)
+    np.testing.assert_allclose(mine[2:], [slope, intercept, r], rtol=1e-6)
+    with pytest.raises(ValueError, match="at least 2"):
+        normal_qq([1.0])
+
+
+def test_heatmap_leaves_nan_cells_blank(tmp_path):
+    from keras_aesam.plots import plot_heatmap
+
+    values = np.array([[50.0, 30.0], [np.nan, 10.0]])
+    path = plot_heatmap(values, [-1, 1], [-1, 1], tmp_path / "h.png", title="t", colorbar_label="% SAM")
+    assert open(path, "rb").read(8) == PNG_SIGNATURE
