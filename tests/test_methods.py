@@ -82,7 +82,8 @@ def test_sds_keeps_the_samples_whose_loss_rose_most():
 
 def test_swp_keeps_a_beta_share_of_tensors_scaled_by_one_over_beta():
     esam = directions.ESAM(beta=0.6, seed=3)
-    masks = np.array([[bool(m) for m in esam.swp_mask(10, t)] for t in range(400)])
+    mask_at = tf.function(lambda t: tf.stack(esam.swp_mask(10, t)))
+    masks = np.array([mask_at(tf.constant(t, tf.int64)).numpy() for t in range(400)])
     share, se = masks.mean(), math.sqrt(0.6 * 0.4 / masks.size)
     assert abs(share - 0.6) < 3 * se
     # deterministic in (seed, step), different across steps
@@ -140,14 +141,19 @@ def test_esam_step_matches_numpy_given_the_same_masks():
 # --------------------------------------------------------------------------
 # SS-SAM's coin
 # --------------------------------------------------------------------------
+def coin_flips(policy, steps):
+    flip = tf.function(lambda t: policy.decide({}, 1.0, t, None)[0])
+    return np.array([bool(flip(tf.constant(t, tf.int64))) for t in range(steps)])
+
+
 def test_bernoulli_policy_fraction_within_three_standard_errors():
     policy = policies.Bernoulli(p=0.3, seed=5)
-    draws = np.array([bool(policy.decide({}, 1.0, t, None)[0]) for t in range(3000)])
+    draws = coin_flips(policy, 3000)
     se = math.sqrt(0.3 * 0.7 / draws.size)
     assert abs(draws.mean() - 0.3) < 3 * se
-    again = np.array([bool(policies.Bernoulli(p=0.3, seed=5).decide({}, 1.0, t, None)[0]) for t in range(200)])
+    again = coin_flips(policies.Bernoulli(p=0.3, seed=5), 200)
     np.testing.assert_array_equal(again, draws[:200])
-    other = np.array([bool(policies.Bernoulli(p=0.3, seed=6).decide({}, 1.0, t, None)[0]) for t in range(200)])
+    other = coin_flips(policies.Bernoulli(p=0.3, seed=6), 200)
     assert (other != draws[:200]).any()
 
 
