@@ -210,7 +210,7 @@ def build_parser() -> argparse.ArgumentParser:
     from keras_aesam import __version__
 
     parser.add_argument("--version", action="version", version=f"keras-aesam {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="{train,plot}")
+    sub = parser.add_subparsers(dest="command", metavar="{train,plot,bench}")
     sub.required = True
 
     t = sub.add_parser(
@@ -306,6 +306,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="epochs for the ||g||^2 distribution plot, e.g. 0,5: completed epochs as sampled "
                    "in grad_norms.csv, else epochs of steps.csv (default: all sampled)")
     p.add_argument("--output-dir", default=None, help="where to write the PNGs (default RUN_DIR)")
+    # `keras-aesam bench ...` is handed to keras_aesam.bench before parsing (see main);
+    # listed here for --help only.
+    sub.add_parser("bench", help="compare methods side by side on identical data, "
+                   "weights and seeds (keras-aesam bench --help)", add_help=False)
     parser.subcommands = {"train": t, "plot": p}  # for error messages in the subcommand's name
     return parser
 
@@ -739,6 +743,11 @@ def run(argv: Optional[Sequence[str]] = None, *, network: Optional[Callable] = N
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """The console script ``keras-aesam``: returns the exit code."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["bench"]:
+        from keras_aesam import bench
+
+        return bench.main(argv[1:])
     try:
         run(argv)
     except KeyboardInterrupt:
