@@ -71,6 +71,7 @@ from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Sequence
 
 import numpy as np
+from keras_aesam.validation import canonical_name as _canonical
 
 __all__ = [
     "ALL_METHODS",
@@ -92,6 +93,9 @@ __all__ = [
 #: The seven methods, in the paper's order of presentation.
 ALL_METHODS = ("erm", "sam", "esam", "ss_sam", "looksam", "ae_sam", "ae_looksam")
 PEER_METHOD = "peer_tf_keras_sam"
+#: A diagnostic variant of the peer: its first pass in training mode as well.
+PEER_TRAIN_MODE = "peer_tf_keras_sam_train_mode"
+PEER_METHODS = (PEER_METHOD, PEER_TRAIN_MODE)
 PEER_REQUIREMENT = "tf-keras==2.21.0"
 
 #: Settings shared by every profile (the paper's §4.1 optimizer, scaled to a 2-core CPU).
@@ -227,8 +231,6 @@ BENCH_NETWORKS = {
 }
 
 
-def _canonical(name) -> str:
-    return "".join(c for c in str(name).lower() if c not in "-_/ ")
 
 
 def _network_names():
@@ -322,6 +324,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--peer", action=argparse.BooleanOptionalAction, default=None,
                    help=f"the Keras 2 SAM peer row (default: on when tf_keras is installed: pip install "
                    f"'{PEER_REQUIREMENT}')")
+    r.add_argument("--peer-diagnostic", action="store_true",
+                   help="also run the peer with training=True on its first pass (which of its differences "
+                   "moves the accuracy)")
     r.add_argument("--isolation", choices=("group", "run", "none"), default="group",
                    help="a worker process per (setting, seed) group (default), per run, or none")
     r.add_argument("--budget-minutes", type=float, default=None,
@@ -490,13 +495,17 @@ def resolve(args) -> dict:
             raise BadInput(f"--peer needs tf_keras: pip install '{PEER_REQUIREMENT}'")
         if config["network"] not in BENCH_NETWORKS:
             raise BadInput(f"--peer needs a network with a tf_keras twin: {', '.join(sorted(BENCH_NETWORKS))}")
+    if getattr(args, "peer_diagnostic", False) and not peer:
+        raise BadInput("--peer-diagnostic needs the peer row (tf_keras installed, a network with a tf_keras twin)")
     if peer:
         rate = noise[0]
         label = setting_label(rate)
+        peer_methods = PEER_METHODS if getattr(args, "peer_diagnostic", False) else (PEER_METHOD,)
         for seed in seeds:
-            runs.append(dict(run_id=f"{label}_s{seed}_{PEER_METHOD}", kind="peer", method=PEER_METHOD,
-                             setting=label, noise=rate, seed=seed, hyperparameters={"rho": config["rho"]},
-                             **config))
+            for peer_method in peer_methods:
+                runs.append(dict(run_id=f"{label}_s{seed}_{peer_method}", kind="peer", method=peer_method,
+                                 setting=label, noise=rate, seed=seed, hyperparameters={"rho": config["rho"]},
+                                 **config))
     # Order: setting, seed, then the methods and the peer (interleaved across seeds).
     order = {(setting_label(r), s): i for i, (r, s) in enumerate((r, s) for r in noise for s in seeds)}
     runs.sort(key=lambda spec: (order[(spec["setting"], spec["seed"])], spec["kind"] == "peer"))
@@ -537,7 +546,7 @@ def _train_examples(config):
 
 def _cost_per_step(method, hp, batch_size=128, expected_fraction=None):
     """Forward-backward passes per step, expected (ESAM: 1 + a forward + ⌈γB⌉/B)."""
-    if method == PEER_METHOD:
+    if method in PEER_METHODS:
         return 2.0
     if method == "esam":
         return 1.0 + FORWARD_COST + math.ceil(hp.get("gamma", 0.5) * batch_size) / batch_size
@@ -880,7 +889,10 @@ def _run_peer(spec, out) -> dict:
         raise RuntimeError(f"the tf_keras twin of {spec['network']} does not compute the same logits "
                            f"from the same weights (max |diff| {parity:g})")
     total_steps = spec["epochs"] * data.steps_per_epoch
-    model = tf_keras.models.experimental.SharpnessAwareMinimization(inner, rho=spec["hyperparameters"]["rho"])
+    cls = tf_keras.models.experimental.SharpnessAwareMinimization
+    if spec["method"] == PEER_TRAIN_MODE:
+        cls = _train_mode_sam(tf_keras)
+    model = cls(inner, rho=spec["hyperparameters"]["rho"])
     learning_rate = tf_keras.optimizers.schedules.CosineDecay(spec["lr"], decay_steps=total_steps)
     decoupled = spec["weight_decay"] if spec["weight_decay"] > 0 and spec["weight_decay_mode"] == "decoupled" else None
     model.compile(
@@ -927,6 +939,22 @@ def _run_peer(spec, out) -> dict:
         "loadavg_start": load_start,
         "loadavg_end": _loadavg(),
     }
+
+
+def _train_mode_sam(tf_keras):
+    """The peer with ``training=True`` on its first pass too (a diagnostic, not the peer).
+
+    ``SharpnessAwareMinimization.train_step`` calls ``self(x)`` for the first pass
+    and ``self(x, training=True)`` for the second; this subclass turns the
+    unspecified ``training`` into ``True`` (``evaluate``/``predict`` pass ``False``
+    explicitly). BatchNorm's moving statistics then move on both passes.
+    """
+
+    class TrainModeSAM(tf_keras.models.experimental.SharpnessAwareMinimization):
+        def call(self, inputs, training=None, **kwargs):
+            return self.model(inputs, training=True if training is None else training, **kwargs)
+
+    return TrainModeSAM
 
 
 def run_spec(spec, out) -> dict:
@@ -1084,6 +1112,8 @@ def run_bench(plan, argv=None, *, fresh=False, stream=sys.stdout, program="keras
             previous = json.loads((out / "bench.json").read_text())
         except ValueError:
             previous = {}
+    for session in previous.get("sessions", []):  # files written before sessions recorded their command
+        session.setdefault("command", previous.get("command"))
     estimate = estimate_seconds([s for s in plan["runs"] if done[s["run_id"]] is None], plan["isolation"])
     meta = {
         "command": " ".join([program, *argv]) if argv else program,
@@ -1102,6 +1132,7 @@ def run_bench(plan, argv=None, *, fresh=False, stream=sys.stdout, program="keras
         "versions": _versions(),
         "started": previous.get("started") or datetime.datetime.now().isoformat(timespec="seconds"),
         "sessions": previous.get("sessions", []) + [{
+            "command": " ".join([program, *argv]) if argv else program,
             "started": datetime.datetime.now().isoformat(timespec="seconds"),
             "skipped_finished_runs": finished,
             "estimated_seconds": round(estimate),
@@ -1342,7 +1373,8 @@ def verdict(test) -> str:
 # ------------------------------------------------------------------ report
 
 _PRETTY = {"erm": "ERM", "sam": "SAM", "esam": "ESAM", "ss_sam": "SS-SAM", "looksam": "LookSAM",
-           "ae_sam": "AE-SAM", "ae_looksam": "AE-LookSAM", PEER_METHOD: "Keras 2 SAM (peer)"}
+           "ae_sam": "AE-SAM", "ae_looksam": "AE-LookSAM", PEER_METHOD: "Keras 2 SAM (peer)",
+           PEER_TRAIN_MODE: "Keras 2 SAM, 1st pass training=True (diagnostic)"}
 
 CSV_COLUMNS = (
     "run_id", "kind", "setting", "noise", "seed", "method", "test_accuracy", "test_loss",
@@ -1363,6 +1395,12 @@ def _fmt(value, digits=2, scale=1.0):
     if value is None:
         return "–"
     return f"{value * scale:.{digits}f}"
+
+
+def _fmt_p(p):
+    if p is None:
+        return "–"
+    return f"{p:.1e}" if p < 0.001 else f"{p:.3f}"
 
 
 def _pm(mean, std, digits=2, scale=1.0):
@@ -1413,12 +1451,12 @@ def write_plots(rows, summaries, out) -> List[Path]:
             settings.append(s["setting"])
     if not settings:
         return []
-    colors = {m: plt.cm.tab10(i) for i, m in enumerate(list(ALL_METHODS) + [PEER_METHOD])}
+    colors = {m: plt.cm.tab10(i) for i, m in enumerate(list(ALL_METHODS) + list(PEER_METHODS))}
 
     fig, axes = plt.subplots(1, len(settings), figsize=(5.2 * len(settings), 4.4), squeeze=False)
     for ax, setting in zip(axes[0], settings):
         for s in (s for s in summaries if s["setting"] == setting):
-            marker = "*" if s["method"] == PEER_METHOD else "o"
+            marker = "*" if s["method"] in PEER_METHODS else "o"
             ax.errorbar(100 * (s["sam_mean"] or 0), 100 * s["acc_mean"],
                         xerr=None if s["sam_std"] is None else 100 * s["sam_std"],
                         yerr=None if s["acc_std"] is None else 100 * s["acc_std"],
@@ -1458,7 +1496,8 @@ def write_plots(rows, summaries, out) -> List[Path]:
                        zorder=3, label="ideal (1+ζ)" if i == 0 else None)
     for ax in (ax1, ax2, ax3):
         ax.set_xticks(np.arange(len(methods)))
-        ax.set_xticklabels([_pretty(m).replace(" (peer)", "\n(peer)") for m in methods], fontsize=8,
+        short = {PEER_METHOD: "Keras 2 SAM\n(peer)", PEER_TRAIN_MODE: "Keras 2 SAM\ntrain-mode 1st pass"}
+        ax.set_xticklabels([short.get(m, _pretty(m)) for m in methods], fontsize=8,
                            rotation=30, ha="right")
         ax.grid(axis="y", alpha=0.3)
         ax.legend(fontsize=8)
@@ -1492,7 +1531,14 @@ def _report_text(meta, rows, summaries, tests, plots, probe=None):
     add("")
     add("## What ran")
     add("")
-    add(f"- Command: `{meta.get('command', 'keras-aesam bench')}`")
+    commands = []
+    for s in meta.get("sessions", []):
+        if s.get("command") and s["command"] not in commands:
+            commands.append(s["command"])
+    if not commands:
+        commands = [meta.get("command", "keras-aesam bench")]
+    add("- Command" + ("s (one per session; a later one resumed the earlier)" if len(commands) > 1 else "")
+        + ": " + "; ".join(f"`{c}`" for c in commands))
     machine = meta.get("machine", {})
     add(f"- Machine: {machine.get('cpu')}, {machine.get('cores')} cores ({machine.get('platform')}, "
         f"Python {machine.get('python')}); shared with other jobs, load average at start/end of each "
@@ -1576,7 +1622,7 @@ def _report_text(meta, rows, summaries, tests, plots, probe=None):
         ci = "–" if t["ci_low"] is None else f"[{100 * t['ci_low']:+.2f}, {100 * t['ci_high']:+.2f}]"
         diff = "–" if t["mean_diff"] is None else f"{100 * t['mean_diff']:+.2f}"
         add(f"| {_pretty(t['a'])} − {_pretty(t['b'])} | {t['setting']} | {t['n']} | {_fmt(t['mean_a'], 2, 100)} | "
-            f"{_fmt(t['mean_b'], 2, 100)} | {diff} | {ci} | {_fmt(t['t'], 2)} | {_fmt(t['p'], 3)} | {verdict(t)} |")
+            f"{_fmt(t['mean_b'], 2, 100)} | {diff} | {ci} | {_fmt(t['t'], 2)} | {_fmt_p(t['p'])} | {verdict(t)} |")
     add("")
     peers = [r for r in rows if r["method"] == PEER_METHOD]
     if peers:
@@ -1626,10 +1672,35 @@ def _report_text(meta, rows, summaries, tests, plots, probe=None):
                                       for r in sorted(peers, key=lambda r: r["seed"])
                                       if by.get((r["setting"], r["seed"], "sam"))])
             ci = "" if test["ci_low"] is None else (
-                f", 95 % CI [{100 * test['ci_low']:+.2f}, {100 * test['ci_high']:+.2f}] pp, p = {_fmt(test['p'], 3)}")
+                f", 95 % CI [{100 * test['ci_low']:+.2f}, {100 * test['ci_high']:+.2f}] pp, p = {_fmt_p(test['p'])}")
             add(f"Test accuracy, peer − our SAM (paired by seed): {100 * test['mean_diff']:+.2f} pp{ci} "
                 f"(n = {test['n']}).")
         add("")
+        diagnostics = {(r["setting"], r["seed"]): r for r in rows if r["method"] == PEER_TRAIN_MODE}
+        if diagnostics:
+            add("Diagnostic: the same peer with `training=True` on its first pass as well (a subclass whose "
+                "`call` turns the unspecified `training` of the first pass into `True`; BatchNorm statistics then "
+                "move on both passes). Test accuracy (%):")
+            add("")
+            add("| seed | peer | peer, 1st pass training=True | our SAM | our ERM |")
+            add("|---|---|---|---|---|")
+            pairs = []
+            for r in sorted(peers, key=lambda r: r["seed"]):
+                d = diagnostics.get((r["setting"], r["seed"]))
+                ours = by.get((r["setting"], r["seed"], "sam"))
+                erm = by.get((r["setting"], r["seed"], "erm"))
+                add(f"| {r['seed']} | {_fmt(r['test_accuracy'], 2, 100)} | {_fmt(d and d['test_accuracy'], 2, 100)} | "
+                    f"{_fmt(ours and ours['test_accuracy'], 2, 100)} | {_fmt(erm and erm['test_accuracy'], 2, 100)} |")
+                if d and ours:
+                    pairs.append((r["test_accuracy"], d["test_accuracy"], ours["test_accuracy"]))
+            if pairs:
+                add("")
+                for label, i, j in (("peer − train-mode peer", 0, 1), ("train-mode peer − our SAM", 1, 2)):
+                    t = paired_difference([p[i] for p in pairs], [p[j] for p in pairs])
+                    ci = "" if t["ci_low"] is None else (
+                        f", 95 % CI [{100 * t['ci_low']:+.2f}, {100 * t['ci_high']:+.2f}] pp, p = {_fmt_p(t['p'])}")
+                    add(f"- {label}: {100 * t['mean_diff']:+.2f} pp{ci} (n = {t['n']})")
+            add("")
         add("What the peer does differently (read in `tf_keras/src/models/sharpness_aware_minimization.py` of "
             f"{PEER_REQUIREMENT} and checked by `tests/test_bench.py`):")
         add("")

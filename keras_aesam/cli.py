@@ -37,6 +37,7 @@ import sys
 import time
 from pathlib import Path
 from typing import Callable, Optional, Sequence
+from keras_aesam.validation import canonical_name as _canonical
 
 __all__ = ["DEFAULTS", "HYPERPARAMETER_FLAGS", "build_parser", "main", "run"]
 
@@ -97,8 +98,6 @@ class BadInput(Exception):
 # ---------------------------------------------------------------------- helpers
 
 
-def _canonical(name) -> str:
-    return "".join(c for c in str(name).lower() if c not in "-_/ ")
 
 
 def _resolve_name(kind, name, valid):

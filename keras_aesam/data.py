@@ -28,6 +28,7 @@ from typing import Callable, Optional
 
 import numpy as np
 import tensorflow as tf
+from keras_aesam.validation import canonical_name as _canonical
 
 logger = logging.getLogger("keras_aesam.data")
 
@@ -657,6 +658,3 @@ def get_dataset(name: str, **kwargs) -> DataSplits:
     raise ValueError(f"unknown dataset {name!r}; valid names: {', '.join(sorted(DATASETS))}")
 
 
-def _canonical(name) -> str:
-    """Case-, '-', '_' and '/'-insensitive form of a name ('WRN-28-10' == 'wrn28_10')."""
-    return "".join(c for c in str(name).lower() if c not in "-_/ ")

@@ -27,6 +27,7 @@ from typing import Callable, Sequence
 
 import keras
 from keras import layers, ops
+from keras_aesam.validation import canonical_name as _canonical
 
 __all__ = [
     "ChannelZeroPad",
@@ -550,6 +551,3 @@ def get_network(name: str, **kwargs) -> keras.Model:
     raise ValueError(f"unknown network {name!r}; valid names: {', '.join(sorted(NETWORKS))}")
 
 
-def _canonical(name) -> str:
-    """Case-, '-', '_' and '/'-insensitive form of a name ('WRN-28-10' == 'wrn28_10')."""
-    return "".join(c for c in str(name).lower() if c not in "-_/ ")

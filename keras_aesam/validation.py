@@ -67,3 +67,8 @@ MAX_SEED = 2**32 - 1
 def check_seed(value):
     """A seed: a whole number in [0, 2**32 - 1]."""
     return check_int("seed", value, low=0, high=MAX_SEED)
+
+
+def canonical_name(name):
+    """Case-, '-', '_', '/' and space-insensitive form of a name ('WRN-28-10' == 'wrn28_10')."""
+    return "".join(c for c in str(name).lower() if c not in "-_/ ")
