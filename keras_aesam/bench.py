@@ -1223,12 +1223,15 @@ def time_ratios(rows, key="step_ms") -> Dict[str, float]:
 
     ``key`` is ``step_ms`` (wall time per step) or ``step_cpu_ms`` (CPU time).
     """
-    erm = {(r["setting"], r["seed"]): r.get(key) for r in rows if r["method"] == "erm"}
+    erm = {(r["setting"], r["seed"]): r for r in rows if r["method"] == "erm"}
     ratios = {}
     for r in rows:
         base = erm.get((r["setting"], r["seed"]))
-        if base and r.get(key):
-            ratios[r["run_id"]] = r[key] / base
+        if not base or not base.get(key) or not r.get(key):
+            continue
+        if r.get("session") != base.get("session"):
+            continue  # not side by side: run in another session of the bench
+        ratios[r["run_id"]] = r[key] / base[key]
     return ratios
 
 
@@ -1584,7 +1587,8 @@ def _report_text(meta, rows, summaries, tests, plots, probe=None):
         "Epoch s leaves out the first epoch (tracing, cache filling), reported apart as 1st epoch s. "
         "× ERM = mean step time / ERM's mean step time of the same seed and setting (runs back to back), "
         "in wall time and in CPU time of the process (`time.process_time`, less disturbed by the other jobs "
-        "on the machine); / ideal = (× ERM) / ideal, 1.0 meaning no overhead beyond the extra passes.")
+        "on the machine); / ideal = (× ERM) / ideal, 1.0 meaning no overhead beyond the extra passes. "
+        "Ratios pair runs of the same bench session only (a run resumed in a later session gets none).")
     add("")
     settings = []
     for s in summaries:
@@ -1770,6 +1774,13 @@ def write_report(out) -> dict:
         meta = json.loads((out / "bench.json").read_text())
     wanted = set(meta.get("run_ids") or [])
     rows = [r for r in load_results(out) if not wanted or r["run_id"] in wanted]
+    sessions = meta.get("sessions", [])
+    for r in rows:  # which session ran it: timing ratios pair runs of one session only
+        r["session"] = None
+        for i, s in enumerate(sessions):
+            if s.get("started") and r.get("finished_at") and s["started"] <= r["finished_at"] <= (
+                    s.get("finished") or "9999"):
+                r["session"] = i + 1
     summaries = aggregate(rows)
     tests = paired_tests([r for r in rows if r["kind"] == "method"])
     write_csv(rows, out / "results.csv")

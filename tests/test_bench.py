@@ -159,6 +159,10 @@ def test_time_ratios_pair_each_run_with_the_erm_of_its_group():
     assert ratios["clean_s1_erm"] == pytest.approx(1.0)
     rows.append(_row("clean", 7, "sam", 0.8, 200.0, sam=1.0))  # no ERM for seed 7
     assert "clean_s7_sam" not in bench.time_ratios(rows)
+    for r in rows:  # a run resumed in a later session is not side by side with its ERM
+        r["session"] = 2 if r["run_id"] == "clean_s0_sam" else 1
+    ratios = bench.time_ratios(rows)
+    assert "clean_s0_sam" not in ratios and "clean_s1_sam" in ratios
 
 
 def test_aggregate_means_stds_and_ideal():
@@ -387,3 +391,26 @@ def test_what_the_peer_does_differently(tfk):
     logged = _peer(tfk, inner).fit(x, y, batch_size=32, epochs=1, verbose=0).history["loss"][0]
     assert logged == pytest.approx((float(at_w) + float(at_w_e)) / 2, rel=1e-5)
     assert not math.isclose(float(at_w), float(at_w_e), rel_tol=1e-6)
+
+
+def test_the_train_mode_diagnostic_runs_both_passes_in_training_mode(tfk):
+    layers = tfk.layers
+    seen = []
+
+    class Probe(layers.Layer):
+        def call(self, x, training=None):
+            seen.append(training)
+            return x
+
+    inputs = tfk.Input((4,))
+    inner = tfk.Model(inputs, layers.Dense(3)(Probe()(inputs)))
+    model = bench._train_mode_sam(tfk)(inner, rho=0.05)
+    model.compile(optimizer=tfk.optimizers.SGD(0.1),
+                  loss=tfk.losses.SparseCategoricalCrossentropy(from_logits=True), run_eagerly=True)
+    x = np.random.default_rng(0).normal(size=(8, 4)).astype("float32")
+    seen.clear()
+    model.fit(x, np.zeros(8, "int32"), batch_size=8, epochs=1, verbose=0)
+    assert seen == [True, True]
+    seen.clear()
+    model.evaluate(x, np.zeros(8, "int32"), verbose=0)
+    assert seen == [False]
