@@ -68,7 +68,7 @@ import sys
 import time
 import traceback
 from pathlib import Path
-from typing import Dict, Iterable, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 from keras_aesam.validation import canonical_name as _canonical
@@ -666,7 +666,7 @@ def _machine():
             "python": platform.python_version(), "hostname": platform.node()}
 
 
-def _versions(peer=False):
+def _versions():
     import importlib.metadata as md
 
     versions = {}
