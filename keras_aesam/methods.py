@@ -1,4 +1,4 @@
-"""The paper's seven methods as (policy, direction) pairs.
+"""The paper's seven methods, and the budgeted rivals, as (policy, direction) pairs.
 
 A method is a name, a policy class, a direction class and the paper's defaults.
 ``build_method(name, **hyperparameters)`` splits the hyperparameters between the
@@ -14,7 +14,7 @@ METHODS = {
     "erm": (policies.Never, directions.Direction, {}, {}),
     "sam": (policies.Always, directions.Direction, {}, {}),
     "esam": (policies.Always, directions.ESAM, {}, {"beta": 0.6, "gamma": 0.5}),
-    "ss_sam": (policies.Bernoulli, directions.Direction, {"p": 0.5}, {}),
+    "ss_sam": (policies.Bernoulli, directions.Direction, {}, {}),
     "looksam": (policies.Periodic, directions.LookSAM, {"k": 5}, {"alpha": 0.7}),
     "ae_sam": (
         policies.Adaptive,
@@ -28,6 +28,20 @@ METHODS = {
         {"default_lambdas": (0.0, 2.0)},
         {"alpha": 0.7},
     ),
+    # Rivals at a SAM budget (``target_sam_fraction``, default 0.5).
+    "late_sam": (policies.Late, directions.Direction, {}, {}),
+    "rst": (policies.ScheduledCoin, directions.Direction, {}, {}),
+    "quantile_sam": (policies.Quantile, directions.Direction, {}, {}),
+}
+
+#: The paper's seven methods, in its order of presentation.
+PAPER_METHODS = ("erm", "sam", "esam", "ss_sam", "looksam", "ae_sam", "ae_looksam")
+
+#: Display names, for reports and plots.
+PRETTY_NAMES = {
+    "erm": "ERM", "sam": "SAM", "esam": "ESAM", "ss_sam": "SS-SAM", "looksam": "LookSAM",
+    "ae_sam": "AE-SAM", "ae_looksam": "AE-LookSAM", "late_sam": "late SAM",
+    "rst": "RST (scheduled coin)", "quantile_sam": "quantile SAM",
 }
 
 _INTERNAL = {"self", "default_lambdas"}

@@ -668,9 +668,12 @@ SSSAMModel = _named("SSSAMModel", "ss_sam", "SS-SAM (Zhao et al., 2022b): SAM wi
 LookSAMModel = _named("LookSAMModel", "looksam", "LookSAM (Liu et al., 2022): SAM every ``k`` steps, ``g_v`` reused with ``alpha``.")
 AESAMModel = _named("AESAMModel", "ae_sam", "AE-SAM (Algorithm 1): SAM where ``‖g‖² ≥ µ + c_t·σ``; ``lambda1``, ``lambda2``, ``delta``.")
 AELookSAMModel = _named("AELookSAMModel", "ae_looksam", "AE-LookSAM (Algorithm 1): the adaptive policy deciding LookSAM's SAM steps.")
+LateSAMModel = _named("LateSAMModel", "late_sam", "ERM, then SAM for the last ``target_sam_fraction`` of the steps.")
+RSTModel = _named("RSTModel", "rst", "RST (Zhao et al., 2022): SAM by a coin whose probability follows a schedule.")
+QuantileSAMModel = _named("QuantileSAMModel", "quantile_sam", "SAM where ``‖g‖²`` is above its running ``(1 - f_t)`` quantile.")
 
 __all__ = [
     "SharpnessAwareModel", "wrap", "method_parameters",
     "ERMModel", "SAMModel", "ESAMModel", "SSSAMModel", "LookSAMModel",
-    "AESAMModel", "AELookSAMModel",
+    "AESAMModel", "AELookSAMModel", "LateSAMModel", "RSTModel", "QuantileSAMModel",
 ]

@@ -35,6 +35,7 @@ __all__ = [
     "ClassTokenSelect",
     "NETWORKS",
     "get_network",
+    "mlp",
     "pyramidnet110",
     "resnet18",
     "resnet32",
@@ -195,6 +196,35 @@ def small_cnn(
     x = layers.Dropout(2 * dropout_rate, name="dropout2")(x)
     outputs = layers.Dense(num_classes, kernel_regularizer=reg, activation=classifier_activation, name="logits")(x)
     return keras.Model(inputs, outputs, name="small_cnn")
+
+
+def mlp(
+    num_classes: int = 10,
+    input_shape: Sequence[int] = (28, 28, 1),
+    *,
+    hidden_units: Sequence[int] = (512, 512),
+    kernel_regularizer=None,
+    classifier_activation=None,
+) -> keras.Model:
+    """A ReLU multilayer perceptron on the flattened image (784-512-512-10 by default).
+
+    No BatchNorm and no Dropout, so every replica computes the same function and
+    nothing is random inside a step. With noisy labels it memorizes the noise
+    within a few dozen epochs: the regime of the noisy-labels bench profile,
+    where SAM clearly beats ERM.
+    """
+    _check_num_classes(num_classes)
+    input_shape = _check_input_shape(input_shape)
+    units = tuple(hidden_units)
+    if not units or any(isinstance(u, bool) or not isinstance(u, int) or u < 1 for u in units):
+        raise ValueError(f"hidden_units must be a non-empty sequence of integers >= 1, got {hidden_units!r}")
+    inputs = keras.Input(shape=input_shape, name="images")
+    x = layers.Flatten(name="flatten")(inputs)
+    for i, width in enumerate(units):
+        x = layers.Dense(width, activation="relu", kernel_regularizer=kernel_regularizer, name=f"dense{i + 1}")(x)
+    outputs = layers.Dense(num_classes, kernel_regularizer=kernel_regularizer, activation=classifier_activation,
+                           name="logits")(x)
+    return keras.Model(inputs, outputs, name="mlp")
 
 
 # ------------------------------------------------------------------ ResNet-18 (CIFAR)
@@ -539,6 +569,7 @@ NETWORKS: dict[str, Callable[..., keras.Model]] = {
     "pyramidnet110": pyramidnet110,
     "vit_s16": vit_s16,
     "vit": vit,
+    "mlp": mlp,
 }
 
 

@@ -70,16 +70,62 @@ def ema_moments(mean, var, stat, delta):
     return new_mean, new_var
 
 
-def threshold_coefficient(step, total_steps, lambda1, lambda2):
-    """``c_t = (t/T)·λ1 + (1 - t/T)·λ2``, linear from λ2 at t=0 to λ1 at t=T.
+def linear_schedule(step, total_steps, start, end):
+    """``(1 - t/T)·start + (t/T)·end``: linear from ``start`` at t=0 to ``end`` at t=T.
 
-    Steps beyond ``T`` keep ``c = λ1``.
+    Steps beyond ``T`` keep ``end``. Every scheduled quantity (AE-SAM's ``c_t``,
+    the scheduled coin's ``p_t``, the quantile policy's ``f_t``) follows it.
     """
     frac = ops.minimum(
         ops.cast(step, "float32") / ops.maximum(ops.cast(total_steps, "float32"), 1.0),
         1.0,
     )
-    return frac * lambda1 + (1.0 - frac) * lambda2
+    return frac * end + (1.0 - frac) * start
+
+
+def threshold_coefficient(step, total_steps, lambda1, lambda2):
+    """``c_t = (t/T)·λ1 + (1 - t/T)·λ2``, linear from λ2 at t=0 to λ1 at t=T.
+
+    Steps beyond ``T`` keep ``c = λ1``.
+    """
+    return linear_schedule(step, total_steps, lambda2, lambda1)
+
+
+def normal_upper_tail(c):
+    """``1 - Φ(c)`` for a tensor ``c``: the share of a normal above ``µ + c·σ``."""
+    c = ops.cast(c, "float32")
+    return 0.5 * (1.0 - ops.erf(c / math.sqrt(2.0)))
+
+
+# --------------------------------------------------------------------------
+# Budgeted rivals of the adaptive policy
+# --------------------------------------------------------------------------
+def late_start(total_steps, fraction):
+    """First SAM step of ``late_sam``: ``T - round(f·T)``, so exactly ``round(f·T)``
+    of the ``T`` steps are SAM steps (the last ones)."""
+    total = ops.cast(total_steps, "float32")
+    return total - ops.round(fraction * total)
+
+
+def coin_endpoints(target, shape):
+    """``(p_start, p_end)`` of a coin schedule whose mean over ``[0, T]`` is ``target``.
+
+    ``"constant"``: ``(f, f)``. ``"linear"``: the steepest rising ramp inside
+    ``[0, 1]`` with mean ``f``: ``(0, 2f)`` for ``f ≤ 1/2``, ``(2f - 1, 1)`` above.
+    """
+    if shape == "constant":
+        return target, target
+    return max(0.0, 2.0 * target - 1.0), min(1.0, 2.0 * target)
+
+
+def quantile_update(quantile, above, target, step_size):
+    """One stochastic-approximation step towards the ``(1 - f)`` quantile.
+
+    ``q ← q + η·(1[z ≥ q] - f)``: ``q`` rises while more than a share ``f`` of
+    the observations lie above it and falls otherwise, so the long-run share
+    above ``q`` is ``f`` whatever the distribution (Robbins–Monro).
+    """
+    return quantile + step_size * (ops.cast(above, "float32") - target)
 
 
 # --------------------------------------------------------------------------
@@ -151,6 +197,11 @@ def sds_select(loss_before, loss_after, gamma):
 # --------------------------------------------------------------------------
 # Counter-based randomness
 # --------------------------------------------------------------------------
+#: Random-stream ids: one per consumer, so no two draw the same numbers.
+STREAM_COIN = 1  # SS-SAM's and the scheduled coin's SAM-or-not draw
+STREAM_SWP = 2  # ESAM's choice of perturbed weight tensors
+
+
 def uniform_from_counter(shape, seed, stream, step):
     """U[0,1) draws that depend only on ``(seed, stream, step)``.
 

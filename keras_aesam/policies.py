@@ -13,7 +13,14 @@ policy             decides SAM at step ``t`` when         paper's method(s)
 ``Bernoulli(p)``   a seeded coin with ``P(heads) = p``    SS-SAM
 ``Periodic(k)``    ``t mod k == 0``                       LookSAM
 ``Adaptive``       ``‖g‖² ≥ µ + c_t·σ`` (Algorithm 1)     AE-SAM, AE-LookSAM
+``Late``           the last ``f·T`` steps                 late SAM (rival)
+``ScheduledCoin``  a coin with ``P(heads) = p_t``         RST (rival)
+``Quantile``       ``‖g‖²`` above its running            quantile SAM (ours)
+                   ``(1 - f_t)`` quantile
 =================  ====================================  =======================
+
+The budgeted policies (``Bernoulli``, ``Adaptive``, ``Late``, ``ScheduledCoin``,
+``Quantile``) all take ``target_sam_fraction``: the share of SAM steps to aim for.
 """
 
 from keras import ops
@@ -81,12 +88,19 @@ class Bernoulli(Policy):
 
     name = "bernoulli"
 
-    def __init__(self, p=0.5, seed=0):
-        self.p = check_range("p", p, 0.0, 1.0, low_open=True)
+    def __init__(self, p=None, seed=0, target_sam_fraction=None):
+        if p is not None and target_sam_fraction is not None:
+            raise ValueError(
+                "p and target_sam_fraction are the same thing for this policy: pass one."
+            )
+        if target_sam_fraction is not None:
+            p = _check_target(target_sam_fraction)
+        self.p = check_range("p", 0.5 if p is None else p, 0.0, 1.0, low_open=True)
         self.seed = check_seed(seed)
 
     def decide(self, state, stat, step, total_steps):
-        return sam_ops.uniform_from_counter((), self.seed, 1, step) < self.p, state, {}
+        draw = sam_ops.uniform_from_counter((), self.seed, sam_ops.STREAM_COIN, step)
+        return draw < self.p, state, {}
 
     def expected_sam_fraction(self, total_steps=None):
         return self.p
@@ -183,4 +197,151 @@ class Adaptive(Policy):
         return {"lambda1": self.lambda1, "lambda2": self.lambda2, "delta": self.delta}
 
 
-__all__ = ["Policy", "Always", "Never", "Bernoulli", "Periodic", "Adaptive"]
+def _check_target(value, default=0.5):
+    """``target_sam_fraction``: a share of SAM steps in (0, 1), as for ``Adaptive``."""
+    value = default if value is None else value
+    return check_in_open_interval("target_sam_fraction", value, 0.0, 1.0)
+
+
+class Late(Policy):
+    """ERM first, then SAM for the last ``target_sam_fraction`` of the ``T`` steps.
+
+    SAM's benefit concentrates late in training (Zhou et al., ICLR 2025), which
+    makes this the simplest rival at a given budget. Exactly ``round(f·T)`` SAM
+    steps; steps past ``T`` stay SAM steps.
+    """
+
+    name = "late"
+    needs_total_steps = True
+
+    def __init__(self, target_sam_fraction=None):
+        self.target_sam_fraction = _check_target(target_sam_fraction)
+
+    def decide(self, state, stat, step, total_steps):
+        start = sam_ops.late_start(total_steps, self.target_sam_fraction)
+        return ops.cast(step, "float32") >= start, state, {}
+
+    def expected_sam_fraction(self, total_steps=None):
+        return self.target_sam_fraction
+
+    def get_config(self):
+        return {"target_sam_fraction": self.target_sam_fraction}
+
+
+class ScheduledCoin(Policy):
+    """A seeded coin whose probability ``p_t`` runs linearly from ``p_start`` to
+    ``p_end`` over ``T`` steps (RST, Zhao et al., 2022); its mean is the budget.
+
+    Give either ``target_sam_fraction`` with a ``schedule`` shape
+    (``"linear"``: the steepest rising ramp with that mean; ``"constant"``:
+    SS-SAM), or both endpoints.
+    """
+
+    name = "scheduled_coin"
+    needs_total_steps = True
+    SCHEDULES = ("linear", "constant")
+
+    def __init__(self, target_sam_fraction=None, schedule="linear", p_start=None, p_end=None, seed=0):
+        if schedule not in self.SCHEDULES:
+            raise ValueError(f"schedule must be one of {self.SCHEDULES}, got {schedule!r}.")
+        if p_start is not None:
+            p_start = check_range("p_start", p_start, 0.0, 1.0)
+        if p_end is not None:
+            p_end = check_range("p_end", p_end, 0.0, 1.0)
+        if p_start is not None or p_end is not None:
+            if target_sam_fraction is not None or p_start is None or p_end is None:
+                raise ValueError(
+                    "Pass both p_start and p_end, or target_sam_fraction (with schedule), not a mix."
+                )
+            if p_start + p_end <= 0.0:
+                raise ValueError("p_start and p_end are both 0: the coin would never take a SAM step.")
+            self.target_sam_fraction = None
+        else:
+            self.target_sam_fraction = _check_target(target_sam_fraction)
+            p_start, p_end = sam_ops.coin_endpoints(self.target_sam_fraction, schedule)
+        self.schedule = schedule
+        self.p_start, self.p_end = float(p_start), float(p_end)
+        self.seed = check_seed(seed)
+
+    def decide(self, state, stat, step, total_steps):
+        p = sam_ops.linear_schedule(step, total_steps, self.p_start, self.p_end)
+        draw = sam_ops.uniform_from_counter((), self.seed, sam_ops.STREAM_COIN, step)
+        return draw < p, state, {"sam_probability": p}
+
+    def expected_sam_fraction(self, total_steps=None):
+        return 0.5 * (self.p_start + self.p_end)
+
+    def get_config(self):
+        if self.target_sam_fraction is not None:
+            return {"target_sam_fraction": self.target_sam_fraction,
+                    "schedule": self.schedule, "seed": self.seed}
+        return {"p_start": self.p_start, "p_end": self.p_end, "seed": self.seed}
+
+
+class Quantile(Policy):
+    """SAM when ``log ‖g‖²`` sits above a running ``(1 - f_t)`` quantile of its
+    deviation from its EMA: AE-SAM's rule without the normal assumption.
+
+    ``u = log ‖g‖²``; ``m`` is an EMA of ``u`` (rate ``delta``) and ``z = u - m``.
+    A SAM step is taken when ``z ≥ q``; then ``q`` moves by
+    ``step_size · a · (1[z ≥ q] - f_t)``, with ``a`` an EMA of ``|z|`` that gives
+    the step its scale. Because ``q`` stays bounded, the share of SAM steps
+    converges to the mean of ``f_t`` whatever the shape of ``‖g‖²``'s
+    distribution. ``f_t = 1 - Φ(c_t)`` with ``c_t`` AE-SAM's linear coefficient
+    for the ``(λ1, λ2)`` of spread 2 whose mean is ``target_sam_fraction``, so
+    the budget, like AE-SAM's, grows over training.
+    """
+
+    name = "quantile"
+    needs_total_steps = True
+
+    def __init__(self, target_sam_fraction=None, delta=0.9, step_size=0.1, spread=2.0):
+        self.target_sam_fraction = _check_target(target_sam_fraction)
+        self.delta = check_in_open_interval("delta", delta, 0.0, 1.0)
+        self.step_size = check_range("step_size", step_size, 0.0, low_open=True)
+        self.spread = check_range("spread", spread, 0.0)
+        self.lambda1, self.lambda2 = sam_ops.lambdas_for_sam_fraction(
+            self.target_sam_fraction, self.spread
+        )
+
+    def state_spec(self):
+        return {"log_mean": 0.0, "log_absdev": 1.0, "quantile": 0.0, "seen": 0.0}
+
+    def fraction_at(self, step, total_steps):
+        """``f_t``: the share of SAM steps aimed at around step ``t``."""
+        c = sam_ops.threshold_coefficient(step, total_steps, self.lambda1, self.lambda2)
+        return sam_ops.normal_upper_tail(c)
+
+    def decide(self, state, stat, step, total_steps):
+        u = ops.log(ops.maximum(ops.cast(stat, "float32"), 1e-30))
+        first = state["seen"] < 0.5
+        mean = ops.where(first, u, self.delta * state["log_mean"] + (1.0 - self.delta) * u)
+        z = u - mean
+        absdev = ops.where(
+            first, state["log_absdev"],
+            self.delta * state["log_absdev"] + (1.0 - self.delta) * ops.abs(z),
+        )
+        target = self.fraction_at(step, total_steps)
+        above = ops.greater_equal(z, state["quantile"])
+        quantile = sam_ops.quantile_update(
+            state["quantile"], above, target, self.step_size * absdev
+        )
+        new_state = {"log_mean": mean, "log_absdev": absdev, "quantile": quantile,
+                     "seen": ops.ones_like(state["seen"])}
+        logs = {
+            "grad_norm_sq": stat,
+            "sam_threshold": ops.exp(mean + state["quantile"]),
+            "sam_target_fraction": target,
+        }
+        return above, new_state, logs
+
+    def expected_sam_fraction(self, total_steps=None):
+        return self.target_sam_fraction
+
+    def get_config(self):
+        return {"target_sam_fraction": self.target_sam_fraction, "delta": self.delta,
+                "step_size": self.step_size, "spread": self.spread}
+
+
+__all__ = ["Policy", "Always", "Never", "Bernoulli", "Periodic", "Adaptive",
+           "Late", "ScheduledCoin", "Quantile"]

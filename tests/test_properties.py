@@ -39,6 +39,9 @@ METHOD_CLASSES = {
     "looksam": keras_aesam.LookSAMModel,
     "ae_sam": keras_aesam.AESAMModel,
     "ae_looksam": keras_aesam.AELookSAMModel,
+    "late_sam": keras_aesam.LateSAMModel,
+    "rst": keras_aesam.RSTModel,
+    "quantile_sam": keras_aesam.QuantileSAMModel,
 }
 METHODS = sorted(keras_aesam.METHODS)
 
@@ -126,6 +129,16 @@ class Flag:
         return st.booleans()
 
 
+class Choice:
+    """One of a few names."""
+
+    def __init__(self, *names):
+        self.names = names
+
+    def valid(self):
+        return st.sampled_from(self.names)
+
+
 class Seed:
     """An integer seed (invalid values: see the tests at the end)."""
 
@@ -141,13 +154,18 @@ SPECS = {
     "beta": Real(0.0, 1.0, low_open=True),
     "gamma": Real(0.0, 1.0, low_open=True),
     "seed": Seed(),
-    "p": Real(0.0, 1.0, low_open=True),
+    "p": Real(0.0, 1.0, low_open=True, nullable=True),
     "k": Integer(1),
     "lambda1": Real(nullable=True),
     "lambda2": Real(nullable=True),
     "delta": Real(0.0, 1.0, low_open=True, high_open=True),
     "target_sam_fraction": Real(0.0, 1.0, low_open=True, high_open=True, nullable=True),
     "total_steps": Integer(1, nullable=True),
+    "schedule": Choice("linear", "constant"),
+    "p_start": Real(0.0, 1.0, nullable=True),
+    "p_end": Real(0.0, 1.0, nullable=True),
+    "step_size": Real(0.0, low_open=True),
+    "spread": Real(0.0),
     "sync_perturbation": Flag(),
 }
 VALIDATED = sorted(k for k, v in SPECS.items() if isinstance(v, (Real, Integer)))
@@ -186,9 +204,19 @@ def valid_hyperparameters(draw, method):
     names = draw(st.lists(st.sampled_from(model_parameters(method)), unique=True))
     hp = {}
     for name in names:
-        if name in ("lambda1", "lambda2", "target_sam_fraction"):
+        if name in ("lambda1", "lambda2", "target_sam_fraction", "p_start", "p_end"):
             continue
         hp[name] = draw(SPECS[name].valid())
+    if "p_start" in model_parameters(method):  # the coin: a target or both endpoints
+        if draw(st.booleans()):
+            hp.pop("schedule", None)
+            hp["p_start"] = draw(st.floats(0.01, 1.0))
+            hp["p_end"] = draw(SPECS["p_end"].valid())
+        elif draw(st.booleans()):
+            hp["target_sam_fraction"] = draw(SPECS["target_sam_fraction"].valid())
+    elif "target_sam_fraction" in model_parameters(method) and "lambda1" not in model_parameters(method):
+        if "p" not in hp and draw(st.booleans()):  # ss_sam: p or the target, not both
+            hp["target_sam_fraction"] = draw(SPECS["target_sam_fraction"].valid())
     if "lambda1" in model_parameters(method):
         choice = draw(st.sampled_from(["default", "lambdas", "lambda1", "lambda2", "target"]))
         if choice == "target":
@@ -229,6 +257,8 @@ def test_valid_hyperparameters_build_and_round_trip(data, method, how):
             assert model.sync_perturbation is value
         elif name in ("lambda1", "lambda2") and "target_sam_fraction" in resolved:
             pass
+        elif name == "target_sam_fraction" and "p" in resolved:  # SS-SAM: the target is p
+            assert resolved["p"] == value
         else:
             assert resolved[name] == value, name
     assert_round_trips(model)
