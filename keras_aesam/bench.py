@@ -289,7 +289,9 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     g = parser.add_argument_group("what runs")
-    g.add_argument("--profile", choices=sorted(PROFILES), default="quick", help="default %(default)s")
+    g.add_argument("--profile", choices=sorted(PROFILES) + [NOISY_LABELS_PROFILE], default="quick",
+                   help="default %(default)s; noisy-labels is the evidence profile, with flags of its own "
+                        "(keras-aesam bench --profile noisy-labels --help)")
     g.add_argument("--methods", default=None,
                    help=f"comma-separated, or 'all' ({', '.join(ALL_METHODS)}); default: the profile's")
     g.add_argument("--seeds", type=int, default=None, help="number of seeds (default: the profile's)")
@@ -1899,9 +1901,28 @@ def _probe_markdown(result):
 # -------------------------------------------------------------- entry point
 
 
+#: The evidence profile (``keras_aesam.evidence``): its own plan, flags and report.
+NOISY_LABELS_PROFILE = "noisy-labels"
+
+
+def _noisy_labels_argv(argv):
+    """The arguments left for the evidence profile when ``--profile noisy-labels`` is given, else None."""
+    for i, arg in enumerate(argv):
+        if arg == f"--profile={NOISY_LABELS_PROFILE}":
+            return argv[:i] + argv[i + 1:]
+        if arg == "--profile" and i + 1 < len(argv) and argv[i + 1] == NOISY_LABELS_PROFILE:
+            return argv[:i] + argv[i + 2:]
+    return None
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """``keras-aesam bench``: returns the exit code (2 for bad input, as argparse)."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    evidence_argv = _noisy_labels_argv(argv)
+    if evidence_argv is not None:
+        from keras_aesam import evidence
+
+        return evidence.main(evidence_argv, prog="keras-aesam bench --profile noisy-labels")
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.worker:

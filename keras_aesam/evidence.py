@@ -399,17 +399,24 @@ def pretty(label):
     return text
 
 
-def main(argv=None):
+def main(argv=None, prog="python -m keras_aesam.evidence"):
     import argparse
 
-    parser = argparse.ArgumentParser(prog="python -m keras_aesam.evidence", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n")[0])
     parser.add_argument("--output", required=True, help="folder of the profile's runs and report")
     parser.add_argument("--seeds", type=int, default=len(SEEDS), help="number of seeds (default 5)")
     parser.add_argument("--noise", type=float, nargs="*", default=list(SETTINGS),
                         help="label-noise settings of the main stage (default 0.4 0.0 0.6)")
     parser.add_argument("--budget-seeds", type=int, nargs="*", default=None,
                         help="seeds of the fixed-budget stage on the 0.4 setting (default: all; none: skip)")
+    parser.add_argument("--report-only", action="store_true", help="redraw the report from the stored runs")
     args = parser.parse_args(argv)
+    if args.report_only:
+        from keras_aesam import evidence_report
+
+        evidence_report.write_report(args.output)
+        print(f"report: {Path(args.output) / 'report.md'}")
+        return 0
     seeds = tuple(range(args.seeds))
     budget_seeds = seeds if args.budget_seeds is None else tuple(args.budget_seeds)
     run_profile(args.output, settings=tuple(args.noise), seeds=seeds, budget_seeds=budget_seeds)
