@@ -206,7 +206,7 @@ def run_one(spec, stream=sys.stdout):
     _compile(model, spec, total_steps)
     curve = _curve_callback(data.test, CURVE_EVERY, stream)
     started = time.perf_counter()
-    history = model.fit(data.train, epochs=spec["epochs"], verbose=0, callbacks=[curve])
+    history = model.fit(data.train, epochs=spec["epochs"], verbose=0, callbacks=[curve], shuffle=False)
     fit_seconds = time.perf_counter() - started
     test = model.evaluate(data.test, verbose=0, return_dict=True)
     val = model.evaluate(data.validation, verbose=0, return_dict=True)

@@ -1,0 +1,158 @@
+"""The noisy-labels evidence profile: its plan, its choices, its report."""
+
+import json
+
+import numpy as np
+import pytest
+
+from keras_aesam import bench, evidence, evidence_report
+
+
+# --------------------------------------------------------------------------
+# The plan
+# --------------------------------------------------------------------------
+def test_rho_is_searched_on_the_rho_seeds_only():
+    specs = evidence.rho_specs(0.4)
+    assert {s["hyperparameters"]["rho"] for s in specs} == set(evidence.RHO_GRID)
+    assert {s["seed"] for s in specs} == set(evidence.RHO_SEEDS)
+    assert all(s["method"] == "sam" for s in specs)
+
+
+def test_main_stage_matches_rivals_to_the_seeds_ae_budgets():
+    specs = evidence.main_specs(0.4, 3, 0.2, zeta=0.41, zeta_look=0.17)
+    by_label = {s["label"]: s for s in specs}
+    for method in ("ss_sam", "rst", "late_sam", "quantile_sam"):
+        assert by_label[f"{method}@ae"]["hyperparameters"] == {"rho": 0.2, "target_sam_fraction": 0.41}
+    for method in ("late_sam", "quantile_sam"):
+        spec = by_label[f"{method}+looksam@ae"]
+        assert spec["direction_from"] == "looksam"
+        assert spec["hyperparameters"]["target_sam_fraction"] == 0.17
+    assert all(s["hyperparameters"].get("rho", 0.2) == 0.2 for s in specs)  # one rho for every method
+    assert {s["seed"] for s in specs} == {3}
+
+
+def test_sam_at_the_chosen_rho_is_shared_between_the_search_and_the_main_stage():
+    search = {evidence.run_id(s): s for s in evidence.rho_specs(0.4)}
+    main = {evidence.run_id(s): s for s in evidence.main_specs(0.4, 0, 0.1)}
+    shared = set(search) & set(main)
+    assert shared == {"noise40__sam_rho0.1__s0"}
+    assert all(search[k] == main[k] for k in shared)
+
+
+def test_budget_stage_covers_every_budgeted_policy_at_every_budget():
+    specs = evidence.budget_specs(0.4, 0, 0.2)
+    pairs = {(s["method"], s["hyperparameters"]["target_sam_fraction"]) for s in specs}
+    assert pairs == {(m, f) for m in evidence.BUDGETED for f in evidence.BUDGETS}
+
+
+def test_planned_runs_counts_each_run_once():
+    n = evidence.planned_runs((0.4,), (0, 1, 2), (0,))
+    per_seed = len(evidence.main_specs(0.4, 0, 0.1, zeta=0.5, zeta_look=0.2))
+    search = len(evidence.RHO_GRID) * len(evidence.RHO_SEEDS)
+    assert n == search + 3 * per_seed - 2 + len(evidence.BUDGETS) * len(evidence.BUDGETED)
+
+
+def test_policy_and_direction_come_from_their_methods():
+    import keras
+
+    inner = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)])
+    spec = evidence.main_specs(0.4, 0, 0.2, zeta=0.3, zeta_look=0.2)[-1]
+    model = evidence.build_model(spec, inner, total_steps=100)
+    assert type(model.policy).__name__ == "Quantile"
+    assert type(model.direction).__name__ == "LookSAM"
+    assert model.policy.target_sam_fraction == 0.2 and model.direction.rho == 0.2
+
+
+# --------------------------------------------------------------------------
+# Choices and flags
+# --------------------------------------------------------------------------
+def _result(rho, val, seed=0):
+    return {"spec": {"hyperparameters": {"rho": rho}, "seed": seed}, "val_accuracy": val}
+
+
+def test_rho_is_chosen_on_validation_accuracy_never_test():
+    results = [_result(0.05, 0.70), _result(0.05, 0.72, 1), _result(0.1, 0.80), _result(0.1, 0.60, 1),
+               _result(0.2, 0.74), _result(0.2, 0.73, 1)]
+    for r in results:
+        r["test_accuracy"] = 1.0 if r["spec"]["hyperparameters"]["rho"] == 0.05 else 0.0  # must not matter
+    assert evidence.choose_rho(results) == 0.2
+
+
+@pytest.mark.parametrize(
+    "accuracy, loss, degenerate",
+    [(0.10, 2.30, True), (0.115, 2.2, True), (0.50, 1.2, False), (0.90, float("nan"), True)],
+)
+def test_chance_level_runs_are_flagged(accuracy, loss, degenerate):
+    assert evidence.is_degenerate({"test_accuracy": accuracy, "test_loss": loss, "num_classes": 10}) is degenerate
+
+
+def test_bench_hands_the_noisy_labels_profile_its_own_arguments():
+    assert bench._noisy_labels_argv(["--profile", "noisy-labels", "--output", "x"]) == ["--output", "x"]
+    assert bench._noisy_labels_argv(["--output", "x", "--profile=noisy-labels"]) == ["--output", "x"]
+    assert bench._noisy_labels_argv(["--profile", "quick"]) is None
+
+
+# --------------------------------------------------------------------------
+# The report, from stored runs
+# --------------------------------------------------------------------------
+def _fake_runs(out, rng):
+    """Run files for two seeds: SAM 5 points above ERM, AE-SAM between."""
+    base = {"erm": 0.70, "sam_rho0.1": 0.75, "ae_sam": 0.74, "ss_sam@ae": 0.72}
+    frac = {"erm": 0.0, "sam_rho0.1": 1.0, "ae_sam": 0.45, "ss_sam@ae": 0.46}
+    (out / "runs").mkdir(parents=True)
+    for seed in (0, 1, 2):
+        for label, acc in base.items():
+            method = label.split("@")[0].replace("_rho0.1", "")
+            hp = {"rho": 0.1, **({"target_sam_fraction": 0.45} if "@" in label else {})}
+            spec = {**evidence._spec(0.4, seed, label, method, hp), "label": label}
+            run = {"run_id": evidence.run_id(spec), "spec": spec,
+                   "test_accuracy": acc + rng.normal(0, 0.002), "test_loss": 1.0, "val_accuracy": acc,
+                   "train_accuracy": 0.9, "steps": 100, "sam_steps": int(100 * frac[label]),
+                   "sam_fraction": frac[label], "grad_evals": 100 + int(100 * frac[label]),
+                   "curve": [[5, acc - 0.01], [10, acc]], "sharpness": 0.1, "num_classes": 10,
+                   "run_seconds": 10.0, "finished_at": "2026-01-01T00:00:00"}
+            (out / "runs" / f"{run['run_id']}.json").write_text(json.dumps(run))
+    (out / "rho_noise40.json").write_text(json.dumps({"rho": 0.1}))
+
+
+def test_report_reads_the_runs_and_tests_the_claims(tmp_path):
+    _fake_runs(tmp_path, np.random.default_rng(0))
+    summary = evidence_report.write_report(tmp_path)
+    cells = {r["label"]: r for r in summary}
+    assert cells["sam_rho0.1"]["acc_mean"] == pytest.approx(0.75, abs=0.003)
+    assert cells["ae_sam"]["evals_ratio"] == pytest.approx(1.45)
+    text = (tmp_path / "report.md").read_text()
+    assert "ρ = 0.1" in text and "AE-SAM better than SS-SAM at equal budget" in text
+    tests = list(csv_rows(tmp_path / "tests.csv"))
+    sam_vs_erm = next(t for t in tests if t["a"] == "sam_rho0.1" and t["b"] == "erm")
+    assert float(sam_vs_erm["mean_diff"]) == pytest.approx(0.05, abs=0.005)
+    assert float(sam_vs_erm["p"]) < 0.01
+    for name in ("results.csv", "summary.csv", "pareto_noise40.png", "curves_noise40.png"):
+        assert (tmp_path / name).is_file()
+
+
+def test_pareto_front_keeps_only_runs_nobody_beats_on_cost_and_accuracy():
+    rows = [{"evals_ratio": 1.0, "acc_mean": 0.70}, {"evals_ratio": 1.2, "acc_mean": 0.69},
+            {"evals_ratio": 1.5, "acc_mean": 0.74}, {"evals_ratio": 2.0, "acc_mean": 0.73}]
+    assert [r["acc_mean"] for r in evidence_report.pareto_front(rows)] == [0.70, 0.74]
+
+
+def csv_rows(path):
+    import csv
+
+    with open(path) as f:
+        yield from csv.DictReader(f)
+
+
+# --------------------------------------------------------------------------
+# One real run, at the smallest size
+# --------------------------------------------------------------------------
+def test_one_run_trains_and_records_what_the_report_needs(monkeypatch):
+    monkeypatch.setitem(evidence.RECIPE, "epochs", 2)
+    monkeypatch.setitem(evidence.RECIPE, "train_size", 512)
+    monkeypatch.setattr(evidence, "CURVE_EVERY", 1)
+    spec = evidence.main_specs(0.4, 0, 0.1, zeta=0.3, zeta_look=0.3)[5 + 2]  # late SAM at 30 %
+    result = evidence.run_one(spec, stream=open("/dev/null", "w"))
+    assert result["steps"] == 8 and result["sam_steps"] == round(0.3 * 8)
+    assert [e for e, _ in result["curve"]] == [1, 2]
+    assert 0.0 <= result["test_accuracy"] <= 1.0 and np.isfinite(result["sharpness"])
