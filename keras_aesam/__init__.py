@@ -7,6 +7,7 @@ inside ``train_step``.
 """
 
 from keras_aesam import directions, ops, policies
+from keras_aesam.sharpness import measure_sharpness
 from keras_aesam.methods import METHODS, build_method, method_parameters
 from keras_aesam.model import (
     AELookSAMModel,
@@ -40,6 +41,7 @@ __all__ = [
     "SharpnessAwareModel",
     "build_method",
     "directions",
+    "measure_sharpness",
     "method_parameters",
     "ops",
     "policies",

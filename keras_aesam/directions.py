@@ -12,6 +12,8 @@ State is a list of tensors shaped like the trainable weights (LookSAM's ``g_v``)
 or empty; the model stores it in non-trainable variables, so checkpoints carry it.
 """
 
+import re
+
 from keras import ops
 
 from keras_aesam import ops as sam_ops
@@ -121,3 +123,50 @@ class ESAM(Direction):
 
     def get_config(self):
         return {**super().get_config(), "beta": self.beta, "gamma": self.gamma, "seed": self.seed}
+
+
+# --------------------------------------------------------------------------
+# Which weights are perturbed
+# --------------------------------------------------------------------------
+def check_perturb_filter(value):
+    """``perturb_filter`` as ``None``, one regular expression, or a list of them.
+
+    Returned as given (a tuple becomes a list) so that ``get_config`` stays JSON.
+    """
+    if value is None:
+        return None
+    patterns = [value] if isinstance(value, str) else value
+    if not isinstance(patterns, (list, tuple)) or not patterns or not all(
+        isinstance(p, str) and p for p in patterns
+    ):
+        raise ValueError(
+            "perturb_filter must be None, a non-empty regular expression string "
+            f"or a non-empty list of them, got {value!r}."
+        )
+    for pattern in patterns:
+        try:
+            re.compile(pattern)
+        except re.error as error:
+            raise ValueError(
+                f"perturb_filter pattern {pattern!r} is not a valid regular expression: {error}."
+            ) from None
+    return value if isinstance(value, str) else list(patterns)
+
+
+def perturb_mask(perturb_filter, paths):
+    """Which of the variables at ``paths`` get ``e``: those where some pattern
+    is found by ``re.search`` (all of them without a filter).
+
+    A pattern found in no path is an error that names it: a typo would
+    otherwise silently turn SAM into ERM for the weights it meant.
+    """
+    if perturb_filter is None:
+        return [True] * len(paths)
+    patterns = [perturb_filter] if isinstance(perturb_filter, str) else perturb_filter
+    unmatched = [p for p in patterns if not any(re.search(p, path) for path in paths)]
+    if unmatched:
+        raise ValueError(
+            f"perturb_filter pattern(s) {unmatched} match no trainable variable; "
+            f"the trainable variable paths are {list(paths)}."
+        )
+    return [any(re.search(p, path) for p in patterns) for path in paths]

@@ -99,14 +99,78 @@ def _apply_if(condition, optimizer, grads, variables):
         first = distribution.experimental_local_results(condition)[0]
 
         def apply_fn():
-            distribution.extended.call_for_each_replica(
-                optimizer.apply, args=(grads, variables)
-            )
+            _apply_each_replica(distribution, optimizer, grads, variables)
             return tf.constant(True)
 
         tf.cond(first, apply_fn, lambda: tf.constant(False))
 
     ctx.merge_call(cross_replica, args=(grads, condition))
+
+
+def _apply_each_replica(distribution, optimizer, grads, variables):
+    """``optimizer.apply`` on every replica, called in cross-replica context.
+
+    With ``gradient_accumulation_steps`` Keras's ``apply`` puts a ``cond``
+    around calls that merge across replicas, which MirroredStrategy cannot run
+    in replica context (plain ``keras.Model`` fails there too). So the cond
+    "is this micro-batch the last of its window?" is taken here, and each
+    branch runs per replica: add ``d`` to the optimizer's own accumulators, or
+    apply their mean through Keras's ``apply`` with accumulation off for that
+    call and reset them. Same arithmetic as Keras's, same variables.
+    """
+    steps = optimizer.gradient_accumulation_steps
+    if not steps:
+        distribution.extended.call_for_each_replica(optimizer.apply, args=(grads, variables))
+        return
+    is_last = tf.equal((optimizer._iterations + 1) % steps, 0)
+
+    def window_sum(grads):
+        unscaled = _unscaled_by_factor(optimizer, grads)
+        return [
+            g + optimizer._accumulated_gradients[optimizer._get_variable_index(v)]
+            for g, v in zip(unscaled, variables)
+        ]
+
+    def apply_mean(grads):
+        mean = [t / steps for t in window_sum(grads)]
+        if optimizer.loss_scale_factor is not None:  # apply() divides by it again
+            mean = [t * optimizer.loss_scale_factor for t in mean]
+        optimizer.gradient_accumulation_steps = None
+        try:
+            optimizer.apply(mean, variables)
+        finally:
+            optimizer.gradient_accumulation_steps = steps
+
+    def accumulate(grads):
+        total = window_sum(grads)
+        for acc, t in zip(optimizer._accumulated_gradients, _reordered(optimizer, total, variables)):
+            acc.assign(t)
+        optimizer._iterations.assign_add(1)
+
+    def last():
+        distribution.extended.call_for_each_replica(apply_mean, args=(grads,))
+        for acc in optimizer._accumulated_gradients:
+            distribution.extended.update(
+                acc.value, lambda a: a.assign(tf.zeros_like(a)), group=False
+            )
+        return tf.constant(True)
+
+    def not_last():
+        distribution.extended.call_for_each_replica(accumulate, args=(grads,))
+        return tf.constant(False)
+
+    tf.cond(is_last, last, not_last)
+
+
+def _unscaled_by_factor(optimizer, grads):
+    factor = optimizer.loss_scale_factor
+    return grads if factor is None else [g / factor for g in grads]
+
+
+def _reordered(optimizer, tensors, variables):
+    """``tensors`` (one per variable) in the order of the optimizer's accumulators."""
+    by_index = {optimizer._get_variable_index(v): t for t, v in zip(tensors, variables)}
+    return [by_index[i] for i in range(len(optimizer._accumulated_gradients))]
 
 
 def _applied(optimizer, grads, variables):
@@ -147,6 +211,11 @@ class SharpnessAwareModel(keras.Model):
             the default: same training as one device on the global batch, one
             extra gradient all-reduce per step), or perturb each replica with
             its own shard's gradient (``False``, SAM's m-sharpness).
+        perturb_filter: ``None`` (perturb every trainable weight), or a regular
+            expression or list of them searched (``re.search``) in each
+            trainable ``variable.path``: only matching weights get ``e``, whose
+            norm is taken over them alone; the others stay at ``w`` in the
+            second pass. A pattern matching no trainable variable is an error.
     """
 
     method = None  # the named subclasses fix it
@@ -162,6 +231,7 @@ class SharpnessAwareModel(keras.Model):
         direction=None,
         total_steps=None,
         sync_perturbation=True,
+        perturb_filter=None,
         **kwargs,
     ):
         model_kwargs = {
@@ -221,15 +291,23 @@ class SharpnessAwareModel(keras.Model):
         self.method = method
         self.total_steps = check_int("total_steps", total_steps, low=1, allow_none=True)
         self.sync_perturbation = check_bool("sync_perturbation", sync_perturbation)
+        self.perturb_filter = directions_module.check_perturb_filter(perturb_filter)
+        self._perturb_mask = None
         self._xla_passes = False
 
         self.sam_fraction_tracker = keras.metrics.Mean(name="sam_fraction")
         self.skipped_steps_tracker = keras.metrics.Sum(name="skipped_steps")
+        # L(w+e) - L(w), averaged over the epoch's SAM steps; ERM has none.
+        self.sharpness_tracker = (
+            None if self.policy.static_decision is False
+            else keras.metrics.Mean(name="sharpness")
+        )
         self._create_policy_state()
         self._direction_state = None
         if inner is not None and inner.built:
             self.built = True
             self._ensure_direction_state()
+            self._resolve_perturb_mask()  # a pattern matching nothing fails here
 
     # ------------------------------------------------------------------
     # State
@@ -269,6 +347,14 @@ class SharpnessAwareModel(keras.Model):
             )
             for i, v in enumerate(self.trainable_variables)
         ]
+
+    def _resolve_perturb_mask(self):
+        """One bool per trainable variable: does it get ``e``? (``None``: all do.)"""
+        mask = directions_module.perturb_mask(
+            self.perturb_filter, [v.path for v in self.trainable_variables]
+        )
+        self._perturb_mask = None if all(mask) else mask
+        return mask
 
     def _own_state_variables(self):
         return [self.sam_step, self.sam_total_steps, *self._policy_state.values(),
@@ -346,14 +432,12 @@ class SharpnessAwareModel(keras.Model):
         if self.train_function is not None and not force:
             return self.train_function
         self._ensure_direction_state()
-        accumulation = getattr(self.optimizer, "gradient_accumulation_steps", None)
-        if accumulation and accumulation > 1:
-            raise ValueError(
-                "gradient_accumulation_steps is not supported: the policy decides "
-                "SAM per batch and its ‖g‖² statistic and step count would see "
-                "micro-batches. Use a larger batch_size instead (or accumulate "
-                "outside the model)."
-            )
+        self._resolve_perturb_mask()
+        # gradient_accumulation_steps=n needs nothing here: every batch fit()
+        # gives is a micro-batch that takes its own decision, e and d at the
+        # weights of its window (they move only every n applies), and the
+        # optimizer applies the mean d every n micro-batches. t, T, the EMAs,
+        # sam_fraction and sharpness count micro-batches (README).
         strategy = tf.distribute.get_strategy()
         if strategy.num_replicas_in_sync > 1 and self.policy.static_decision is not False:
             synced = [
@@ -409,6 +493,7 @@ class SharpnessAwareModel(keras.Model):
             config["direction"] = _serialize_part(self.direction)
         config["total_steps"] = self.total_steps
         config["sync_perturbation"] = self.sync_perturbation
+        config["perturb_filter"] = self.perturb_filter
         return config
 
     @classmethod
@@ -496,17 +581,29 @@ class SharpnessAwareModel(keras.Model):
         return y_pred, loss, grads
 
     def _sam_pass(self, x, y, sample_weight, perturbation):
-        """Scaled gradient of the loss at ``w + e``, without touching any state."""
+        """Scaled gradient of the loss at ``w + e`` and that loss, touching no state."""
         variables = self.trainable_variables
         values = sam_ops.add_lists([v.value for v in variables], perturbation)
         with tf.GradientTape() as tape:
             tape.watch(values)
             _, loss = self._forward_loss(x, y, sample_weight, values=values)
             scaled = self.optimizer.scale_loss(loss)
-        return _zeros_for_none(tape.gradient(scaled, values), variables)
+        return _zeros_for_none(tape.gradient(scaled, values), variables), loss
+
+    def _perturbation(self, grads, variables, step):
+        """The direction's ``e``, over the weights ``perturb_filter`` chose (0 elsewhere)."""
+        weights = [v.value for v in variables]
+        mask = self._perturb_mask
+        if mask is None:
+            return self.direction.perturbation(grads, weights, step)
+        e = self.direction.perturbation(
+            sam_ops.select(grads, mask), sam_ops.select(weights, mask), step
+        )
+        return sam_ops.scatter_selected(e, mask, weights)
 
     def _select_samples(self, x, y, sample_weight, y_pred, perturbation):
-        """ESAM's SDS: the samples whose loss rose most under ``e``."""
+        """ESAM's SDS: the samples whose loss rose most under ``e``; also the
+        mean per-sample rise over the whole batch (the step's sharpness)."""
         per_sample = self._per_sample_loss_fn()
         values = sam_ops.add_lists([v.value for v in self.trainable_variables], perturbation)
         mapping = list(zip(self.trainable_variables, values))
@@ -520,13 +617,14 @@ class SharpnessAwareModel(keras.Model):
             tf.nest.map_structure(take, x),
             tf.nest.map_structure(take, y),
             None if sample_weight is None else tf.gather(sample_weight, keep),
+            ops.mean(ops.cast(after, "float32") - ops.cast(before, "float32")),
         )
 
     def test_step(self, data):
         """Keras's evaluation step, without the training-only SAM trackers."""
         logs = super().test_step(data)
-        for tracker in (self.sam_fraction_tracker, self.skipped_steps_tracker):
-            logs.pop(tracker.name, None)
+        for name in ("sam_fraction", "skipped_steps", "sharpness"):
+            logs.pop(name, None)
         return logs
 
     def train_step(self, data):
@@ -580,18 +678,26 @@ class SharpnessAwareModel(keras.Model):
 
         # 3. the second pass, on SAM steps only
         def sam_branch():
-            e = self.direction.perturbation(
-                unscale(perturb_from), [v.value for v in variables], step
-            )
-            xs, ys, sws = x, y, sample_weight
+            e = self._perturbation(unscale(perturb_from), variables, step)
             if self.direction.selects_samples:
-                xs, ys, sws = self._select_samples(x, y, sample_weight, y_pred, e)
-            return self._xla(self._sam_pass)(xs, ys, sws, e)
+                xs, ys, sws, rise = self._select_samples(x, y, sample_weight, y_pred, e)
+                return self._xla(self._sam_pass)(xs, ys, sws, e)[0], rise
+            grads, loss_after = self._xla(self._sam_pass)(x, y, sample_weight, e)
+            # sharpness L(w+e) - L(w) of this replica's batch (the mean over
+            # replicas is the global batch's when e is synced)
+            rise = ops.cast(
+                keras_loss_module.unscale_loss_for_distribution(loss_after)
+                - keras_loss_module.unscale_loss_for_distribution(loss),
+                "float32",
+            )
+            return grads, rise
 
         if self.policy.static_decision is False:
-            pass_grads = local_grads
+            pass_grads, sharpness = local_grads, tf.constant(0.0)
         else:
-            pass_grads = tf.cond(use_sam, sam_branch, lambda: local_grads)
+            pass_grads, sharpness = tf.cond(
+                use_sam, sam_branch, lambda: (local_grads, tf.constant(0.0))
+            )
 
         # 4. the direction, the optimizer step, the state
         direction_state = [v.value for v in self._direction_state or []]
@@ -631,6 +737,11 @@ class SharpnessAwareModel(keras.Model):
             tf.cast(tf.logical_and(use_sam, ok), "float32")
         )
         self.skipped_steps_tracker.update_state(tf.cast(tf.logical_not(ok), "float32"))
+        if self.sharpness_tracker is not None:
+            counted = tf.logical_and(use_sam, ok)
+            self.sharpness_tracker.update_state(
+                tf.where(counted, sharpness, 0.0), sample_weight=tf.cast(counted, "float32")
+            )
 
         results = self.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
         results.update(logs)
@@ -646,7 +757,7 @@ def wrap(model, method="ae_sam", **hyperparameters):
 
     ``model`` keeps working on its own and its ``weights`` hold no policy
     state. ``hyperparameters`` are the method's (``rho``, ``lambda1`` …) plus
-    ``total_steps`` and ``sync_perturbation``.
+    ``total_steps``, ``sync_perturbation`` and ``perturb_filter``.
     """
     if not isinstance(model, keras.Model):
         raise TypeError(

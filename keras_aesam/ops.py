@@ -57,6 +57,30 @@ def add_lists(a, b):
     return [x + ops.cast(y, x.dtype) for x, y in zip(a, b)]
 
 
+def select(tensors, mask):
+    """The tensors whose ``mask`` entry is true, in order (the perturbed subset)."""
+    return [t for t, keep in zip(tensors, mask) if keep]
+
+
+def scatter_selected(selected, mask, like):
+    """Inverse of ``select``: ``selected`` where ``mask`` is true, zeros like ``like`` elsewhere.
+
+    With a perturbation filter, ``e`` is formed over the chosen weights only
+    (its norm too) and the other weights get ``e = 0``, i.e. stay at ``w``.
+    """
+    parts = iter(selected)
+    return [next(parts) if keep else ops.zeros_like(t) for t, keep in zip(like, mask)]
+
+
+def group_bounds(batch_size, group_size):
+    """``[(start, stop), …]`` splitting ``batch_size`` samples into consecutive
+    groups of ``group_size`` (the last one may be smaller): m-sharpness' groups.
+    ``group_size=None`` is one group."""
+    if group_size is None or group_size >= batch_size:
+        return [(0, batch_size)]
+    return [(s, min(s + group_size, batch_size)) for s in range(0, batch_size, group_size)]
+
+
 # --------------------------------------------------------------------------
 # The adaptive policy (Algorithm 1)
 # --------------------------------------------------------------------------

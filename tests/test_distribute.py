@@ -196,14 +196,6 @@ def test_global_clipnorm_applies_to_the_final_direction_only():
         np.testing.assert_allclose(a, r, rtol=1e-5, atol=1e-7)
 
 
-def test_gradient_accumulation_is_refused_clearly():
-    model = keras_aesam.wrap(small_net(), method="ae_sam")
-    model.compile(optimizer=keras.optimizers.SGD(0.1, gradient_accumulation_steps=2), loss="mse")
-    x, y = toy_data()
-    with pytest.raises(ValueError, match="gradient_accumulation_steps"):
-        model.fit(x, keras.utils.to_categorical(y, 3), epochs=1, verbose=0)
-
-
 def test_sync_perturbation_is_harmless_on_one_device():
     x, y = toy_data()
     init = small_net().get_weights()
