@@ -131,14 +131,11 @@ def build_model(spec, inner, total_steps):
 
 
 def _compile(model, spec, total_steps):
-    import keras
+    from keras_aesam import recipe
 
-    schedule = keras.optimizers.schedules.CosineDecay(spec["lr"], decay_steps=total_steps)
-    model.compile(
-        optimizer=keras.optimizers.SGD(learning_rate=schedule, momentum=spec["momentum"]),
-        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-        metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")],
-    )
+    plan = recipe.Recipe(lr=spec["lr"], momentum=spec["momentum"], weight_decay=spec["weight_decay"],
+                         schedule=spec["schedule"])
+    recipe.compile_model(model, plan, total_steps)
 
 
 def _curve_callback(test, every, stream):
