@@ -27,6 +27,7 @@ tf.config.set_logical_device_configuration(
 import keras  # noqa: E402
 
 import keras_aesam  # noqa: E402
+from keras_aesam import recipe  # noqa: E402
 
 
 class StepTimer(keras.callbacks.Callback):
@@ -60,8 +61,7 @@ def run(strategy, method, sync, dataset, steps, skip):
     with strategy.scope():
         model = keras_aesam.wrap(cnn(), method=method, sync_perturbation=sync,
                                  **({"total_steps": steps} if method.startswith("ae") else {}))
-        model.compile(optimizer=keras.optimizers.SGD(0.05, momentum=0.9),
-                      loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+        recipe.compile_model(model, recipe.Recipe(lr=0.05, schedule="constant"), steps)
     timer = StepTimer(skip)
     history = model.fit(dataset, epochs=1, steps_per_epoch=steps, verbose=0, callbacks=[timer])
     return statistics.fmean(timer.times), history.history["sam_fraction"][0]

@@ -48,6 +48,10 @@ import tensorflow as tf  # noqa: E402
 import keras  # noqa: E402
 
 import keras_aesam  # noqa: E402
+from keras_aesam import recipe  # noqa: E402
+
+#: Every configuration trains with the same recipe: SGD(0.05, momentum 0.9), constant rate.
+RECIPE = recipe.Recipe(lr=0.05, momentum=0.9, schedule="constant")
 
 DEBIAN_FASHION_MNIST = "/usr/share/datasets/fashion-mnist"
 FASHION_MNIST_FILES = (
@@ -350,12 +354,7 @@ class Contender:
         inner = build_cnn()
         inner.set_weights(initial_weights)
         self.model = config.make(inner, total_steps)
-        self.model.compile(
-            optimizer=keras.optimizers.SGD(learning_rate=0.05, momentum=0.9),
-            loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-            metrics=["accuracy"],
-            jit_compile=config.jit_compile,
-        )
+        recipe.compile_model(self.model, RECIPE, total_steps, jit_compile=config.jit_compile)
         optimizer = self.model.optimizer
         optimizer.build(self.model.trainable_variables)
         variables = list(self.model.variables) + list(optimizer.variables)

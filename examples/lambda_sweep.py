@@ -4,7 +4,7 @@
 AE-SAM is trained for every pair λ1 ≤ λ2 from {-2, -1, 0, 1, 2} (15 runs);
 two heat maps show the measured %SAM (Fig. 5) and the test accuracy (Fig. 6).
 Raising either λ raises the threshold µ + c_t·σ, so %SAM falls. The %SAM
-expected under a normal ‖g‖² (design/algorithms.md) is printed alongside.
+expected under a normal ‖g‖² (docs/algorithms.md) is printed alongside.
 
     python examples/lambda_sweep.py                       # small, offline
     python examples/lambda_sweep.py --values=-1,0,1 --epochs 3      # "=" because of the minus sign

@@ -2,7 +2,7 @@
 """A SAM budget: AE-SAM with ``target_sam_fraction=f``, measured against the target.
 
 The adaptive policy's expected share of SAM steps has a closed form when ‖g‖²
-is normal (design/algorithms.md): the average of ``1 - Φ(c_t)`` over the
+is normal (docs/algorithms.md): the average of ``1 - Φ(c_t)`` over the
 schedule. ``target_sam_fraction`` inverts it, choosing λ1, λ2 (with the
 method's default spread λ2 - λ1) so that the expected share is ``f``. This
 script trains once per target and prints the measured share next to it.

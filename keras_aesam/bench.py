@@ -29,7 +29,7 @@ batches, epoch by epoch): Keras 3 otherwise creates a new ``tf.data`` iterator e
 epoch, which on the loaded reference machine now and then stalled 1-5 s before an
 epoch's first step and would have landed in the epoch times.
 
-Timing follows the project's benchmarking notes (design/benchmarking.md): every step
+Timing follows the project's benchmarking notes (docs/benchmarking.md): every step
 is timed between ``on_train_batch_begin`` and ``on_train_batch_end``, in wall time
 (``time.perf_counter``) and in CPU time of the process (``time.process_time``, all
 threads; other jobs on a shared machine disturb it far less than wall time); the
@@ -47,7 +47,7 @@ shrinks the weights by about the same amount per step as the paper's PyTorch
 ``SGD(weight_decay=1e-4)`` (coupled: ``lr·1e-4/(1-0.9)``), and, like the PyTorch
 SAM code the paper builds on, it stays out of ``g``, ``‖g‖²`` and the perturbation.
 ``--weight-decay-mode l2`` uses an L2 kernel regularizer of ``weight_decay/2``
-instead (inside ``g``; see the design notes' "weight decay is a trap").
+instead (inside ``g``; see "Weight decay" in docs/design.md).
 """
 
 from __future__ import annotations

@@ -12,7 +12,7 @@ CIFAR and ViT-S/16 on ImageNet; ResNet-32 is the classic CIFAR ResNet (He et al.
 Conventions shared by all builders:
 
 * No weight decay inside the networks: regularization is the caller's choice (see
-  "Weight decay is a trap" in the design notes). An optional ``kernel_regularizer``
+  "Weight decay" in docs/design.md). An optional ``kernel_regularizer``
   is passed to every conv / dense kernel for callers who want an L2 term in the loss.
 * Convolutions use ``kernel_initializer="he_normal"`` and no bias when followed by
   BatchNorm.

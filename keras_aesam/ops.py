@@ -3,7 +3,7 @@
 Nothing here owns state or control flow: each function maps tensors to tensors
 (written with ``keras.ops``) or Python numbers to Python numbers, so that each
 rule can be checked against a NumPy reference in the tests. The notation is the
-one of ``algorithms.md``: ``g`` the mini-batch gradient, ``‖·‖`` the global L2
+one of ``docs/algorithms.md``: ``g`` the mini-batch gradient, ``‖·‖`` the global L2
 norm over all trainable weights, ``eps`` a guard against division by zero.
 """
 

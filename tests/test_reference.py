@@ -1,6 +1,6 @@
 """The model against an independent NumPy (float64) implementation of Algorithm 1.
 
-The reference below is written from ``algorithms.md`` and calls nothing from the
+The reference below is written from ``docs/algorithms.md`` and calls nothing from the
 package: a linear model ``ŷ = Xw + b`` with the mean squared error (plus an
 optional L2 penalty and per-sample weights, as Keras defines them), trained with
 plain SGD over several epochs of unshuffled mini-batches.
