@@ -438,6 +438,19 @@ class SharpnessAwareModel(keras.Model):
         # weights of its window (they move only every n applies), and the
         # optimizer applies the mean d every n micro-batches. t, T, the EMAs,
         # sam_fraction and sharpness count micro-batches (README).
+        inner_optimizer = getattr(self.optimizer, "inner_optimizer", None)
+        if (
+            getattr(inner_optimizer, "gradient_accumulation_steps", None)
+            and isinstance(self.distribute_strategy, tf.distribute.MirroredStrategy)
+            and self.distribute_strategy.num_replicas_in_sync > 1
+        ):
+            raise ValueError(
+                "gradient_accumulation_steps with loss scaling (mixed_float16) "
+                "is not supported under a multi-replica MirroredStrategy: Keras's "
+                "LossScaleOptimizer applies the accumulating optimizer inside a "
+                "cross-replica cond it cannot run there. Use mixed_bfloat16 (no "
+                "loss scaling), float32, or one device."
+            )
         strategy = tf.distribute.get_strategy()
         if strategy.num_replicas_in_sync > 1 and self.policy.static_decision is not False:
             synced = [

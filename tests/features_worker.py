@@ -3,6 +3,7 @@ prints both results as JSON (used by tests/test_features.py in a subprocess:
 logical devices must be set before TensorFlow starts).
 
     python tests/features_worker.py METHOD PERTURB_FILTER   # '' for no filter
+    python tests/features_worker.py loss_scaling             # the refusal with mixed_float16
 """
 
 import json
@@ -58,7 +59,20 @@ def train(strategy, method, perturb_filter):
     }
 
 
+def loss_scaling_error():
+    """The error for accumulation + mixed_float16 on 2 replicas, or None."""
+    keras.mixed_precision.set_global_policy("mixed_float16")
+    try:
+        train(tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"]), "sam", "")
+    except ValueError as error:
+        return str(error)
+    return None
+
+
 if __name__ == "__main__":
+    if sys.argv[1] == "loss_scaling":
+        print(json.dumps({"error": loss_scaling_error()}))
+        sys.exit(0)
     method, perturb_filter = sys.argv[1], sys.argv[2]
     mirrored = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
     result = train(mirrored, method, perturb_filter)

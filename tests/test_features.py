@@ -164,6 +164,20 @@ def test_adaptive_policy_mixes_under_accumulation():
     assert 0.0 < np.mean(fractions) < 1.0
 
 
+def test_a_skipped_micro_batch_adds_nothing_to_its_window():
+    """Micro-batches 1, (non-finite) 2, 3 with n = 2: the window is 1 and 3."""
+    X, Y, w0, b0 = make_data(n=48)
+    bad = X.copy()
+    bad[16, 0] = np.nan
+    weights, history, model = keras_fit(bad, Y, w0, b0, "sam", 1, 16, 2)
+    keep = np.r_[0:16, 32:48]
+    clean, _, _ = keras_fit(X[keep], Y[keep], w0, b0, "sam", 1, 16, 2)
+    assert history["skipped_steps"] == [1.0]
+    assert int(model.optimizer.iterations.numpy()) == 1
+    for a, b in zip(weights, clean):
+        np.testing.assert_array_equal(a, b)
+
+
 def test_accumulation_with_loss_scaling_trains():
     """mixed_float16 wraps the accumulating optimizer in a LossScaleOptimizer."""
     keras.mixed_precision.set_global_policy("mixed_float16")
@@ -303,6 +317,8 @@ def test_sharpness_is_a_training_metric_only_for_methods_with_sam_steps():
     h = sam.fit(x, y, epochs=2, batch_size=16, verbose=0, validation_data=(x, y)).history
     assert len(h["sharpness"]) == 2 and "val_sharpness" not in h
     assert "sharpness" not in sam.evaluate(x, y, verbose=0, return_dict=True)
+    never = compile_sgd(keras_aesam.wrap(small_net(), method="ae_sam", lambda1=1e9, lambda2=1e9))
+    assert never.fit(x, y, epochs=1, batch_size=16, verbose=0).history["sharpness"] == [0.0]
     erm = compile_sgd(keras_aesam.wrap(small_net(), method="erm"))
     assert "sharpness" not in erm.fit(x, y, epochs=1, batch_size=16, verbose=0).history
 
@@ -472,3 +488,9 @@ def test_accumulation_on_two_replicas_matches_one_device(method, perturb_filter)
     assert max_rel_diff(result["weights"], result["one_device_weights"]) < 1e-5
     # the replicas' mean of shard sharpness is the global batch's (same e)
     np.testing.assert_allclose(result["sharpness"], result["one_device_sharpness"], atol=1e-5)
+
+
+def test_accumulation_with_loss_scaling_on_two_replicas_is_refused_clearly():
+    error = run_worker("loss_scaling")["error"]
+    assert error is not None
+    assert "gradient_accumulation_steps" in error and "mixed_float16" in error
