@@ -43,6 +43,7 @@ __all__ = [
     "get_dataset",
     "imagenet2012",
     "load_fashion_mnist_arrays",
+    "prepare",
 ]
 
 #: Where Debian's ``dataset-fashion-mnist`` package installs the original files.
@@ -440,26 +441,142 @@ def fashion_mnist(
     )
 
 
-def _tfds_arrays(name: str, data_dir=None):
-    """Loads a small tfds data set's train and test splits fully into numpy."""
-    import tensorflow_datasets as tfds
+#: Python modules tensorflow-datasets imports (some only lazily, on first use) whose
+#: pip package has another name.
+_PIP_NAMES = {
+    "tensorflow_datasets": "tensorflow-datasets",
+    "PIL": "Pillow",
+    "tree": "dm-tree",
+    "cv2": "opencv-python",
+    "yaml": "pyyaml",
+    "skimage": "scikit-image",
+}
 
+IMAGENET_MANUAL_FILES = ("ILSVRC2012_img_train.tar", "ILSVRC2012_img_val.tar")
+
+
+def _missing_module(err: ModuleNotFoundError, needed_by: str) -> ImportError:
+    """An ImportError naming the missing module and the command that installs it."""
+    module = (err.name or "").split(".")[0] or str(err)
+    package = _PIP_NAMES.get(module, module)
+    return ImportError(
+        f"{needed_by} needs the Python module {module!r}, which is not installed. "
+        f"Install it with `pip install {package}` (keras-aesam's own dependencies include "
+        "what its data sets need: reinstalling keras-aesam also fixes it).",
+        name=module,
+    )
+
+
+def _import_tfds():
+    try:
+        import tensorflow_datasets as tfds
+    except ModuleNotFoundError as err:
+        raise _missing_module(err, "keras_aesam.data (CIFAR, ImageNet)") from err
+    return tfds
+
+
+def _causes(err: BaseException):
+    """``err`` and every exception it was raised from or during, once each."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        yield err
+        err = err.__cause__ or err.__context__
+
+
+def _is_network_error(err: BaseException) -> bool:
+    """True for failures to reach a server (DNS, refused or reset connection, timeout, HTTP status)."""
+    import socket
+    import urllib.error
+
+    kinds = [ConnectionError, TimeoutError, socket.gaierror, urllib.error.URLError]
+    try:
+        import requests
+
+        kinds += [requests.exceptions.ConnectionError, requests.exceptions.Timeout]
+    except ModuleNotFoundError:
+        pass
+    try:
+        import tensorflow_datasets as tfds
+
+        kinds.append(tfds.download.DownloadError)  # the server answered with an HTTP error
+    except ImportError:
+        pass
+    return any(isinstance(cause, tuple(kinds)) for cause in _causes(err))
+
+
+def _offline_hint(name: str) -> str:
+    return (
+        f"To use {name} offline, prepare it on a connected machine "
+        f"(`python -c \"from keras_aesam.data import prepare; prepare('{name}', data_dir='DIR')\"`), "
+        "copy DIR to this machine and pass data_dir=DIR (`keras-aesam train --data-dir DIR`)."
+    )
+
+
+def _check_imagenet_manual_dir(builder, manual_dir) -> None:
+    """ImageNet cannot be downloaded: name the files and the folder when they are missing."""
+    folder = os.fspath(manual_dir) if manual_dir else os.path.join(os.fspath(builder.data_dir_root), "downloads", "manual")
+    missing = [f for f in IMAGENET_MANUAL_FILES if not os.path.isfile(os.path.join(folder, f))]
+    if missing:
+        raise FileNotFoundError(
+            f"imagenet2012 is not prepared in {builder.data_dir} and its source files are missing: "
+            f"expected {' and '.join(IMAGENET_MANUAL_FILES)} in the folder {folder} "
+            f"(searched there; missing: {', '.join(missing)}). ImageNet cannot be downloaded "
+            "automatically: download the two tar files from https://image-net.org/download-images "
+            "(registration needed) into one folder and pass manual_dir=that folder "
+            "(`keras-aesam train --dataset imagenet2012 --manual-dir FOLDER`)."
+        )
+
+
+def prepare(name: str, data_dir=None, manual_dir=None):
+    """Downloads (or, for ImageNet, extracts) and prepares a tfds data set; returns its builder.
+
+    Does nothing when the data set is already prepared in ``data_dir`` (default
+    tfds's, ``~/tensorflow_datasets``), which is how prepared data is used offline.
+    ``manual_dir`` is where tfds looks for files it cannot download itself (ImageNet's
+    tar files; default ``<data_dir>/downloads/manual``). Failures say what went wrong:
+    a missing module (ImportError with the pip command), an unreachable server
+    (ConnectionError), missing ImageNet files (FileNotFoundError naming them and the
+    folder searched).
+    """
+    tfds = _import_tfds()
     try:
         builder = tfds.builder(name, data_dir=data_dir)
-        builder.download_and_prepare()
-        splits = []
-        for split in ("train", "test"):
-            ds = builder.as_dataset(split=split, as_supervised=True, shuffle_files=False)
-            xs, ys = [], []
-            for x, y in tfds.as_numpy(ds.batch(10000)):
-                xs.append(x)
-                ys.append(y)
-            splits.append((np.concatenate(xs), np.concatenate(ys)))
-    except Exception as err:  # noqa: BLE001 - re-raised with the data set's name
-        raise RuntimeError(
-            f"tensorflow_datasets could not load {name!r} (data_dir={data_dir!r}): {err}. "
-            "Without internet, prepare it elsewhere (`tfds build " + name + "`) and pass data_dir="
-        ) from err
+        if name == "imagenet2012" and not builder.is_prepared():
+            _check_imagenet_manual_dir(builder, manual_dir)
+        config = tfds.download.DownloadConfig(manual_dir=os.fspath(manual_dir) if manual_dir else None)
+        builder.download_and_prepare(download_config=config)
+    except FileNotFoundError:
+        raise
+    except ModuleNotFoundError as err:
+        raise _missing_module(err, f"tensorflow_datasets (building {name!r})") from err
+    except Exception as err:  # noqa: BLE001 - re-raised with what went wrong and the fix
+        if _is_network_error(err):
+            raise ConnectionError(
+                f"could not download {name!r}: the network or the data set's server cannot be "
+                f"reached ({type(err).__name__}: {err}). {_offline_hint(name)}"
+            ) from err
+        if isinstance(err, tfds.core.download.download_manager.NonMatchingChecksumError):
+            raise RuntimeError(
+                f"a file downloaded for {name!r} does not match the checksum tensorflow_datasets "
+                f"records for it (a truncated download or a changed file on the server): {err}"
+            ) from err
+        raise RuntimeError(f"tensorflow_datasets could not prepare {name!r} (data_dir={data_dir!r}): {err}") from err
+    return builder
+
+
+def _tfds_arrays(name: str, data_dir=None):
+    """Prepares a small tfds data set and loads its train and test splits fully into numpy."""
+    tfds = _import_tfds()
+    builder = prepare(name, data_dir=data_dir)
+    splits = []
+    for split in ("train", "test"):
+        ds = builder.as_dataset(split=split, as_supervised=True, shuffle_files=False)
+        xs, ys = [], []
+        for x, y in tfds.as_numpy(ds.batch(10000)):
+            xs.append(x)
+            ys.append(y)
+        splits.append((np.concatenate(xs), np.concatenate(ys)))
     source = f"tfds: {name} ({builder.data_dir})"
     logger.info("%s loaded from %s", name, source)
     return splits, source
@@ -590,11 +707,8 @@ def imagenet2012(
         raise ValueError("label_noise must be 0 for imagenet2012 (supported range for streamed data: [0, 0])")
     if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1:
         raise ValueError(f"image_size must be an integer >= 1, got {image_size!r}")
-    import tensorflow_datasets as tfds
-
-    builder = tfds.builder("imagenet2012", data_dir=data_dir)
-    config = tfds.download.DownloadConfig(manual_dir=os.fspath(manual_dir) if manual_dir else None)
-    builder.download_and_prepare(download_config=config)
+    tfds = _import_tfds()
+    builder = prepare("imagenet2012", data_dir=data_dir, manual_dir=manual_dir)
     keep = 100 - int(round(validation_fraction * 100))
     train_split = tfds.core.ReadInstruction("train", to=keep, unit="%")
     val_split = tfds.core.ReadInstruction("train", from_=keep, unit="%")

@@ -1,6 +1,7 @@
 """Tests for keras_aesam.data: offline Fashion-MNIST loading, splits, noise, pipelines.
 
-Everything runs on tiny synthetic idx files or tfds mock data; no network is used.
+Everything runs on tiny synthetic idx files; no network is used. CIFAR and ImageNet
+through tensorflow-datasets' real build path are in test_data_tfds.py.
 """
 
 import gzip
@@ -288,34 +289,11 @@ def test_label_noise_only_on_training_split(offline, fake_dir):
         np.testing.assert_array_equal(collect(getattr(clean, split))[1], collect(getattr(noisy, split))[1])
 
 
-# ------------------------------------------------------------------- CIFAR via mocks
+# --------------------------------------------------------------------------- ImageNet
 
 
-@pytest.mark.parametrize("name,num_classes", [("cifar10", 10), ("cifar100", 100)])
-def test_cifar_pipelines_with_mock_data(name, num_classes):
-    tfds = pytest.importorskip("tensorflow_datasets")
-    with tfds.testing.mock_data(num_examples=20):
-        s = data.get_dataset(name, batch_size=4, label_noise=0.5, seed=0)
-        test_ref = np.concatenate([y for _, y in tfds.as_numpy(tfds.load(name, split="test", as_supervised=True).batch(64))])
-    assert (s.train_examples, s.validation_examples, s.test_examples) == (18, 2, 20)
-    assert s.num_classes == num_classes and s.input_shape == (32, 32, 3)
-    assert s.noise_rate_realised == 0.5 and s.source.startswith("tfds")
-    x, y = next(iter(s.train))  # augmentation is on by default for CIFAR
-    assert x.shape == (4, 32, 32, 3) and x.dtype.name == "float32" and y.dtype.name == "int32"
-    assert y.numpy().min() >= 0 and y.numpy().max() < num_classes
-    np.testing.assert_array_equal(collect(s.test)[1], test_ref)  # test set stays clean
-    assert len(s.mean) == len(s.std) == 3
-
-
-def test_imagenet_pipeline_with_mock_data():
-    tfds = pytest.importorskip("tensorflow_datasets")
-    with tfds.testing.mock_data(num_examples=6):
-        s = data.imagenet2012(manual_dir="/nonexistent", batch_size=3, image_size=32)
-        x, y = next(iter(s.train))
-        xv, _ = next(iter(s.test))
-    assert x.shape == (3, 32, 32, 3) and xv.shape == (3, 32, 32, 3) and y.dtype.name == "int32"
-    assert s.num_classes == 1000 and s.steps_per_epoch == 2
-    with pytest.raises(ValueError, match="label_noise must be 0 for imagenet2012"):
+def test_imagenet_rejects_label_noise_before_loading():
+    with pytest.raises(ValueError, match=r"label_noise must be 0 for imagenet2012"):
         data.imagenet2012(manual_dir="/nonexistent", label_noise=0.1)
 
 
@@ -342,6 +320,7 @@ def test_bad_arguments_fail_before_loading(name, kwargs, match, monkeypatch):
 
     monkeypatch.setattr(data, "_load_fashion_mnist_with_source", must_not_load)
     monkeypatch.setattr(data, "_tfds_arrays", must_not_load)
+    monkeypatch.setattr(data, "prepare", must_not_load)
     with pytest.raises(ValueError, match=match):
         data.get_dataset(name, **kwargs)
 
