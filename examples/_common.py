@@ -4,7 +4,9 @@ Every example trains through ``keras_aesam.cli.run``, the function behind
 ``keras-aesam train``, so each run gets the usual run directory (config.json,
 history.csv, steps.csv, plots, model.keras) and the summary line. A run whose
 directory already holds finished results is reused, so an interrupted sweep
-can be started again and only the missing runs train.
+can be started again and only the missing runs train. Training again
+(``--rerun``) and rewriting the tables replace only files keras-aesam wrote
+(``keras_aesam.safety``): anything else in ``--output`` is left alone.
 """
 
 from __future__ import annotations
@@ -76,7 +78,10 @@ def train_argv(args, run_dir, **flags):
 
 
 def run_or_reuse(argv, run_dir, rerun=False, **kwargs):
-    """``keras_aesam.cli.run(argv)``, or the finished results stored in ``run_dir``."""
+    """``keras_aesam.cli.run(argv)``, the finished results stored in ``run_dir``, or,
+    for an interrupted run, ``keras-aesam train --resume`` (its flags must not have changed)."""
+    from keras_aesam import cli
+
     config_path = Path(run_dir) / "config.json"
     if not rerun and config_path.is_file():
         with open(config_path) as f:
@@ -84,8 +89,8 @@ def run_or_reuse(argv, run_dir, rerun=False, **kwargs):
         if "test_accuracy" in results:
             print(f"reusing finished run {run_dir} (--rerun to train again)")
             return results
-    from keras_aesam import cli
-
+        print(f"resuming interrupted run {run_dir} (--rerun to start it over)")
+        return cli.run([*argv[:1], "--resume", *[a for a in argv[1:] if a != "--overwrite"]], **kwargs)
     return cli.run(argv, **kwargs)
 
 
@@ -97,9 +102,17 @@ def mean_std(values):
 
 
 def write_table(rows, columns, path_stem):
-    """Prints ``rows`` (dicts) as a Markdown table and writes ``.md`` and ``.csv``."""
+    """Prints ``rows`` (dicts) as a Markdown table and writes ``.md`` and ``.csv``.
+
+    An existing ``.md`` or ``.csv`` that keras-aesam did not write is not
+    overwritten (keras_aesam.safety.NotOurs, before anything is written).
+    """
+    from keras_aesam import safety
+
     path_stem = Path(path_stem)
     path_stem.parent.mkdir(parents=True, exist_ok=True)
+    for suffix in (".md", ".csv"):
+        safety.claim(path_stem.with_suffix(suffix))
     header = "| " + " | ".join(columns) + " |"
     rule = "|" + "|".join("---" for _ in columns) + "|"
     lines = [header, rule] + ["| " + " | ".join(str(r.get(c, "")) for c in columns) + " |" for r in rows]

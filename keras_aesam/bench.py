@@ -1095,25 +1095,76 @@ def _run_group(out, key, specs, isolation, progress):
     return missing
 
 
+#: What a bench writes at the top of its output folder (besides runs/, init/, logs/).
+_BENCH_TOP_FILES = ("bench.json", "results.csv", "report.md", "accuracy_vs_sam.png", "time_per_epoch.png",
+                    "framework_probe.json", "framework_probe.md")
+
+
+def _bench_paths(out, plan):
+    """Paths (relative to ``out``) this plan writes; init files only once they exist."""
+    paths = list(_BENCH_TOP_FILES)
+    for spec in plan["runs"]:
+        paths += [f"runs/{spec['run_id']}.json", f"runs/{spec['run_id']}.error.txt"]
+        paths += [p.relative_to(out).as_posix()
+                  for p in (out / "init").glob(f"{spec['network']}_*_s{spec['seed']}.npz")]
+    for key, _ in _groups(plan):
+        paths += [f"logs/{key}.log", f"logs/{key}.job.json"]
+    return paths
+
+
+def _record_bench_files(out, plan):
+    """Lists in ``out``'s manifest (keras_aesam.safety) what this bench writes there."""
+    from keras_aesam import safety
+
+    out.mkdir(parents=True, exist_ok=True)
+    ours = set(safety.written(out))
+    new_dirs = [d for d in ("runs", "init", "logs") if not (out / d).exists()]
+    for d in new_dirs:
+        (out / d).mkdir()
+    # A file already there that the manifest does not list stays someone else's.
+    fresh = [p for p in _bench_paths(out, plan)
+             if p not in ours and (not (out / p).exists() or p.startswith("init/"))]
+    safety.record(out, *fresh, *(out / d for d in new_dirs))
+
+
+def _read_bench_json(out) -> dict:
+    """The previous session's bench.json, or {} (none, or unreadable)."""
+    try:
+        return json.loads((out / "bench.json").read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _remove_previous_bench(out, plan, stream):
+    """``--fresh``: deletes the files a previous bench wrote in ``out``, and only those."""
+    from keras_aesam import safety
+
+    previous = _read_bench_json(out)
+    if previous.get("run_ids") and not safety.is_ours(out):  # written before the manifest existed
+        safety.adopt(out, "bench.json", [*_BENCH_TOP_FILES, "init/*.npz", "logs/*.log", "logs/*.job.json",
+                                         *(f"runs/{r}.json" for r in previous["run_ids"]),
+                                         *(f"runs/{r}.error.txt" for r in previous["run_ids"])])
+    if any(out.iterdir()) and "bench.json" not in safety.written(out):
+        raise BadInput(f"--fresh refuses to delete anything in {str(out)!r}: it holds no keras-aesam bench "
+                       f"(no bench.json listed in {safety.MANIFEST}); check --output")
+    if (out / "init").is_dir():
+        _record_bench_files(out, plan)  # init files of an interrupted session
+    left = safety.remove_written(out)
+    if left:
+        print(f"keras-aesam bench: --fresh kept {len(left)} file(s) in {out} that the bench did not write: "
+              f"{', '.join(left)}", file=stream, flush=True)
+
+
 def run_bench(plan, argv=None, *, fresh=False, stream=sys.stdout, program="keras-aesam bench") -> int:
     """Runs the plan's unfinished runs and writes the report; returns the exit code."""
     out = plan["output"]
     if fresh and out.exists():
-        for sub in ("runs", "init", "logs"):
-            shutil.rmtree(out / sub, ignore_errors=True)
-        for name in ("bench.json", "results.csv", "report.md", "accuracy_vs_sam.png", "time_per_epoch.png"):
-            if (out / name).exists():
-                (out / name).unlink()
+        _remove_previous_bench(out, plan, stream)
     done = {spec["run_id"]: finished_result(out, spec) for spec in plan["runs"]}  # BadInput on mismatch
     finished = sum(r is not None for r in done.values())
-    out.mkdir(parents=True, exist_ok=True)
+    _record_bench_files(out, plan)
 
-    previous = {}
-    if (out / "bench.json").is_file():
-        try:
-            previous = json.loads((out / "bench.json").read_text())
-        except ValueError:
-            previous = {}
+    previous = _read_bench_json(out)
     for session in previous.get("sessions", []):  # files written before sessions recorded their command
         session.setdefault("command", previous.get("command"))
     estimate = estimate_seconds([s for s in plan["runs"] if done[s["run_id"]] is None], plan["isolation"])

@@ -15,6 +15,9 @@ and ``grad_norms.csv`` from :class:`keras_aesam.callbacks.StepRecorder`):
   fixed-weight samples, else from the per-step values of those epochs).
 
 ``plot_run(run_dir)`` draws all of them; ``keras-aesam plot RUN_DIR`` calls it.
+Every PNG written here is listed in its folder's manifest and an existing PNG
+is replaced only if it is listed there (:mod:`keras_aesam.safety`): drawing
+again never overwrites a picture keras-aesam did not make.
 The figures are drawn on a private Agg canvas: importing this module does not
 change pyplot's backend. The Q-Q plot uses ``scipy.stats.probplot`` when scipy
 is installed, else the same order-statistic medians (Filliben's estimate)
@@ -78,10 +81,14 @@ def _figure(width, height):
 
 
 def _save(fig, path):
+    """Writes the PNG; an existing file is replaced only if keras-aesam wrote it (keras_aesam.safety)."""
+    from keras_aesam import safety
+
     path = os.fspath(path)
     directory = os.path.dirname(path)
     if directory:
         os.makedirs(directory, exist_ok=True)
+    safety.claim(path)
     fig.tight_layout()
     fig.savefig(path, format="png")
     return path
@@ -93,7 +100,10 @@ def new_figure(width, height):
 
 
 def save_figure(fig, path):
-    """Lays out ``fig`` and writes it as a PNG (creating folders); returns the path."""
+    """Lays out ``fig`` and writes it as a PNG (creating folders); returns the path.
+
+    Raises keras_aesam.safety.NotOurs rather than overwrite a file keras-aesam did not write.
+    """
     return _save(fig, path)
 
 
