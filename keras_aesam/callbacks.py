@@ -38,6 +38,8 @@ at those epochs only, outside the train step.
 from __future__ import annotations
 
 import csv
+import io
+import json
 import math
 import os
 import threading
@@ -48,8 +50,12 @@ import numpy as np
 
 __all__ = [
     "GRAD_NORM_COLUMNS",
+    "RunBackup",
+    "RunInterrupted",
     "STEP_COLUMNS",
     "StepRecorder",
+    "load_training_state",
+    "save_training_state",
     "sam_steps_from_fractions",
     "step_values_from_means",
 ]
@@ -216,6 +222,9 @@ class StepRecorder(keras.callbacks.Callback):
         self._grad_norm_fn = None
         self._wrote_header = False
         self._grad_norm_header = False
+        #: Added to Keras's batch index: a resumed run's first epoch starts mid-way.
+        self.batch_offset = 0
+        self._kept_epoch = None  # the epoch whose pending rows set_state restored
 
     # ------------------------------------------------------------------ summary
     @property
@@ -244,11 +253,15 @@ class StepRecorder(keras.callbacks.Callback):
     # ------------------------------------------------------------------ hooks
     def on_train_begin(self, logs=None):
         self._open_file()
-        if 0 in self.grad_norm_epochs:
+        if 0 in self.grad_norm_epochs and 0 not in self.grad_norm_samples:
             self._sample_grad_norms(0)
 
     def on_epoch_begin(self, epoch, logs=None):
         self._epoch = int(epoch)
+        if self._kept_epoch == self._epoch:  # resumed mid-epoch: keep the restored rows
+            self._kept_epoch = None
+            return
+        self.batch_offset = 0
         with self._lock:
             self._pending = []
 
@@ -256,7 +269,7 @@ class StepRecorder(keras.callbacks.Callback):
         logs = logs or {}
         row = {
             "epoch": self._epoch,
-            "batch": int(batch),
+            "batch": int(batch) + self.batch_offset,
             "loss": _float_or_none(logs.get("loss")),
             "sam_fraction": _float_or_none(logs.get("sam_fraction")),
             "skipped_sum": _float_or_none(logs.get("skipped_steps")),
@@ -275,6 +288,46 @@ class StepRecorder(keras.callbacks.Callback):
         # An interrupted epoch (stop_training, KeyboardInterrupt handled by the
         # caller) still has pending rows.
         self._finish_epoch()
+
+    # ------------------------------------------------------------------ resuming
+    def get_state(self) -> dict:
+        """What a backup needs to continue mid-epoch: the epoch's rows not yet written."""
+        with self._lock:
+            pending = [dict(r) for r in self._pending]
+        return {"epoch": self._epoch, "next_step": self._next_step, "pending": pending}
+
+    def set_state(self, state: dict, *, batch_offset: int = 0) -> None:
+        """Restores :meth:`get_state`'s output before a resumed ``fit`` starts.
+
+        ``batch_offset``: steps of the epoch already taken (Keras counts the
+        resumed epoch's batches from 0).
+        """
+        self._epoch = int(state["epoch"])
+        self._next_step = int(state["next_step"])
+        with self._lock:
+            self._pending = [dict(r) for r in state.get("pending", [])]
+        self._kept_epoch = self._epoch
+        self.batch_offset = int(batch_offset)
+
+    def load_rows(self, path=None) -> None:
+        """Reads the rows an earlier, interrupted run wrote (so the totals cover the whole run)."""
+        path = self.path if path is None else os.fspath(path)
+        if path is None or not os.path.isfile(path):
+            return
+        with open(path, newline="") as f:
+            for raw in csv.DictReader(f):
+                row = {}
+                for column in STEP_COLUMNS:
+                    text = raw.get(column, "")
+                    if text in ("", None):
+                        row[column] = None
+                    elif column in ("step", "epoch", "batch", "steps", "sam", "skipped"):
+                        row[column] = int(text)
+                    else:
+                        row[column] = float(text)
+                self.rows.append(row)
+        if self.rows:
+            self._next_step = max(self._next_step, self.rows[-1]["step"] + 1)
 
     # ------------------------------------------------------------------ rows
     def _finish_epoch(self):
@@ -384,7 +437,9 @@ class StepRecorder(keras.callbacks.Callback):
             if directory:
                 os.makedirs(directory, exist_ok=True)
             new = not self._grad_norm_header and not (
-                self.append and os.path.isfile(self.grad_norm_path)
+                self.append
+                and os.path.isfile(self.grad_norm_path)
+                and os.path.getsize(self.grad_norm_path) > 0
             )
             with open(self.grad_norm_path, "w" if new else "a", newline="") as f:
                 writer = csv.writer(f)
@@ -394,3 +449,149 @@ class StepRecorder(keras.callbacks.Callback):
                     writer.writerow([epoch, i, repr(float(value))])
             self._grad_norm_header = True
         return values
+
+
+# ---------------------------------------------------------------------- backups
+
+
+def _state_variables(model):
+    """Every variable a run's future depends on, in a fixed order, once each.
+
+    The model's (weights, BatchNorm statistics, dropout seed states, the
+    policy's µ, σ², t, T and LookSAM's ``g_v``), the optimizer's (iterations,
+    momenta) and the metrics' (the epoch's running means).
+    """
+    seen, out = set(), []
+    groups = [model.variables, model.metrics_variables]
+    if model.optimizer is not None:
+        groups.insert(1, model.optimizer.variables)
+    for group in groups:
+        for v in group:
+            if id(v) not in seen:
+                seen.add(id(v))
+                out.append(v)
+    return out
+
+
+def save_training_state(model, path, meta: dict) -> None:
+    """Writes all of :func:`_state_variables` and ``meta`` to ``path`` (one .npz), atomically.
+
+    The file is written next to ``path`` first and then renamed over it, so a
+    process killed while writing leaves the previous backup intact.
+    """
+    variables = _state_variables(model)
+    arrays = {f"v{i}": np.asarray(v.numpy()) for i, v in enumerate(variables)}
+    record = dict(meta, paths=[v.path for v in variables])
+    arrays["meta"] = np.frombuffer(json.dumps(record).encode("utf-8"), dtype=np.uint8)
+    path = os.fspath(path)
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    tmp = path + ".tmp"
+    with open(tmp, "wb") as f:
+        f.write(buffer.getvalue())
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def load_training_state(model, path, *, assign: bool = True) -> dict:
+    """Reads a :func:`save_training_state` file; assigns its values (unless ``assign``
+    is False) and returns its ``meta`` with ``metric_values`` (the metrics' values,
+    to be put back after Keras resets them at the start of the epoch).
+
+    Raises ValueError when the file was written by another model or optimizer.
+    """
+    with np.load(os.fspath(path)) as data:
+        meta = json.loads(bytes(data["meta"]).decode("utf-8"))
+        values = [data[f"v{i}"] for i in range(len(meta["paths"]))]
+    variables = _state_variables(model)
+    # Shapes in order, not names: Keras numbers the names of a process's second model.
+    mine = [(v.path, tuple(v.shape)) for v in variables]
+    theirs = [(p, tuple(a.shape)) for p, a in zip(meta["paths"], values)]
+    if [m[1] for m in mine] != [t[1] for t in theirs]:
+        diff = next((f"{a} here, {b} in the backup" for a, b in zip(mine, theirs) if a[1] != b[1]),
+                    f"{len(mine)} variables here, {len(theirs)} in the backup")
+        raise ValueError(f"backup {os.fspath(path)!r} does not match this model and optimizer ({diff})")
+    metric_ids = {id(v) for v in model.metrics_variables}
+    meta["metric_values"] = []
+    for v, value in zip(variables, values):
+        if id(v) in metric_ids:
+            meta["metric_values"].append((v, value))
+        if assign:
+            v.assign(value)
+    return meta
+
+
+class RunInterrupted(KeyboardInterrupt):
+    """Raised by :class:`RunBackup` after it wrote the backup a signal asked for."""
+
+    def __init__(self, signum, step):
+        super().__init__(signum, step)
+        self.signum = signum
+        self.step = step
+
+
+class RunBackup(keras.callbacks.Callback):
+    """Backs up a run so it can continue exactly where it stopped.
+
+    Writes :func:`save_training_state` to ``path`` at the end of every epoch
+    (after the other callbacks' epoch-end work, so put it last) and, with
+    ``every_steps=N``, after every N-th step. ``meta`` holds ``step`` (steps
+    done in the run), ``epoch`` and ``batch`` (the epoch to continue and the
+    steps of it already done) and whatever ``extra_state()`` returns (the
+    ``keras-aesam`` command stores the StepRecorder's unwritten rows and the
+    sizes of its CSV files there).
+
+    :meth:`request_stop` (called from a signal handler) makes it write the
+    backup at the next step boundary and raise :class:`RunInterrupted`.
+
+    Not ``async_safe``: it reads the variables between two steps.
+    """
+
+    def __init__(self, path, *, steps_per_epoch: int, every_steps: int = 0, extra_state=None):
+        super().__init__()
+        if isinstance(every_steps, bool) or int(every_steps) < 0:
+            raise ValueError(f"every_steps must be an integer >= 0 (0 = every epoch only), got {every_steps!r}")
+        self.path = os.fspath(path)
+        self.steps_per_epoch = int(steps_per_epoch)
+        self.every_steps = int(every_steps)
+        self.extra_state = extra_state
+        self.batch_offset = 0  # steps of the first epoch done before a resumed fit
+        self.metric_values = None  # metric values to put back at the resumed epoch's start
+        self.stop_signal = None
+        self.last_saved_step = None
+        self._epoch = 0
+
+    def request_stop(self, signum) -> None:
+        self.stop_signal = signum
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._epoch = int(epoch)
+        if self.metric_values is not None:  # Keras has just reset the metrics
+            for variable, value in self.metric_values:
+                variable.assign(value)
+            self.metric_values = None
+
+    def on_train_batch_end(self, batch, logs=None):
+        done = int(batch) + 1 + self.batch_offset
+        step = self._epoch * self.steps_per_epoch + done
+        due = self.every_steps and (self.last_saved_step is None
+                                    or step // self.every_steps > self.last_saved_step // self.every_steps)
+        if due or self.stop_signal is not None:
+            self.save(step, self._epoch, done)
+        if self.stop_signal is not None:
+            raise RunInterrupted(self.stop_signal, step)
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.batch_offset = 0
+        step = (int(epoch) + 1) * self.steps_per_epoch
+        self.save(step, int(epoch) + 1, 0)
+        if self.stop_signal is not None:
+            raise RunInterrupted(self.stop_signal, step)
+
+    def save(self, step, epoch, batch):
+        meta = {"step": int(step), "epoch": int(epoch), "batch": int(batch)}
+        if self.extra_state is not None:
+            meta.update(self.extra_state())
+        save_training_state(self.model, self.path, meta)
+        self.last_saved_step = int(step)

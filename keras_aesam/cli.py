@@ -10,10 +10,21 @@ cosine schedule, Keras progress bars, and a run directory::
     RUN_DIR/grad_norms.csv       ‖g‖² samples at chosen epochs (Fig. 3)
     RUN_DIR/*.png                the plots of keras_aesam.plots
     RUN_DIR/model.keras          the trained sharpness-aware model
+    RUN_DIR/backup/state.npz     the run's full state while it trains (see below)
+    RUN_DIR/.keras-aesam-files   the manifest of the files above (keras_aesam.safety)
     EXPORT_DIR/<run name>/       the exported SavedModel (inference only)
 
 and ends with one summary line (test accuracy, %SAM, wall time).
 ``keras-aesam plot RUN_DIR`` redraws the plots from the CSV files.
+
+Resuming. The backup (every variable of model, optimizer and metrics, the
+position in the data stream, the StepRecorder's unwritten rows and the CSV
+files' sizes) is written at every epoch end and, with ``--backup-steps N``,
+every N steps; SIGINT and SIGTERM write it at the next step boundary and exit
+with the command to continue. ``keras-aesam train --resume --output RUN_DIR``
+continues from it with the flags in ``config.json`` and ends exactly where an
+uninterrupted run ends. ``--overwrite`` and every other removal delete only the
+files the manifest lists (:mod:`keras_aesam.safety`).
 
 Bad input (unknown names, out-of-range numbers, a hyperparameter the method
 does not take, an existing output directory without ``--overwrite``, labels
@@ -30,13 +41,16 @@ import argparse
 import datetime
 import json
 import logging
+import itertools
 import math
 import os
-import shutil
+import shlex
+import signal
 import sys
 import time
 from pathlib import Path
 from typing import Callable, Optional, Sequence
+from keras_aesam import safety
 from keras_aesam.validation import canonical_name as _canonical
 
 __all__ = ["DEFAULTS", "HYPERPARAMETER_FLAGS", "build_parser", "main", "run"]
@@ -87,6 +101,17 @@ HYPERPARAMETER_FLAGS = (
 )
 
 _IGNORED_PARAMETERS = {"seed"}  # --seed seeds the whole run, and the method too
+
+#: The backup inside a run directory, and the CSV logs it keeps in step with.
+BACKUP_FILE = "backup/state.npz"
+_CSV_FILES = ("history.csv", "steps.csv", "grad_norms.csv")
+#: Files a run directory gets (the PNGs are claimed by keras_aesam.plots).
+_RUN_FILES = ("config.json", "config.json.tmp", *_CSV_FILES, "model.keras", BACKUP_FILE, BACKUP_FILE + ".tmp")
+#: What run directories and exports written before the manifest existed hold.
+_LEGACY_RUN_FILES = ("config.json", *_CSV_FILES, "model.keras", "*.png")
+_LEGACY_EXPORT_FILES = ("saved_model.pb", "fingerprint.pb", "variables/*", "assets/*")
+#: Flags that may differ on --resume: they change what is shown, not what is computed.
+_RESUME_FREE = ("resume", "output", "overwrite", "quiet", "verbose", "no_plots", "backup_steps")
 
 logger = logging.getLogger("keras_aesam.cli")
 
@@ -279,7 +304,13 @@ def build_parser() -> argparse.ArgumentParser:
     r = t.add_argument_group("output")
     r.add_argument("--output", default=None,
                    help="run directory (default runs/<dataset>_<model>_<method>_<time>)")
-    r.add_argument("--overwrite", action="store_true", help="replace an existing run directory and export")
+    r.add_argument("--overwrite", action="store_true",
+                   help="replace an existing run directory and export (deletes only files keras-aesam wrote)")
+    r.add_argument("--resume", action="store_true",
+                   help="continue the interrupted run in --output from its last backup, with the flags "
+                   "of its config.json (flags given must match them)")
+    r.add_argument("--backup-steps", type=int, default=0,
+                   help="also back up the run every N steps (default 0: at the end of every epoch only)")
     r.add_argument("--export-dir", default=None,
                    help=f"where the SavedModel goes, as <export-dir>/<run name> "
                    f"(default: {_default_export_root()})")
@@ -401,17 +432,20 @@ def _resolve(args, network=None):
     _check(run_dir.name not in ("", ".", ".."), f"--output must name a directory, got {args.output!r}")
     export_root = Path(args.export_dir) if args.export_dir else _default_export_root()
     export_path = export_root / run_dir.resolve().name
-    if not args.overwrite:
+    _check(args.backup_steps >= 0, f"--backup-steps must be >= 0 (0 = every epoch only), got {args.backup_steps}")
+    _check(not run_dir.exists() or run_dir.is_dir(), f"--output {str(run_dir)!r} is a file")
+    if not args.overwrite and not args.resume:
+        unfinished = _unfinished(run_dir)
         _check(not run_dir.exists(),
+               f"output directory {str(run_dir)!r} holds an unfinished run ({unfinished}); pass --resume to "
+               "continue it, --overwrite to replace it, or choose another --output" if unfinished else
                f"output directory {str(run_dir)!r} exists; pass --overwrite to replace it or choose another --output")
         _check(not export_path.exists(),
                f"export directory {str(export_path)!r} exists; pass --overwrite or another --export-dir/--output")
-    _check(not run_dir.exists() or run_dir.is_dir(), f"--output {str(run_dir)!r} is a file")
-    _check(not run_dir.exists() or _replaceable(run_dir, "config.json"),
-           f"--overwrite refuses to delete {str(run_dir)!r}: it is not empty and has no config.json "
-           "(not a keras-aesam run directory)")
-    _check(not export_path.exists() or _replaceable(export_path, "saved_model.pb"),
-           f"--overwrite refuses to delete {str(export_path)!r}: not an exported SavedModel")
+    from keras_aesam.plots import PLOT_FILES
+
+    _check_replaceable(run_dir, "config.json", _LEGACY_RUN_FILES, _RUN_FILES + tuple(PLOT_FILES.values()))
+    _check_replaceable(export_path, "saved_model.pb", _LEGACY_EXPORT_FILES, ())
 
     return {
         "dataset": dataset,
@@ -487,9 +521,99 @@ def _policy_printer(model):
     return PolicyPrinter()
 
 
-def _replaceable(path: Path, marker: str) -> bool:
-    """Whether ``--overwrite`` may delete ``path``: empty, or holding ``marker``."""
-    return path.is_dir() and (not any(path.iterdir()) or (path / marker).exists())
+def _check_replaceable(path: Path, marker: str, legacy: Sequence[str], names: Sequence[str]):
+    """BadInput unless the files of ours in ``path`` may be replaced (keras_aesam.safety).
+
+    A folder written before manifests existed is recognised by ``marker`` and its
+    ``legacy`` files adopted. A file a user put there under one of ``names`` (which
+    the run will write) is refused; other files of theirs are kept.
+    """
+    if not path.exists():
+        return
+    _check(path.is_dir(), f"{str(path)!r} is a file, not a folder")
+    safety.adopt(path, marker, legacy)
+    try:
+        safety.check_ours(path, "--overwrite")
+    except safety.NotOurs as err:
+        raise BadInput(str(err))
+    ours = set(safety.written(path))
+    clash = [n for n in names if (path / n).exists() and n not in ours]
+    _check(not clash, f"--overwrite refuses to replace {', '.join(str(path / n) for n in clash)}: "
+           "keras-aesam did not write it")
+
+
+def _unfinished(run_dir: Path) -> Optional[str]:
+    """``"last backup at step N of T"`` for an interrupted run of ours, else None."""
+    config = _read_config(run_dir)
+    if config is None or _finished(config):
+        return None
+    meta = _backup_meta(run_dir)
+    total = config.get("epochs", 0) * config.get("steps_per_epoch", 0)
+    return f"last backup at step {meta['step'] if meta else 0} of {total}"
+
+
+def _read_config(run_dir: Path) -> Optional[dict]:
+    try:
+        return json.loads((run_dir / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _finished(config: dict) -> bool:
+    return "test_accuracy" in (config.get("results") or {})
+
+
+def _backup_meta(run_dir: Path) -> Optional[dict]:
+    """The backup's record (step, epoch, batch, ...) without loading a model, or None."""
+    import numpy as np
+
+    try:
+        with np.load(run_dir / BACKUP_FILE) as data:
+            return json.loads(bytes(data["meta"]).decode("utf-8"))
+    except (OSError, KeyError, ValueError):
+        return None
+
+
+def _explicit_flags(argv: Sequence[str]) -> dict:
+    """The ``train`` flags ``argv`` gives explicitly (defaults left out)."""
+    parser = build_parser()
+    for action in parser.subcommands["train"]._actions:
+        if action.dest != "help":
+            action.default = argparse.SUPPRESS
+    namespace = parser.parse_args(list(argv))
+    return {k: v for k, v in vars(namespace).items() if k != "command"}
+
+
+def _resume_args(parser, argv, args):
+    """``--resume``: the run's own flags (from its config.json), after checking ``argv`` against them."""
+    _check(args.output is not None, "--resume needs --output RUN_DIR (the run to continue)")
+    _check(not args.overwrite, "--resume and --overwrite exclude each other")
+    run_dir = Path(args.output)
+    config = _read_config(run_dir)
+    _check(config is not None and config.get("command") == "keras-aesam train",
+           f"--resume: {str(run_dir)!r} holds no keras-aesam train run (no readable config.json)")
+    if _finished(config):
+        raise BadInput(f"--resume: the run in {str(run_dir)!r} already finished (test accuracy "
+                       f"{config['results']['test_accuracy']:.4f}); nothing to resume")
+    stored_argv = config.get("argv")
+    _check(isinstance(stored_argv, list) and stored_argv[:1] == ["train"],
+           f"--resume: {str(run_dir / 'config.json')!r} does not record the command's flags")
+    stored = parser.parse_args(stored_argv)
+    given = _explicit_flags(argv)
+    differ = []
+    for dest, value in given.items():
+        if dest not in _RESUME_FREE and getattr(stored, dest, None) != value:
+            flag = "--" + dest.replace("_", "-")
+            differ.append(f"{flag} {value} (the run has {getattr(stored, dest, None)})")
+    _check(not differ, f"--resume: flags differ from {str(run_dir / 'config.json')!r}: {'; '.join(differ)}. "
+           "Resume with the run's own flags (--resume --output RUN_DIR is enough), or start a new run "
+           "with another --output")
+    for dest in _RESUME_FREE:
+        if dest in given:
+            setattr(stored, dest, given[dest])
+    stored.resume, stored.overwrite, stored.output = True, False, args.output
+    stored.argv = stored_argv
+    return stored
 
 
 def _write_json(path, payload):
@@ -505,7 +629,7 @@ def _train(args, plan, network=None, dataset_kwargs=None):
     import tensorflow as tf
 
     import keras_aesam
-    from keras_aesam.callbacks import StepRecorder
+    from keras_aesam.callbacks import RunBackup, RunInterrupted, StepRecorder, load_training_state
 
     started = time.perf_counter()
     run_dir, export_path = plan["run_dir"], plan["export_path"]
@@ -524,9 +648,10 @@ def _train(args, plan, network=None, dataset_kwargs=None):
     keras.utils.set_random_seed(args.seed)
     inner, num_classes = _build_network(args, plan, data, network)
 
-    total_steps = args.total_steps or args.epochs * data.steps_per_epoch
+    steps_per_epoch = data.steps_per_epoch
+    total_steps = args.total_steps or args.epochs * steps_per_epoch
     model = keras_aesam.wrap(inner, method=plan["method"], total_steps=total_steps, **plan["hyperparameters"])
-    schedule_steps = args.epochs * data.steps_per_epoch
+    schedule_steps = args.epochs * steps_per_epoch
     if args.schedule == "cosine":
         learning_rate = keras.optimizers.schedules.CosineDecay(plan["lr"], decay_steps=schedule_steps)
     else:
@@ -541,13 +666,42 @@ def _train(args, plan, network=None, dataset_kwargs=None):
         steps_per_execution=args.steps_per_execution,
     )
 
+    # Resuming: the state of the last backup (none yet: from the start, as the seeds rebuild it).
+    resume_meta = None
+    if args.resume:
+        # Metrics and optimizer variables exist only once built; build them now, without data.
+        model._symbolic_build(data_batch=next(iter(data.test)))
+        if (run_dir / BACKUP_FILE).is_file():
+            try:
+                resume_meta = load_training_state(model, run_dir / BACKUP_FILE)
+            except ValueError as err:
+                raise BadInput(f"--resume: {_one_line(err)}")
+            _check(resume_meta.get("steps_per_epoch") == steps_per_epoch,
+                   f"--resume: the backup has {resume_meta.get('steps_per_epoch')} steps per epoch, "
+                   f"this data {steps_per_epoch}")
+    start_step = resume_meta["step"] if resume_meta else 0
+    start_epoch = resume_meta["epoch"] if resume_meta else 0
+    start_batch = resume_meta["batch"] if resume_meta else 0
+
     # The run directory, only now that nothing can be refused any more.
-    if run_dir.exists():
-        shutil.rmtree(run_dir)
-    if export_path.exists():
-        shutil.rmtree(export_path)
-    run_dir.mkdir(parents=True)
+    if not args.resume:
+        for path in (run_dir, export_path):
+            left = safety.remove_written(path)
+            if left:
+                print(f"keras-aesam: kept {len(left)} file(s) in {path} that keras-aesam did not write: "
+                      f"{', '.join(left)}", file=sys.stderr, flush=True)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    for name in _RUN_FILES:
+        safety.claim(run_dir / name, run_dir)
+    if not (run_dir / "backup").exists():
+        (run_dir / "backup").mkdir()
+        safety.record(run_dir, run_dir / "backup")
+    sizes = resume_meta["files"] if resume_meta else {name: 0 for name in _CSV_FILES}
+    for name in _CSV_FILES:  # back to the backup's point: every step once
+        safety.truncate_written(run_dir / name, sizes.get(name, 0), run_dir)
+
     expected = model.policy.expected_sam_fraction(total_steps)
+    previous = _read_config(run_dir) if args.resume else None
     config = {
         "command": "keras-aesam train",
         "argv": list(args.argv) if getattr(args, "argv", None) is not None else None,
@@ -559,7 +713,7 @@ def _train(args, plan, network=None, dataset_kwargs=None):
         "expected_sam_fraction": expected,
         "epochs": args.epochs,
         "batch_size": args.batch_size,
-        "steps_per_epoch": data.steps_per_epoch,
+        "steps_per_epoch": steps_per_epoch,
         "lr": plan["lr"],
         "schedule": args.schedule,
         "momentum": args.momentum,
@@ -589,8 +743,12 @@ def _train(args, plan, network=None, dataset_kwargs=None):
             "keras": keras.__version__,
             "tensorflow": tf.__version__,
         },
-        "started": datetime.datetime.now().isoformat(timespec="seconds"),
+        "started": (previous or {}).get("started") or datetime.datetime.now().isoformat(timespec="seconds"),
+        "resumed": list((previous or {}).get("resumed", [])),
     }
+    if args.resume:
+        config["resumed"].append({"from_step": start_step,
+                                  "at": datetime.datetime.now().isoformat(timespec="seconds")})
     _write_json(run_dir / "config.json", config)
 
     hp = ", ".join(f"{k}={v}" for k, v in model.hyperparameters.items())
@@ -599,50 +757,107 @@ def _train(args, plan, network=None, dataset_kwargs=None):
         f"keras-aesam: {plan['method']} ({hp}) on {config['model']} "
         f"({config['parameters'] / 1e6:.2f} M parameters), {plan['dataset']}: {data.train_examples} train / "
         f"{data.validation_examples or 0} validation / {data.test_examples or '?'} test{noise}; "
-        f"{args.epochs} epochs x {data.steps_per_epoch} steps, lr {plan['lr']:g} {args.schedule}, "
+        f"{args.epochs} epochs x {steps_per_epoch} steps, lr {plan['lr']:g} {args.schedule}, "
         f"weight decay {args.weight_decay:g} ({args.weight_decay_mode}) -> {run_dir}",
         flush=True,
     )
+    if args.resume:
+        print(f"keras-aesam: resuming at step {start_step} of {args.epochs * steps_per_epoch} "
+              f"(epoch {start_epoch + 1}, step {start_batch} of it done)", flush=True)
     if args.verbose:
         print(f"data source: {data.source}")
         inner.summary()
 
+    # The batches: one stream over the epochs, drawn from a single iterator, so
+    # a resumed run sees exactly the batches the uninterrupted run would. The
+    # ‖g‖² sample batches are drawn once, before it (iterating the training
+    # set again later would move the shuffle's seed and so the stream).
+    hist_data = None
+    if plan["hist_epochs"]:
+        hist_data = list(data.train.repeat().take(args.hist_batches))
+    stream = iter(data.train.repeat().skip(start_step))
+
+    def stream_part(batches):
+        # A bounded view: whatever Keras prefetches cannot run past it.
+        return tf.data.Dataset.from_generator(lambda: itertools.islice(stream, batches),
+                                              output_signature=data.train.element_spec)
+
     recorder = StepRecorder(
         run_dir / "steps.csv",
+        append=True,
+        initial_step=start_epoch * steps_per_epoch,
         grad_norm_epochs=plan["hist_epochs"],
-        grad_norm_data=data.train,
+        grad_norm_data=hist_data,
         grad_norm_batches=args.hist_batches,
         grad_norm_path=run_dir / "grad_norms.csv",
     )
-    callbacks = [keras.callbacks.CSVLogger(str(run_dir / "history.csv")), recorder]
+    recorder.load_rows()
+    backup = RunBackup(
+        run_dir / BACKUP_FILE,
+        steps_per_epoch=steps_per_epoch,
+        every_steps=args.backup_steps,
+        extra_state=lambda: {
+            "steps_per_epoch": steps_per_epoch,
+            "files": {n: (run_dir / n).stat().st_size if (run_dir / n).exists() else 0 for n in _CSV_FILES},
+            "recorder": recorder.get_state(),
+        },
+    )
+    if resume_meta:
+        recorder.set_state(resume_meta["recorder"], batch_offset=start_batch)
+        recorder.grad_norm_epochs = [e for e in recorder.grad_norm_epochs if e > start_epoch]
+        backup.batch_offset = start_batch
+        if start_batch:
+            backup.metric_values = resume_meta["metric_values"]
+    callbacks = [keras.callbacks.CSVLogger(str(run_dir / "history.csv"), append=True), recorder]
     if args.verbose:
         callbacks.append(_policy_printer(model))
+    callbacks.append(backup)  # last: its epoch-end backup includes the rows written before it
 
     validation, test = data.validation, data.test
     if args.eval_batches is not None:
         validation = None if validation is None else validation.take(args.eval_batches)
         test = test.take(args.eval_batches)
 
+    # (first epoch, end epoch, steps per epoch): a resumed run first finishes its epoch.
+    segments = []
+    if start_batch:
+        segments.append((start_epoch, start_epoch + 1, steps_per_epoch - start_batch))
+    first_whole = start_epoch + 1 if start_batch else start_epoch
+    if first_whole < args.epochs:
+        segments.append((first_whole, args.epochs, steps_per_epoch))
+
     fit_started = time.perf_counter()
-    interrupted = False
+    interrupted = None
+    previous_handlers = _catch_stop_signals(backup)
     try:
-        model.fit(
-            data.train,
-            epochs=args.epochs,
-            validation_data=validation,
-            callbacks=callbacks,
-            # A live bar on a terminal, one line per epoch in a log file.
-            verbose=0 if args.quiet else (1 if sys.stdout.isatty() else 2),
-            shuffle=False,  # the pipelines shuffle (seeded) themselves
-        )
-    except KeyboardInterrupt:
-        interrupted = True
-        recorder.on_train_end()
-        print("\ninterrupted: keeping the finished epochs", file=sys.stderr, flush=True)
+        for first, end, steps in segments:
+            model.fit(
+                stream_part(steps * (end - first)),
+                initial_epoch=first,
+                epochs=end,
+                steps_per_epoch=steps,
+                validation_data=validation,
+                callbacks=callbacks,
+                # A live bar on a terminal, one line per epoch in a log file.
+                verbose=0 if args.quiet else (1 if sys.stdout.isatty() else 2),
+                shuffle=False,  # the pipelines shuffle (seeded) themselves
+            )
+    except RunInterrupted as err:
+        interrupted = err
+    except KeyboardInterrupt as err:  # a second signal: stopped at once
+        interrupted = err
+    finally:
+        _restore_signals(previous_handlers)
+    if interrupted is None and backup.stop_signal is not None:  # arrived after the last check
+        interrupted = RunInterrupted(backup.stop_signal, args.epochs * steps_per_epoch)
+    if interrupted is not None:
+        recorder.on_train_end()  # the interrupted epoch's rows, for the plots (a resume cuts them off)
     train_seconds = time.perf_counter() - fit_started
 
-    results = {"interrupted": interrupted}
-    if not interrupted:
+    results = {"interrupted": interrupted is not None}
+    if args.resume:
+        results["resumed_from_step"] = start_step
+    if interrupted is None:
         evaluation = model.evaluate(test, verbose=0, return_dict=True)
         results["test_accuracy"] = float(evaluation.get("accuracy", float("nan")))
         results["test_loss"] = float(evaluation.get("loss", float("nan")))
@@ -654,10 +869,9 @@ def _train(args, plan, network=None, dataset_kwargs=None):
         policy_state=model.policy_state,
         train_seconds=round(train_seconds, 2),
     )
-    if not interrupted:
+    if interrupted is None:
         model.save(run_dir / "model.keras")
-        export_path.parent.mkdir(parents=True, exist_ok=True)
-        model.export(str(export_path), verbose=False)
+        _export(model, export_path)
         results["saved_model"] = str(export_path)
         results["keras_model"] = str(run_dir / "model.keras")
 
@@ -676,6 +890,10 @@ def _train(args, plan, network=None, dataset_kwargs=None):
     config["results"] = results
     config["finished"] = datetime.datetime.now().isoformat(timespec="seconds")
     _write_json(run_dir / "config.json", config)
+    if interrupted is None and (run_dir / BACKUP_FILE).exists():
+        (run_dir / BACKUP_FILE).unlink()  # the run is complete: model.keras holds its state
+        if not any((run_dir / "backup").iterdir()):
+            (run_dir / "backup").rmdir()
 
     sam = "n/a" if recorder.sam_fraction is None else f"{100 * recorder.sam_fraction:.1f} %"
     accuracy = f"{results['test_accuracy']:.4f}" if "test_accuracy" in results else "n/a (interrupted)"
@@ -686,9 +904,55 @@ def _train(args, plan, network=None, dataset_kwargs=None):
         flush=True,
     )
     results["run_dir"] = str(run_dir)
-    if interrupted:
-        raise KeyboardInterrupt
+    if interrupted is not None:
+        _report_interruption(interrupted, run_dir, backup, args.epochs * steps_per_epoch)
+        raise interrupted
     return results
+
+
+def _export(model, export_path: Path):
+    """``model.export`` into ``export_path``, every file it writes listed in the manifest."""
+    if export_path.exists():  # a resumed run's partial export of an earlier attempt
+        safety.remove_written(export_path)
+    before = set(safety.foreign_files(export_path))
+    export_path.mkdir(parents=True, exist_ok=True)
+    model.export(str(export_path), verbose=False)
+    new = [p for p in safety.foreign_files(export_path) if p not in before]
+    folders = sorted({str(Path(p).parent) for p in new if str(Path(p).parent) != "."}, key=len)
+    safety.record(export_path, *new, *(export_path / f for f in folders))
+
+
+def _catch_stop_signals(backup):
+    """SIGINT/SIGTERM ask ``backup`` for a backup at the next step boundary; a second one stops at once."""
+
+    def handler(signum, frame):
+        if backup.stop_signal is not None:
+            raise KeyboardInterrupt
+        backup.request_stop(signum)
+        print(f"\nkeras-aesam: {signal.Signals(signum).name}: writing the backup after this step "
+              "(send it again to stop at once)", file=sys.stderr, flush=True)
+
+    previous = {}
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        try:
+            previous[signum] = signal.signal(signum, handler)
+        except ValueError:  # not the main thread: no handlers, Keras's behaviour
+            break
+    return previous
+
+
+def _restore_signals(previous):
+    for signum, handler in previous.items():
+        signal.signal(signum, handler)
+
+
+def _report_interruption(err, run_dir, backup, total):
+    signum = getattr(err, "signum", None)
+    name = signal.Signals(signum).name if signum else "stopped at once"
+    meta = _backup_meta(run_dir)
+    where = f"backup at step {meta['step']} of {total}" if meta else "no backup yet: it restarts from step 0"
+    print(f"interrupted ({name}); {where} in {run_dir / BACKUP_FILE}. Continue with:\n"
+          f"  keras-aesam train --resume --output {shlex.quote(str(run_dir))}", file=sys.stderr, flush=True)
 
 
 def _plot(args):
@@ -697,9 +961,10 @@ def _plot(args):
     run_dir = Path(args.run_dir)
     if not run_dir.is_dir():
         raise BadInput(f"run directory {str(run_dir)!r} does not exist")
+    safety.adopt(run_dir, "config.json", _LEGACY_RUN_FILES)  # a run written before manifests existed
     try:
         written = plot_run(run_dir, epochs=args.epochs, output_dir=args.output_dir)
-    except FileNotFoundError as err:
+    except (FileNotFoundError, safety.NotOurs) as err:
         raise BadInput(_one_line(err))
     for path in written:
         print(path)
@@ -731,9 +996,11 @@ def run(argv: Optional[Sequence[str]] = None, *, network: Optional[Callable] = N
     try:
         if args.command == "plot":
             return _plot(args)
+        if args.resume:
+            args = _resume_args(parser, argv, args)
         plan = _resolve(args, network=network)
         return _train(args, plan, network=network, dataset_kwargs=dataset_kwargs)
-    except BadInput as err:
+    except (BadInput, safety.NotOurs) as err:
         subparser.error(str(err))
     except FileNotFoundError as err:  # e.g. no Fashion-MNIST anywhere: list where we looked
         print(f"keras-aesam {args.command}: error: {err}", file=sys.stderr)
@@ -749,8 +1016,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return bench.main(argv[1:])
     try:
         run(argv)
-    except KeyboardInterrupt:
-        return 130
+    except KeyboardInterrupt as err:  # 128 + the signal's number, as a shell reports it
+        return 128 + int(getattr(err, "signum", None) or signal.SIGINT)
     return 0
 
 

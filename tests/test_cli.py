@@ -58,7 +58,7 @@ def _last_line(text):
     [
         (["--dataset", "mnist"], r"unknown dataset 'mnist'; valid datasets: cifar10, cifar100, fashion_mnist, imagenet2012"),
         (["--model", "resnet1000"], r"unknown network 'resnet1000'; valid networks: .*resnet18.*small_cnn"),
-        (["--method", "adam"], r"unknown method 'adam'; valid methods: ae_looksam, ae_sam, erm, esam, looksam, sam, ss_sam"),
+        (["--method", "adam"], r"unknown method 'adam'; valid methods: " + re.escape(", ".join(sorted(METHODS)))),
         (["--noise", "1.0"], r"--noise must be in \[0, 1\), got 1"),
         (["--noise", "-0.1"], r"--noise must be in \[0, 1\), got -0.1"),
         (["--batch-size", "0"], r"--batch-size must be >= 1, got 0"),
