@@ -6,6 +6,13 @@ step, a *direction* rule forms the update, and ``SharpnessAwareModel`` runs both
 inside ``train_step``.
 """
 
+import sys as _sys
+
+from keras_aesam import _startup
+
+if _sys.argv and _startup.is_console_script(_sys.argv[0]):  # the keras-aesam command: no TF start-up noise
+    _startup.quiet_tensorflow_import()
+
 from keras_aesam import directions, ops, policies
 from keras_aesam.sharpness import measure_sharpness
 from keras_aesam.methods import METHODS, build_method, method_parameters
