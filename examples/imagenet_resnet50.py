@@ -11,13 +11,15 @@ default ``--weight-decay-mode l2``).
 ImageNet cannot be downloaded: tensorflow-datasets builds ``imagenet2012`` from
 ``ILSVRC2012_img_train.tar`` and ``ILSVRC2012_img_val.tar`` that you place in
 ``--manual-dir`` (the first run extracts them into tfds's data dir, which takes
-hours and ~150 GB). The defaults are a CPU-sized smoke run (128-pixel images, a
-few thousand examples, one epoch, 20 evaluation batches); ``--paper`` is the full setting, for a
+hours and ~150 GB; later runs, also offline, need only ``--data-dir``). The
+defaults are a CPU-sized smoke run (128-pixel images, a few thousand examples,
+one epoch, 20 evaluation batches); ``--paper`` is the full setting, for a
 machine with accelerators.
 
     python examples/imagenet_resnet50.py --manual-dir /data/imagenet
     python examples/imagenet_resnet50.py --manual-dir /data/imagenet --methods sam,ae_sam,looksam,ae_looksam
     python examples/imagenet_resnet50.py --manual-dir /data/imagenet --paper
+    python examples/imagenet_resnet50.py --data-dir /data/tfds   # once prepared there
 """
 
 import argparse
@@ -46,7 +48,9 @@ def resnet50(num_classes, input_shape, kernel_regularizer=None):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--manual-dir", required=True, help="folder with the ImageNet tar files")
+    parser.add_argument("--manual-dir", default=None,
+                        help="folder with the ImageNet tar files (needed only until imagenet2012 is "
+                             "prepared in --data-dir)")
     parser.add_argument("--data-dir", default=None, help="tensorflow-datasets data dir (default ~/tensorflow_datasets)")
     parser.add_argument("--methods", type=_common.csv_list(str), default=["ae_sam"],
                         help=f"comma-separated, from {','.join(METHODS)} (default ae_sam)")

@@ -460,9 +460,8 @@ def _missing_module(err: ModuleNotFoundError, needed_by: str) -> ImportError:
     module = (err.name or "").split(".")[0] or str(err)
     package = _PIP_NAMES.get(module, module)
     return ImportError(
-        f"{needed_by} needs the Python module {module!r}, which is not installed. "
-        f"Install it with `pip install {package}` (keras-aesam's own dependencies include "
-        "what its data sets need: reinstalling keras-aesam also fixes it).",
+        f"{needed_by} needs the Python module {module!r}, which is not installed: "
+        f"install it with `pip install {package}`.",
         name=module,
     )
 

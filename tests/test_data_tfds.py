@@ -109,6 +109,19 @@ def test_prepared_cifar_loads_offline(cifar_built):
     np.testing.assert_array_equal(collect(s.test)[1], collect(cifar_built["raw"].test)[1])
 
 
+def test_archive_in_the_default_manual_dir_is_used_without_network(tmp_path):
+    """tfds takes a registered file from <data_dir>/downloads/manual instead of downloading it."""
+    data_dir = tmp_path / "tfds"
+    archive = fx.write_cifar_archive(data_dir / "downloads" / "manual", "cifar10", per_file=2)
+    with fx.cifar_source_at("cifar10", fx.closed_port_url("cifar-10-binary.tar.gz"), archive["path"]):
+        s = data.cifar10(data_dir=data_dir, batch_size=4, validation_fraction=0.0, augment=False, normalize=False)
+    assert s.train_examples == 10 and s.test_examples == 2
+    x, y = collect(s.test)
+    table = label_by_image(*archive["test"])
+    assert sorted(table.values()) == sorted(y.tolist())
+    assert all(table[np.rint(img * 255).astype(np.uint8).tobytes()] == lab for img, lab in zip(x, y))
+
+
 def test_unreachable_server_is_a_network_error(tmp_path, monkeypatch):
     # tfds retries a failed connection 10 times with exponential back-off (3 min 25 s
     # measured for an unresolvable host); one attempt gives the same error
