@@ -72,6 +72,50 @@ def _multi_worker():
     )
 
 
+# TensorFlow keeps, for the life of the process, the tensor shape of every
+# collective instance it has run, by (group key, instance key). Every
+# MirroredStrategy names its device group 1 and hands out instance keys from
+# 100 on, one per all-reduce per step, so a model trained under a second
+# strategy reuses the first one's keys: when the two models' all-reduces
+# differ in shape or order (a plain Dense(2) model then a Dense(3) one already
+# does), the step fails with "Shape mismatch in the collective instance".
+# Before each fit/evaluate/predict, a sharpness-aware model moves its
+# strategy's counters past every key handed out under a strategy it claimed
+# before, in a range (from 2**30) that a fresh strategy's counters never reach.
+_FIRST_CLAIMED_INSTANCE_KEY = 1 << 30
+_claimed_key_groups = []  # {device: next instance key} of each claimed group
+
+
+def _collective_keys_of(strategy):
+    """The ``CollectiveKeys`` a (single-worker) MirroredStrategy draws from."""
+    if not isinstance(strategy, tf.distribute.MirroredStrategy):
+        return []
+    extended = strategy.extended
+    owners = [extended, getattr(extended, "_collective_ops", None),
+              getattr(extended, "_cross_device_ops", None)]
+    found = []
+    for owner in owners:
+        keys = getattr(owner, "_collective_keys", None)
+        if keys is not None and hasattr(keys, "_instance_key_table") and all(
+            keys is not k for k in found
+        ):
+            found.append(keys)
+    return found
+
+
+def _claim_fresh_collective_keys(strategy):
+    """Make ``strategy``'s next instance keys unused in this process (see above)."""
+    for keys in _collective_keys_of(strategy):
+        with keys._lock:
+            used = [n for group in _claimed_key_groups for n in group.values()]
+            for group in keys._instance_key_table.values():
+                start = max([_FIRST_CLAIMED_INSTANCE_KEY, *used, *group.values()])
+                for device in group:
+                    group[device] = start
+                if all(group is not g for g in _claimed_key_groups):
+                    _claimed_key_groups.append(group)
+
+
 def _all_reduce_sum(tensors):
     ctx = _replica_context()
     if ctx is None:
@@ -429,6 +473,7 @@ class SharpnessAwareModel(keras.Model):
         CPU, so with ``jit_compile=True`` the step runs as a graph and each
         forward-backward pass is its own XLA cluster.
         """
+        _claim_fresh_collective_keys(self.distribute_strategy)
         if self.train_function is not None and not force:
             return self.train_function
         self._ensure_direction_state()
@@ -476,6 +521,14 @@ class SharpnessAwareModel(keras.Model):
             return super().make_train_function(force=force)
         finally:
             self._jit_compile = jit
+
+    def make_test_function(self, force=False):
+        _claim_fresh_collective_keys(self.distribute_strategy)
+        return super().make_test_function(force=force)
+
+    def make_predict_function(self, force=False):
+        _claim_fresh_collective_keys(self.distribute_strategy)
+        return super().make_predict_function(force=force)
 
     def export(self, filepath, format="tf_saved_model", verbose=None, input_signature=None, **kwargs):
         """Export for inference; a wrapper takes its input signature from ``inner``.

@@ -18,26 +18,69 @@ import tensorflow as tf
 import keras
 import keras_aesam
 
+import distributed_worker as dw
 from test_model import compile_sgd, small_net, toy_data
 
 WORKER = os.path.join(os.path.dirname(__file__), "distributed_worker.py")
-TIMEOUT = 240
+TIMEOUT = 420
+ALL_METHODS = sorted(keras_aesam.METHODS)
+# ESAM's sample selection ranks each replica's shard on its own (documented),
+# so only ESAM is not expected to match one device on the global batch.
+SYNCED_METHODS = [m for m in ALL_METHODS if m != "esam"]
+STEPS = dw.EPOCHS * dw.STEPS_PER_EPOCH
+
+# Tolerance of "the 2-replica run equals the one-device run" (float64 runs).
+# The two runs evaluate the same real-number function and differ only in the
+# order of additions: one device sums 32 per-sample gradients, each replica
+# sums 16 and the all-reduce adds the two halves. Two summation orders of n
+# terms differ by at most 2·γ(n-1)·Σ|terms|, γ(k) = k·u/(1-k·u), u = 2^-53
+# (float64): 2·31·2^-53 ≈ 6.9e-15 of the per-sample gradients' scale G per
+# step. SGD (lr 0.1, momentum 0.9) moves the weights by lr/(1-0.9) = 1× a
+# gradient error, summed over the 12 steps: ≤ 12 · 6.9e-15 · G ≈ 8.3e-14·G,
+# G = O(1) here (cross-entropy, unit-scale inputs and weights). Feedback through
+# later steps and LookSAM's orthogonal part ĝ - (⟨ĝ,g⟩/‖g‖²)·g (a difference of
+# near-equal vectors) amplify it; a 10^3 allowance for both gives 1e-10 (10^5
+# above the ≈1e-15 measured). A wrong step (a missing 1/replicas, a per-replica
+# perturbation or g_v) is O(lr·g) ≈ 1e-2 off: eight orders of magnitude apart.
+SYNCED_RTOL = 1e-10
 
 
-def run_worker(*args, env=None, timeout=TIMEOUT):
-    full_env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", **(env or {})}
+def worker_command(*args):
+    return [sys.executable, WORKER, *args]
+
+
+def worker_env(**extra):
+    return {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", **extra}
+
+
+def start_worker(*args, **env):
+    return subprocess.Popen(
+        worker_command(*args), env=worker_env(**env),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+
+
+def finish_workers(procs, timeout=TIMEOUT):
+    """Wait for every process (bounded: a hang fails the test); their JSON results."""
     try:
-        done = subprocess.run(
-            [sys.executable, WORKER, *args], capture_output=True, text=True,
-            timeout=timeout, env=full_env,
-        )
+        outputs = [proc.communicate(timeout=timeout) for proc in procs]
     except subprocess.TimeoutExpired:
-        pytest.fail(f"distributed worker {args} did not finish within {timeout} s (hang?)")
-    assert done.returncode == 0, done.stderr[-3000:]
-    return json.loads(done.stdout.strip().splitlines()[-1])
+        for proc in procs:
+            proc.kill()
+        pytest.fail(f"distributed workers did not finish within {timeout} s (hang?)")
+    results = []
+    for proc, (stdout, stderr) in zip(procs, outputs):
+        assert proc.returncode == 0, stderr[-3000:]
+        results.append(json.loads(stdout.strip().splitlines()[-1]) if stdout.strip() else None)
+    return results
+
+
+def run_worker(*args, **env):
+    return finish_workers([start_worker(*args, **env)])[0]
 
 
 def max_rel_diff(a, b):
+    """Largest |a - b| of each tensor relative to that tensor's largest |b|."""
     return max(
         float(np.max(np.abs(np.array(x) - np.array(y))) / max(np.max(np.abs(np.array(y))), 1e-12))
         for x, y in zip(a, b)
@@ -45,27 +88,69 @@ def max_rel_diff(a, b):
 
 
 # --------------------------------------------------------------------------
-# MirroredStrategy on 2 logical CPU devices
+# MirroredStrategy on 2 logical CPU devices (one process for all methods)
 # --------------------------------------------------------------------------
-@pytest.mark.parametrize("method", ["sam", "ae_sam", "ae_looksam"])
-def test_synced_perturbation_matches_one_device(method):
-    result = run_worker("mirrored", method, "1")
+@pytest.fixture(scope="module")
+def synced_runs():
+    return run_worker("mirrored", "1", *SYNCED_METHODS, **{dw.FLOATX_ENV: "float64"})
+
+
+@pytest.mark.parametrize("method", SYNCED_METHODS)
+def test_synced_perturbation_matches_one_device(synced_runs, method):
+    """sync_perturbation=True on 2 replicas trains like one device on the global batch."""
+    result = synced_runs[method]
     assert result["replicas"] == 2
     assert result["fractions"] == result["one_device_fractions"]
-    assert max_rel_diff(result["weights"], result["one_device_weights"]) < 1e-5
+    assert max_rel_diff(result["weights"], result["one_device_weights"]) < SYNCED_RTOL
 
 
-@pytest.mark.parametrize(
-    "method, sync",
-    [("ss_sam", "1"), ("ae_sam", "0"), ("esam", "1")],
-)
-def test_every_replica_takes_the_same_branch(method, sync):
-    result = run_worker("mirrored", method, sync, env={"KERAS_AESAM_TEST_BN": "1"})
-    decisions = result["decisions"]
-    assert len(decisions) == 12  # 3 epochs x 4 steps
-    for step, per_replica in decisions.items():
-        assert set(per_replica) == {"0", "1"}, step
-        assert per_replica["0"] == per_replica["1"], f"replicas disagree at step {step}"
+@pytest.fixture(scope="module")
+def unsynced_runs():
+    return run_worker("mirrored", "0", *ALL_METHODS, **{dw.BN_ENV: "1"})
+
+
+@pytest.mark.parametrize("method", ALL_METHODS)
+def test_every_replica_takes_the_same_branch(unsynced_runs, method):
+    """With sync_perturbation=False and per-replica BatchNorm the replicas'
+    gradients differ; the branch each replica actually ran (recorded where the
+    SAM branch forms its perturbation) is still the same at every step."""
+    result = unsynced_runs[method]
+    branches = result["sam_branches"]
+    for step, replicas in branches.items():
+        assert replicas == [0, 1], f"at step {step} only replicas {replicas} took the SAM branch"
+    assert len(branches) == round(sum(result["fractions"]) * dw.STEPS_PER_EPOCH)
+    policy = keras_aesam.wrap(dw.net(), method=method).policy
+    if policy.static_decision is None and policy.name in ("adaptive", "bernoulli", "periodic"):
+        assert 0 < len(branches) < STEPS  # both kinds of step: a disagreement could show
+
+
+# --------------------------------------------------------------------------
+# Several models in one process
+# --------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def sequences():
+    """Every method one after another in one process, in two orders (in
+    parallel), each round under one shared strategy and under a fresh one per model."""
+    orders = {"forward": ALL_METHODS, "backward": ALL_METHODS[::-1]}
+    results = finish_workers([start_worker("sequence", *order) for order in orders.values()])
+    return dict(zip(orders, results))
+
+
+@pytest.mark.parametrize("order", ["forward", "backward"])
+@pytest.mark.parametrize("strategy", ["shared", "fresh"])
+def test_models_train_one_after_another_in_one_process(sequences, order, strategy):
+    """No model fails for what was trained before it (a plain Keras model
+    before and after included), and each ends exactly as in every other round."""
+    runs = sequences[order][strategy]
+    errors = {name: run for name, run in runs.items() if isinstance(run, str)}
+    assert not errors
+    methods = ALL_METHODS if order == "forward" else ALL_METHODS[::-1]
+    assert list(runs) == ["plain_first", *methods, "plain_last"]
+    reference = sequences["forward"]["shared"]
+    for name, weights in runs.items():
+        name_ref = "plain_first" if name == "plain_last" else name
+        for a, b in zip(weights, reference[name_ref]):
+            np.testing.assert_array_equal(np.array(a), np.array(b), err_msg=name)
 
 
 # --------------------------------------------------------------------------
@@ -81,33 +166,38 @@ def free_ports(n):
     return ports
 
 
-@pytest.mark.parametrize("method", ["ae_sam", "ae_looksam"])
-def test_multi_worker_ends_identical(tmp_path, method):
+MULTI_WORKER_METHODS = ["ae_sam", "ae_looksam"]
+
+
+@pytest.fixture
+def float64():
+    keras.config.set_floatx("float64")
+    yield
+    keras.config.set_floatx("float32")
+
+
+def test_two_workers_match_one_device(tmp_path, float64):
+    """Two worker processes (sync_perturbation=True, float64) end like one device
+    trained on the same global batches (each worker gets half of every batch)."""
     workers = [f"127.0.0.1:{p}" for p in free_ports(2)]
     procs, outs = [], []
     for index in range(2):
         out = tmp_path / f"worker{index}.json"
         tf_config = {"cluster": {"worker": workers}, "task": {"type": "worker", "index": index}}
-        env = {**os.environ, "TF_CONFIG": json.dumps(tf_config), "TF_CPP_MIN_LOG_LEVEL": "3"}
-        procs.append(subprocess.Popen(
-            [sys.executable, WORKER, "worker", method, str(out)],
-            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        procs.append(start_worker(
+            "worker", str(out), *MULTI_WORKER_METHODS,
+            TF_CONFIG=json.dumps(tf_config), **{dw.FLOATX_ENV: "float64"},
         ))
         outs.append(out)
-    try:
-        for proc in procs:
-            proc.wait(timeout=TIMEOUT)
-    except subprocess.TimeoutExpired:
-        for proc in procs:
-            proc.kill()
-        pytest.fail(f"multi-worker training did not finish within {TIMEOUT} s (hang?)")
-    for proc in procs:
-        assert proc.returncode == 0, proc.stderr.read()[-3000:]
+    finish_workers(procs)
     a, b = (json.loads(o.read_text()) for o in outs)
-    assert a["fractions"] == b["fractions"]
-    assert a["state"] == b["state"] and a["state"]["step"] == 12
-    for x, y in zip(a["weights"], b["weights"]):
-        np.testing.assert_array_equal(np.array(x), np.array(y))
+    for method in MULTI_WORKER_METHODS:
+        fractions, weights, model = dw.train(tf.distribute.OneDeviceStrategy("/cpu:0"), method, True)
+        for result in (a[method], b[method]):
+            assert result["fractions"] == fractions, method
+            assert result["state"]["step"] == STEPS
+            assert result["state"] == pytest.approx(model.policy_state, rel=SYNCED_RTOL)
+            assert max_rel_diff(result["weights"], weights) < SYNCED_RTOL, method
 
 
 # --------------------------------------------------------------------------
@@ -134,6 +224,46 @@ def test_mixed_precision_trains(mixed_policy, method):
     assert model.policy_state["step"] >= 6
 
 
+class FirstStepLogs(keras.callbacks.Callback):
+    def on_train_batch_end(self, batch, logs=None):
+        if batch == 0:
+            self.logs = {k: float(v) for k, v in logs.items()}
+
+
+def first_step_statistics(policy_name):
+    """``‖g‖²``, µ and σ after AE-SAM's first step, from fixed initial weights."""
+    keras.mixed_precision.set_global_policy(policy_name)
+    try:
+        inner = small_net(batchnorm=False)
+        inner.set_weights(small_net(batchnorm=False, seed=0).get_weights())
+        rng = np.random.default_rng(0)
+        inner.set_weights([rng.normal(0.0, 0.5, size=w.shape).astype("float32") for w in inner.get_weights()])
+        model = compile_sgd(keras_aesam.wrap(inner, method="ae_sam"))
+        record = FirstStepLogs()
+        x, y = toy_data(n=16)
+        model.fit(x, y, epochs=1, batch_size=16, verbose=0, callbacks=[record])
+        return {k: record.logs[k] for k in ("grad_norm_sq", "ema_mean", "ema_std", "skipped_steps")}
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+
+
+def test_mixed_float16_statistics_come_from_unscaled_gradients():
+    """Under loss scaling (2^15 at the start) a scaled ‖g‖² would be 2^30 times
+    too large; the float16 run's first-step ‖g‖², µ and σ match float32's.
+
+    Tolerance: float16 has u = 2^-11 ≈ 4.9e-4. A gradient entry here is a sum
+    over the batch of 16 of products through dot products of at most 8 terms:
+    ≤ 16 + 8 = 24 float16 roundings, so ≤ 24·u ≈ 1.2e-2 relative; ‖g‖² at most
+    twice that, and µ = 0.1·‖g‖², σ ≈ 0.27·‖g‖² at the first step alike:
+    rel = 2.5e-2 (measured: 2e-4).
+    """
+    full = first_step_statistics("float32")
+    half = first_step_statistics("mixed_float16")
+    assert half["skipped_steps"] == 0.0
+    for key in ("grad_norm_sq", "ema_mean", "ema_std"):
+        assert half[key] == pytest.approx(full[key], rel=2.5e-2), key
+
+
 @pytest.mark.parametrize("mixed_policy", ["mixed_float16"], indirect=True)
 @pytest.mark.parametrize("method", ["ae_sam", "ae_looksam"])
 def test_overflow_step_is_skipped_entirely(mixed_policy, method):
@@ -149,10 +279,10 @@ def test_overflow_step_is_skipped_entirely(mixed_policy, method):
     assert h["skipped_steps"] == [1.0] and h["sam_fraction"] == [0.0]
     after = model.get_weights()
     names = [w.path for w in model.weights]
-    for name, a, b in zip(names, after, weights):
-        if "moving_" in name:
-            continue  # the forward pass of the bad batch moves BN statistics, as in Keras
+    assert any("moving_" in name for name in names)
+    for name, a, b in zip(names, after, weights):  # BatchNorm's moving statistics included
         np.testing.assert_array_equal(a, b, err_msg=name)
+    assert np.all(np.isfinite(model.predict(x, verbose=0)))
     assert float(model.optimizer.dynamic_scale.numpy()) == scale / 2  # the loss scale adapts
     assert model.policy_state["step"] == steps_before
     model.fit(x, y, epochs=1, batch_size=16, verbose=0)  # and training goes on
@@ -194,21 +324,6 @@ def test_global_clipnorm_applies_to_the_final_direction_only():
     expected = [w0 - 0.1 * g_hat[0] * 0.01 / hat_norm, b0 - 0.1 * g_hat[1] * 0.01 / hat_norm]
     for a, r in zip(inner.get_weights(), expected):
         np.testing.assert_allclose(a, r, rtol=1e-5, atol=1e-7)
-
-
-def test_sync_perturbation_is_harmless_on_one_device():
-    x, y = toy_data()
-    init = small_net().get_weights()
-    out = []
-    for sync in (True, False):
-        inner = small_net()
-        inner.set_weights(init)
-        model = compile_sgd(keras_aesam.wrap(inner, method="ae_sam", sync_perturbation=sync))
-        h = model.fit(x, y, epochs=2, batch_size=16, verbose=0, shuffle=False).history
-        out.append((h["sam_fraction"], inner.get_weights()))
-    assert out[0][0] == out[1][0]
-    for a, b in zip(out[0][1], out[1][1]):
-        np.testing.assert_array_equal(a, b)
 
 
 def test_building_outside_the_strategy_scope_gives_keras_error():

@@ -22,7 +22,8 @@ import keras_aesam
 from test_model import compile_sgd, small_net, toy_data
 
 METHODS = sorted(keras_aesam.METHODS)
-# Settings under which every method takes both kinds of step within a few steps.
+# Settings under which these methods take both kinds of step within a few
+# steps; any other method of METHODS runs with its defaults.
 HP = {
     "erm": {},
     "sam": {"rho": 0.1},
@@ -56,7 +57,7 @@ def initial_weights():
 def make_model(method, init, **kw):
     inner = small_net(dropout=0.2, seed=0)
     inner.set_weights(init)
-    return compile_sgd(keras_aesam.wrap(inner, method=method, **HP[method], **kw))
+    return compile_sgd(keras_aesam.wrap(inner, method=method, **HP.get(method, {}), **kw))
 
 
 def full_state(model):
@@ -394,7 +395,7 @@ def test_nonfinite_step_moves_nothing_and_is_counted(method, poison, capsys):
         sw = nan_weight(1)
     else:
         x = poisoned(x, 1, float(poison))
-    model = compile_sgd(keras_aesam.wrap(small_net(batchnorm=False, dropout=0.2), method=method, **HP[method]))
+    model = compile_sgd(keras_aesam.wrap(small_net(batchnorm=False, dropout=0.2), method=method, **HP.get(method, {})))
     snapshot, after_bad = Snapshot(0, 1), Snapshot(0, 2)
     history = model.fit(x, y, sample_weight=sw, epochs=2, batch_size=BATCH, shuffle=False, verbose=2,
                         callbacks=[snapshot, after_bad]).history
@@ -504,7 +505,7 @@ def test_unknowable_total_steps_is_refused_before_any_step(method):
 def test_methods_without_a_schedule_need_no_total_steps(method):
     x, y = toy_data(n=N)
     # (eager: what is checked here does not depend on the traced step)
-    model = compile_sgd(keras_aesam.wrap(small_net(), method=method, **HP[method]), run_eagerly=True)
+    model = compile_sgd(keras_aesam.wrap(small_net(), method=method, **HP.get(method, {})), run_eagerly=True)
     model.fit(batches(x, y), epochs=1, verbose=0)
     assert model.policy_state["step"] == STEPS
     assert model.policy_state["total_steps"] is None
@@ -555,7 +556,7 @@ def test_training_past_total_steps_keeps_lambda1(lambdas, sam_after_total):
 def test_model_without_trainable_weights_is_a_clear_error(method):
     inner = small_net()
     inner.trainable = False
-    model = compile_sgd(keras_aesam.wrap(inner, method=method, **HP[method]))
+    model = compile_sgd(keras_aesam.wrap(inner, method=method, **HP.get(method, {})))
     x, y = toy_data(n=N)
     with pytest.raises(ValueError, match="no trainable weights"):
         model.fit(x, y, epochs=1, batch_size=BATCH, verbose=0)
@@ -633,7 +634,7 @@ def test_loss_returning_per_sample_values_is_mean_reduced(method, unreduced, red
     for loss in (unreduced, reduced()):
         inner = small_net(dropout=0.2, seed=0)
         inner.set_weights(init)
-        model = keras_aesam.wrap(inner, method=method, **HP[method])
+        model = keras_aesam.wrap(inner, method=method, **HP.get(method, {}))
         model.compile(optimizer=keras.optimizers.SGD(0.05, momentum=0.9), loss=loss)
         history = model.fit(x, y, epochs=2, batch_size=BATCH, shuffle=False, verbose=0).history
         runs.append((history, full_state(model)))
@@ -657,7 +658,7 @@ def export_artifacts(method, directory):
     trace), saved as ``.keras`` and exported as a SavedModel, with its inputs,
     predictions and policy state."""
     x, _ = toy_data(n=32)
-    model = compile_sgd(keras_aesam.wrap(small_net(dropout=0.2), method=method, **HP[method]))
+    model = compile_sgd(keras_aesam.wrap(small_net(dropout=0.2), method=method, **HP.get(method, {})))
     build_optimizer(model)
     rng = np.random.default_rng(len(method))
     for v in model.weights:
