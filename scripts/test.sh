@@ -1,8 +1,14 @@
 #!/usr/bin/env bash
-# Installs the package with its test dependencies, then runs the test suite.
+# Installs the package with its test dependencies (Keras 2's tf-keras for the
+# peer tests included), makes Fashion-MNIST available offline as the main job
+# does, then runs the test suite. Uses a project .venv when the system Python
+# refuses installs (scripts/_setup.sh).
 # Usage: bash scripts/test.sh [pytest args]
 set -euo pipefail
 cd "$(dirname "$0")/.."
-python3 -m pip install --quiet --disable-pip-version-check -e ".[dev]"
+source scripts/_setup.sh
+keras_aesam_python
+keras_aesam_install dev
+keras_aesam_fashion_mnist
 export TF_CPP_MIN_LOG_LEVEL="${TF_CPP_MIN_LOG_LEVEL:-3}"
-exec python3 -m pytest -q -p no:cacheprovider "$@"
+exec "$PY" -m pytest -q -p no:cacheprovider "$@"
