@@ -444,8 +444,9 @@ def _resolve(args, network=None):
                f"export directory {str(export_path)!r} exists; pass --overwrite or another --export-dir/--output")
     from keras_aesam.plots import PLOT_FILES
 
-    _check_replaceable(run_dir, "config.json", _LEGACY_RUN_FILES, _RUN_FILES + tuple(PLOT_FILES.values()))
-    _check_replaceable(export_path, "saved_model.pb", _LEGACY_EXPORT_FILES, ())
+    action = "--resume" if args.resume else "--overwrite"
+    _check_replaceable(run_dir, "config.json", _LEGACY_RUN_FILES, _RUN_FILES + tuple(PLOT_FILES.values()), action)
+    _check_replaceable(export_path, "saved_model.pb", _LEGACY_EXPORT_FILES, (), action)
 
     return {
         "dataset": dataset,
@@ -521,7 +522,7 @@ def _policy_printer(model):
     return PolicyPrinter()
 
 
-def _check_replaceable(path: Path, marker: str, legacy: Sequence[str], names: Sequence[str]):
+def _check_replaceable(path: Path, marker: str, legacy: Sequence[str], names: Sequence[str], action: str):
     """BadInput unless the files of ours in ``path`` may be replaced (keras_aesam.safety).
 
     A folder written before manifests existed is recognised by ``marker`` and its
@@ -533,12 +534,12 @@ def _check_replaceable(path: Path, marker: str, legacy: Sequence[str], names: Se
     _check(path.is_dir(), f"{str(path)!r} is a file, not a folder")
     safety.adopt(path, marker, legacy)
     try:
-        safety.check_ours(path, "--overwrite")
+        safety.check_ours(path, action)
     except safety.NotOurs as err:
         raise BadInput(str(err))
     ours = set(safety.written(path))
     clash = [n for n in names if (path / n).exists() and n not in ours]
-    _check(not clash, f"--overwrite refuses to replace {', '.join(str(path / n) for n in clash)}: "
+    _check(not clash, f"{action} refuses to replace {', '.join(str(path / n) for n in clash)}: "
            "keras-aesam did not write it")
 
 

@@ -100,10 +100,16 @@ def written(folder: PathLike) -> List[str]:
         if not entry or entry in seen:
             continue
         bare = entry.rstrip("/")
-        if _relative(Path(folder), bare) != bare:  # absolute, '..', or odd: not ours to touch
-            continue
+        if _relative(Path(folder), bare) != bare or _through_link(Path(folder), bare):
+            continue  # absolute, '..', odd, or reached through a link: not ours to touch
         seen.append(entry)
     return seen
+
+
+def _through_link(folder: Path, rel: str) -> bool:
+    """Whether a folder on the way from ``folder`` to ``rel`` is a symbolic link."""
+    parts = rel.split("/")[:-1]
+    return any((folder.joinpath(*parts[: i + 1])).is_symlink() for i in range(len(parts)))
 
 
 def is_ours(folder: PathLike) -> bool:

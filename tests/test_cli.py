@@ -155,6 +155,58 @@ def test_help_states_the_weight_decay_mode(capsys):
         assert flag in out
 
 
+# ------------------------------------------------------------ start-up noise
+
+_AS_CONSOLE_SCRIPT = (
+    "import os, sys\n"
+    "sys.argv[0] = os.path.join(os.path.dirname(sys.executable), 'keras-aesam')\n"
+    "from keras_aesam.cli import main\n"
+    "try:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
+    "print('TF_CPP_MIN_LOG_LEVEL=' + os.environ['TF_CPP_MIN_LOG_LEVEL'])\n"
+)
+
+
+def _console_script(level=None):
+    import subprocess
+
+    env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
+    if level is not None:
+        env["TF_CPP_MIN_LOG_LEVEL"] = level
+    env["PYTHONPATH"] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    return subprocess.run([sys.executable, "-c", _AS_CONSOLE_SCRIPT], capture_output=True, text=True, env=env,
+                          timeout=300)
+
+
+def test_the_command_starts_without_tensorflow_noise_unless_the_user_asks():
+    shown = _console_script(level="0")  # the user's own setting wins: everything shows
+    assert shown.returncode == 0 and "TF_CPP_MIN_LOG_LEVEL=0" in shown.stdout
+    if not shown.stderr.strip():
+        pytest.skip("this TensorFlow prints nothing at start-up here: no noise to hide")
+    quiet = _console_script()
+    assert quiet.returncode == 0
+    assert "usage: keras-aesam" in quiet.stdout and "TF_CPP_MIN_LOG_LEVEL=2" in quiet.stdout
+    assert quiet.stderr == ""
+
+
+def test_noise_filter_keeps_errors_and_python_warnings():
+    from keras_aesam._startup import filter_noise
+
+    text = (
+        "WARNING: All log messages before absl::InitializeLog() is called are written to STDERR\n"
+        "I0000 00:00:1795856293.727199   25553 port.cc:153] oneDNN custom operations are on.\n"
+        "I0000 00:00:1795855772.338218    6443 cpu_feature_guard.cc:227] This TensorFlow binary is optimized\n"
+        "To enable the following instructions: AVX2 FMA, in other operations, rebuild TensorFlow.\n"
+        "W0000 00:00:1795855772.338218    6443 some.cc:1] a warning\n"
+        "E0000 00:00:1795855772.338218    6443 other.cc:2] a real error\n"
+        "/x/y.py:3: UserWarning: something Python says\n"
+    )
+    kept = filter_noise(text, 2).splitlines()
+    assert kept == ["E0000 00:00:1795855772.338218    6443 other.cc:2] a real error",
+                    "/x/y.py:3: UserWarning: something Python says"]
+    assert "a warning" in filter_noise(text, 1) and "oneDNN" not in filter_noise(text, 1)
+    assert filter_noise(text, 0) == text
+
+
 # ------------------------------------------------------------- end to end
 
 
