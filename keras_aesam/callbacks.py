@@ -171,7 +171,10 @@ class StepRecorder(keras.callbacks.Callback):
             ``recorder.grad_norm_samples`` (``{epoch: np.ndarray}``) and to
             ``grad_norm_path``. Needs ``grad_norm_data``.
         grad_norm_data: a dataset of ``(x, y)`` or ``(x, y, sample_weight)``
-            batches (usually the training set); it is repeated as needed.
+            batches (usually the training set; repeated as needed), or a list
+            of such batches (the same batches at every sampled epoch; the
+            ``keras-aesam`` command draws them once, so that sampling does
+            not move the training set's shuffle).
         grad_norm_batches: mini-batches per sampled epoch.
         grad_norm_path: CSV for the samples (columns :data:`GRAD_NORM_COLUMNS`);
             default ``grad_norms.csv`` next to ``path``.

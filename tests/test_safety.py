@@ -225,6 +225,21 @@ def test_example_tables_are_not_written_over_a_users_file(tmp_path, monkeypatch)
     assert _intact(theirs) and not (tmp_path / "table.csv").exists()
 
 
+def test_examples_resume_an_interrupted_run_and_rerun_only_with_overwrite(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parent.parent / "examples"))
+    import _common
+
+    calls = []
+    monkeypatch.setattr(cli, "run", lambda argv, **kwargs: calls.append(argv) or {})
+    run_dir = tmp_path / "run"
+    _put(run_dir / "config.json", json.dumps({"command": "keras-aesam train", "results": {"interrupted": True}}))
+    argv = ["train", "--epochs", "2", "--output", str(run_dir), "--overwrite"]
+    with contextlib.redirect_stdout(io.StringIO()):
+        _common.run_or_reuse(argv, run_dir)
+        _common.run_or_reuse(argv, run_dir, rerun=True)
+    assert calls == [["train", "--resume", "--epochs", "2", "--output", str(run_dir)], argv]
+
+
 def test_a_resumed_run_cuts_only_csv_files_it_wrote(tmp_path, capsys):
     """The step recorder's CSVs are cut back to the backup's point on resume; a foreign one is refused."""
     run_dir = tmp_path / "run"
