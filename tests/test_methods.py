@@ -177,7 +177,10 @@ def test_ss_sam_same_seed_same_decisions_and_weights():
 # --------------------------------------------------------------------------
 # Every policy with every direction
 # --------------------------------------------------------------------------
-ALL_POLICIES = [policies.Never(), policies.Always(), policies.Bernoulli(0.5), policies.Periodic(3), policies.Adaptive()]
+ALL_POLICIES = [
+    policies.Never(), policies.Always(), policies.Bernoulli(0.5), policies.Periodic(3), policies.Adaptive(),
+    policies.Late(1 / 3), policies.ScheduledCoin(0.5), policies.Quantile(0.5),
+]
 ALL_DIRECTIONS = [
     directions.Direction(rho=0.05),
     directions.Direction(rho=0.5, adaptive=True),
@@ -196,7 +199,7 @@ def test_any_policy_with_any_direction_trains(policy, direction):
     x, y = toy_data(n=48)
     h = model.fit(x, y, epochs=1, batch_size=16, verbose=0).history
     assert np.isfinite(h["loss"][0]) and h["skipped_steps"] == [0.0]
-    expected = {"never": 0.0, "always": 1.0, "periodic": 1 / 3}.get(policy.name)
+    expected = {"never": 0.0, "always": 1.0, "periodic": 1 / 3, "late": 1 / 3}.get(policy.name)
     if expected is not None:
         assert h["sam_fraction"][0] == pytest.approx(expected, abs=1e-6)
 
@@ -207,6 +210,8 @@ def test_every_named_method_and_class(name):
         "erm": keras_aesam.ERMModel, "sam": keras_aesam.SAMModel, "esam": keras_aesam.ESAMModel,
         "ss_sam": keras_aesam.SSSAMModel, "looksam": keras_aesam.LookSAMModel,
         "ae_sam": keras_aesam.AESAMModel, "ae_looksam": keras_aesam.AELookSAMModel,
+        "late_sam": keras_aesam.LateSAMModel, "rst": keras_aesam.RSTModel,
+        "quantile_sam": keras_aesam.QuantileSAMModel,
     }[name]
     assert cls.method == name
     wrapped = keras_aesam.wrap(small_net(), method=name)
