@@ -643,6 +643,9 @@ def _train(args, plan, network=None, dataset_kwargs=None):
     package_logger.setLevel(logging.INFO if args.verbose else logging.WARNING)
 
     # Data and network: the remaining bad input (labels, shapes) shows up here.
+    # Seeded first: the shuffle's seed pairs with TensorFlow's global seed, so the
+    # batch order must not depend on what ran earlier in this process.
+    keras.utils.set_random_seed(args.seed)
     try:
         data = _load_data(args, plan, dataset_kwargs)
     except ValueError as err:
@@ -670,17 +673,16 @@ def _train(args, plan, network=None, dataset_kwargs=None):
 
     # Resuming: the state of the last backup (none yet: from the start, as the seeds rebuild it).
     resume_meta = None
-    if args.resume:
+    if args.resume and (run_dir / BACKUP_FILE).is_file():
         # Metrics and optimizer variables exist only once built; build them now, without data.
         model._symbolic_build(data_batch=next(iter(data.test)))
-        if (run_dir / BACKUP_FILE).is_file():
-            try:
-                resume_meta = load_training_state(model, run_dir / BACKUP_FILE)
-            except ValueError as err:
-                raise BadInput(f"--resume: {_one_line(err)}")
-            _check(resume_meta.get("steps_per_epoch") == steps_per_epoch,
-                   f"--resume: the backup has {resume_meta.get('steps_per_epoch')} steps per epoch, "
-                   f"this data {steps_per_epoch}")
+        try:
+            resume_meta = load_training_state(model, run_dir / BACKUP_FILE)
+        except ValueError as err:
+            raise BadInput(f"--resume: {_one_line(err)}")
+        _check(resume_meta.get("steps_per_epoch") == steps_per_epoch,
+               f"--resume: the backup has {resume_meta.get('steps_per_epoch')} steps per epoch, "
+               f"this data {steps_per_epoch}")
     start_step = resume_meta["step"] if resume_meta else 0
     start_epoch = resume_meta["epoch"] if resume_meta else 0
     start_batch = resume_meta["batch"] if resume_meta else 0

@@ -299,3 +299,41 @@ def test_a_backup_from_another_model_is_refused(tmp_path):
         load_training_state(model(4), tmp_path / "state.npz")
     meta = load_training_state(model(2), tmp_path / "state.npz")
     assert meta["step"] == 0
+
+
+def test_a_run_killed_before_its_first_backup_starts_over_on_resume(tmp_path):
+    """No backup yet: --resume starts from step 0 (the seeds rebuild the start) and cuts the logs back."""
+    import contextlib
+    import io
+    import shutil
+
+    import keras
+
+    from keras_aesam import safety
+
+    if not _fashion_mnist_available():
+        pytest.skip("Fashion-MNIST files not available offline")
+    flags = ["--train-size", "256", "--epochs", "1", "--eval-batches", "1", "--hist-epochs", "0",
+             "--hist-batches", "1", "--quiet", "--no-plots", "--export-dir", str(tmp_path / "saved")]
+    with contextlib.redirect_stdout(io.StringIO()):
+        reference = cli.run(["train", *flags, "--output", str(tmp_path / "reference")])
+    # What a kill inside the first epoch leaves: config.json without results, the
+    # epoch-0 ‖g‖² samples, and no backup.
+    run_dir = tmp_path / "killed"
+    run_dir.mkdir()
+    config = json.loads((tmp_path / "reference" / "config.json").read_text())
+    config = {k: v for k, v in config.items() if k not in ("results", "finished")}
+    (run_dir / "config.json").write_text(json.dumps(config))
+    shutil.copy(tmp_path / "reference" / "grad_norms.csv", run_dir / "grad_norms.csv")
+    safety.record(run_dir, run_dir / "config.json", run_dir / "grad_norms.csv")
+    with contextlib.redirect_stdout(io.StringIO()):
+        resumed = cli.run(["train", "--resume", "--output", str(run_dir)])
+    assert resumed["resumed_from_step"] == 0
+    for key in ("test_accuracy", "test_loss", "sam_steps", "steps"):
+        assert resumed[key] == reference[key], key
+    for name in ("steps.csv", "grad_norms.csv", "history.csv"):  # each row once
+        assert _rows(run_dir / name) == _rows(tmp_path / "reference" / name), name
+    a = keras.models.load_model(tmp_path / "reference" / "model.keras")
+    b = keras.models.load_model(run_dir / "model.keras")
+    for x, y in zip(a.weights, b.weights):  # exact, for the reason given in _assert_same_run
+        np.testing.assert_array_equal(x.numpy(), y.numpy(), err_msg=x.path)
