@@ -98,7 +98,16 @@ HYPERPARAMETER_FLAGS = (
     ("adaptive", "--adaptive", None, "ASAM's scale-invariant perturbation (Kwon et al., 2021)"),
     ("beta", "--beta", float, "ESAM: share of weight tensors perturbed, SWP (default 0.6)"),
     ("gamma", "--gamma", float, "ESAM: share of the batch used for the SAM gradient, SDS (default 0.5)"),
+    ("p_start", "--p-start", float, "the coin's SAM probability at the first step (with --p-end)"),
+    ("p_end", "--p-end", float, "the coin's SAM probability at the last step (with --p-start)"),
+    ("schedule", "--coin-schedule", str,
+     "shape of the coin's probability for --target-sam-fraction: linear or constant (default linear)"),
+    ("step_size", "--step-size", float, "rate at which the quantile threshold moves (default 0.1)"),
+    ("spread", "--spread", float, "λ2 - λ1 of the c_t schedule behind the quantile's target (default 2)"),
 )
+
+#: Hyperparameters whose argparse ``dest`` differs from their name (``--schedule`` is the learning rate's).
+_HYPERPARAMETER_DEST = {"schedule": "coin_schedule"}
 
 _IGNORED_PARAMETERS = {"seed"}  # --seed seeds the whole run, and the method too
 
@@ -296,9 +305,10 @@ def build_parser() -> argparse.ArgumentParser:
         takers = _methods_taking(name)
         text = f"{text} [{', '.join(takers)}]"
         if kind is None:
-            h.add_argument(flag, dest=name, action="store_true", default=None, help=text)
+            h.add_argument(flag, dest=_HYPERPARAMETER_DEST.get(name, name), action="store_true", default=None,
+                           help=text)
         else:
-            h.add_argument(flag, dest=name, type=kind, default=None, help=text)
+            h.add_argument(flag, dest=_HYPERPARAMETER_DEST.get(name, name), type=kind, default=None, help=text)
     h.add_argument("--total-steps", type=int, default=None,
                    help="the schedule's T (default: epochs x steps per epoch) [all]")
 
@@ -403,7 +413,7 @@ def _resolve(args, network=None):
     hyperparameters = {}
     refused = []
     for name, flag, kind, _ in HYPERPARAMETER_FLAGS:
-        value = getattr(args, name)
+        value = getattr(args, _HYPERPARAMETER_DEST.get(name, name))
         if value is None:
             continue
         if name not in takes:
