@@ -905,10 +905,8 @@ def _train(args, plan, network=None, dataset_kwargs=None):
     config["results"] = results
     config["finished"] = datetime.datetime.now().isoformat(timespec="seconds")
     _write_json(run_dir / "config.json", config)
-    if interrupted is None and (run_dir / BACKUP_FILE).exists():
-        (run_dir / BACKUP_FILE).unlink()  # the run is complete: model.keras holds its state
-        if not any((run_dir / "backup").iterdir()):
-            (run_dir / "backup").rmdir()
+    if interrupted is None:
+        safety.discard(run_dir / BACKUP_FILE, run_dir)  # the run is complete: model.keras holds its state
 
     sam = "n/a" if recorder.sam_fraction is None else f"{100 * recorder.sam_fraction:.1f} %"
     accuracy = f"{results['test_accuracy']:.4f}" if "test_accuracy" in results else "n/a (interrupted)"

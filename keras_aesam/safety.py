@@ -34,6 +34,7 @@ __all__ = [
     "adopt",
     "check_ours",
     "claim",
+    "discard",
     "foreign_files",
     "is_ours",
     "record",
@@ -233,6 +234,20 @@ def remove_written(folder: PathLike, *, keep: Iterable[str] = ()) -> List[str]:
         except OSError:
             pass
     return left
+
+
+def discard(path: PathLike, root: Optional[PathLike] = None) -> bool:
+    """Deletes one file we wrote (listed in ``root``'s manifest), then its folder if
+    that is listed and now empty. Returns whether the file was deleted."""
+    path = Path(path)
+    root = path.parent if root is None else Path(root)
+    if not (path.is_file() or path.is_symlink()) or not _owned(root, path):
+        return False
+    path.unlink()
+    parent = path.parent
+    if parent != root and _owned(root, parent) and not any(parent.iterdir()):
+        parent.rmdir()
+    return True
 
 
 def truncate_written(path: PathLike, size: int, root: Optional[PathLike] = None) -> None:

@@ -86,6 +86,15 @@ def test_check_ours_refuses_a_non_empty_folder_without_a_manifest(tmp_path):
     safety.check_ours(tmp_path / "empty", "--fresh")
 
 
+def test_discard_deletes_one_file_of_ours_and_its_emptied_folder(tmp_path):
+    ours = _put(tmp_path / "backup" / "state.npz", "ours")
+    safety.record(tmp_path, tmp_path / "backup", ours)
+    theirs = _put(tmp_path / "backup2" / "state.npz")
+    assert not safety.discard(theirs, tmp_path) and _intact(theirs)
+    assert safety.discard(ours, tmp_path)
+    assert not (tmp_path / "backup").exists()
+
+
 def test_truncate_written_only_cuts_our_files(tmp_path):
     theirs = _put(tmp_path / "steps.csv")
     with pytest.raises(safety.NotOurs, match="refusing to truncate"):
