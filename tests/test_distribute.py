@@ -322,6 +322,11 @@ def test_global_clipnorm_applies_to_the_final_direction_only():
     g_hat = grad(w0 + e[0], b0 + e[1])
     hat_norm = np.sqrt(sum(np.sum(t**2) for t in g_hat))
     expected = [w0 - 0.1 * g_hat[0] * 0.01 / hat_norm, b0 - 0.1 * g_hat[1] * 0.01 / hat_norm]
+    # float32 step against float64: the weights carry their own rounding
+    # (u = 2^-24 ≈ 6e-8 relative) plus the step's, lr·0.01 = 1e-3 times the
+    # clipped direction's ≤ ~30u relative error (sums over 16 samples and 3
+    # inputs, two norms): ≈ 6e-8 relative in all; rtol 1e-5 leaves 100×, while
+    # an unclipped or wrongly clipped step is off by ≥ 1e-3.
     for a, r in zip(inner.get_weights(), expected):
         np.testing.assert_allclose(a, r, rtol=1e-5, atol=1e-7)
 

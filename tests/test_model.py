@@ -139,7 +139,11 @@ def test_second_pass_runs_in_training_mode():
 # --------------------------------------------------------------------------
 # sample_weight, class_weight
 # --------------------------------------------------------------------------
-def test_class_weight_reaches_both_passes():
+def test_class_weight_trains_like_the_equivalent_sample_weight():
+    """A reference test only: Keras turns ``class_weight`` into ``sample_weight``
+    before ``train_step``, so this cannot catch a weight dropped inside the step;
+    that both passes use ``sample_weight`` is checked against the NumPy
+    reference (tests/test_reference.py)."""
     x, y = toy_data()
     cw = {0: 1.0, 1: 3.0, 2: 0.5}
 
