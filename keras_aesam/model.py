@@ -574,8 +574,37 @@ class SharpnessAwareModel(keras.Model):
     # ------------------------------------------------------------------
     # Losses
     # ------------------------------------------------------------------
+    @property
+    def output_names(self):
+        """The inner model's output names (``None`` for a subclass).
+
+        ``compile`` reads them to resolve losses, metrics and ``loss_weights``
+        keyed by output name, as it does for the inner model itself.
+        """
+        return getattr(self.inner, "output_names", None)
+
+    @staticmethod
+    def _per_sample_values(values):
+        """A loss function's output reduced to one value per sample."""
+        values = ops.convert_to_tensor(values)
+        if values.shape.rank == 0:
+            raise ValueError(
+                "ESAM's data selection (gamma < 1) needs per-sample losses, "
+                "but the compiled loss returns a scalar. Use a loss with "
+                "per-sample output, or gamma=1.0."
+            )
+        if values.shape.rank > 1:
+            values = ops.mean(values, axis=tuple(range(1, values.shape.rank)))
+        return values
+
     def _per_sample_loss_fn(self):
-        """A function ``(y, y_pred) -> per-sample losses`` for ESAM's selection."""
+        """A function ``(y, y_pred) -> per-sample losses`` for ESAM's selection.
+
+        With one loss per output it is the ``loss_weights``-weighted sum of the
+        outputs' per-sample losses, resolved the way ``compile`` resolved them.
+        """
+        if keras.tree.is_nested(self.loss):
+            return self._per_sample_multi_output_loss_fn()
         loss = self.loss
         if isinstance(loss, str):
             loss = keras.losses.get(loss)
@@ -587,22 +616,32 @@ class SharpnessAwareModel(keras.Model):
         if fn is None:
             raise ValueError(
                 "ESAM's data selection (gamma < 1) needs per-sample losses: compile "
-                "with one loss (a keras.losses.Loss, a loss name or a function "
-                f"returning per-sample values), got loss={self.loss!r}. Use "
-                "gamma=1.0 to turn selection off."
+                "with a keras.losses.Loss, a loss name or a function returning "
+                f"per-sample values (one, or one per output), got loss={self.loss!r}. "
+                "Use gamma=1.0 to turn selection off."
             )
+        return lambda y, y_pred: self._per_sample_values(fn(y, y_pred))
 
+    def _per_sample_multi_output_loss_fn(self):
         def per_sample(y, y_pred):
-            values = ops.convert_to_tensor(fn(y, y_pred))
-            if values.shape.rank == 0:
-                raise ValueError(
-                    "ESAM's data selection (gamma < 1) needs per-sample losses, "
-                    "but the compiled loss returns a scalar. Use a loss with "
-                    "per-sample output, or gamma=1.0."
-                )
-            if values.shape.rank > 1:
-                values = ops.mean(values, axis=tuple(range(1, values.shape.rank)))
-            return values
+            compile_loss = self._compile_loss
+            names = self.output_names
+            if isinstance(y, dict) and not isinstance(y_pred, dict) and names:
+                y = [y[name] for name in names]
+            if isinstance(compile_loss._y_pred_build_structure, dict) and not isinstance(
+                y_pred, dict
+            ):
+                # compile keyed the losses by output name
+                y_pred = dict(zip(names, keras.tree.flatten(y_pred)))
+                y = dict(zip(names, keras.tree.flatten(y)))
+            total = 0.0
+            for path, loss_fn, weight, _ in compile_loss._flat_losses:
+                y_t, y_p = y, y_pred
+                for key in path:
+                    y_t, y_p = y_t[key], y_p[key]
+                values = self._per_sample_values(loss_fn.call(y_t, y_p))
+                total = total + (values if weight is None else values * weight)
+            return total
 
         return per_sample
 
@@ -682,7 +721,7 @@ class SharpnessAwareModel(keras.Model):
         return (
             tf.nest.map_structure(take, x),
             tf.nest.map_structure(take, y),
-            None if sample_weight is None else tf.gather(sample_weight, keep),
+            tf.nest.map_structure(take, sample_weight),
             ops.mean(ops.cast(after, "float32") - ops.cast(before, "float32")),
         )
 
