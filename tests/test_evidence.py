@@ -5,21 +5,22 @@ import json
 import numpy as np
 import pytest
 
-from keras_aesam import bench, evidence, evidence_report
+from keras_aesam import bench
+from keras_aesam.bench import noisy_labels, noisy_labels_report
 
 
 # --------------------------------------------------------------------------
 # The plan
 # --------------------------------------------------------------------------
 def test_rho_is_searched_on_the_rho_seeds_only():
-    specs = evidence.rho_specs(0.4)
-    assert {s["hyperparameters"]["rho"] for s in specs} == set(evidence.RHO_GRID)
-    assert {s["seed"] for s in specs} == set(evidence.RHO_SEEDS)
+    specs = noisy_labels.rho_specs(0.4)
+    assert {s["hyperparameters"]["rho"] for s in specs} == set(noisy_labels.RHO_GRID)
+    assert {s["seed"] for s in specs} == set(noisy_labels.RHO_SEEDS)
     assert all(s["method"] == "sam" for s in specs)
 
 
 def test_main_stage_matches_rivals_to_the_seeds_ae_budgets():
-    specs = evidence.main_specs(0.4, 3, 0.2, zeta=0.41, zeta_look=0.17)
+    specs = noisy_labels.main_specs(0.4, 3, 0.2, zeta=0.41, zeta_look=0.17)
     by_label = {s["label"]: s for s in specs}
     for method in ("ss_sam", "rst", "late_sam", "quantile_sam"):
         assert by_label[f"{method}@ae"]["hyperparameters"] == {"rho": 0.2, "target_sam_fraction": 0.41}
@@ -32,32 +33,32 @@ def test_main_stage_matches_rivals_to_the_seeds_ae_budgets():
 
 
 def test_sam_at_the_chosen_rho_is_shared_between_the_search_and_the_main_stage():
-    search = {evidence.run_id(s): s for s in evidence.rho_specs(0.4)}
-    main = {evidence.run_id(s): s for s in evidence.main_specs(0.4, 0, 0.1)}
+    search = {noisy_labels.run_id(s): s for s in noisy_labels.rho_specs(0.4)}
+    main = {noisy_labels.run_id(s): s for s in noisy_labels.main_specs(0.4, 0, 0.1)}
     shared = set(search) & set(main)
     assert shared == {"noise40__sam_rho0.1__s0"}
     assert all(search[k] == main[k] for k in shared)
 
 
 def test_budget_stage_covers_every_budgeted_policy_at_every_budget():
-    specs = evidence.budget_specs(0.4, 0, 0.2)
+    specs = noisy_labels.budget_specs(0.4, 0, 0.2)
     pairs = {(s["method"], s["hyperparameters"]["target_sam_fraction"]) for s in specs}
-    assert pairs == {(m, f) for m in evidence.BUDGETED for f in evidence.BUDGETS}
+    assert pairs == {(m, f) for m in noisy_labels.BUDGETED for f in noisy_labels.BUDGETS}
 
 
 def test_planned_runs_counts_each_run_once():
-    n = evidence.planned_runs((0.4,), (0, 1, 2), (0,))
-    per_seed = len(evidence.main_specs(0.4, 0, 0.1, zeta=0.5, zeta_look=0.2))
-    search = len(evidence.RHO_GRID) * len(evidence.RHO_SEEDS)
-    assert n == search + 3 * per_seed - 2 + len(evidence.BUDGETS) * len(evidence.BUDGETED)
+    n = noisy_labels.planned_runs((0.4,), (0, 1, 2), (0,))
+    per_seed = len(noisy_labels.main_specs(0.4, 0, 0.1, zeta=0.5, zeta_look=0.2))
+    search = len(noisy_labels.RHO_GRID) * len(noisy_labels.RHO_SEEDS)
+    assert n == search + 3 * per_seed - 2 + len(noisy_labels.BUDGETS) * len(noisy_labels.BUDGETED)
 
 
 def test_policy_and_direction_come_from_their_methods():
     import keras
 
     inner = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)])
-    spec = evidence.main_specs(0.4, 0, 0.2, zeta=0.3, zeta_look=0.2)[-1]
-    model = evidence.build_model(spec, inner, total_steps=100)
+    spec = noisy_labels.main_specs(0.4, 0, 0.2, zeta=0.3, zeta_look=0.2)[-1]
+    model = noisy_labels.build_model(spec, inner, total_steps=100)
     assert type(model.policy).__name__ == "Quantile"
     assert type(model.direction).__name__ == "LookSAM"
     assert model.policy.target_sam_fraction == 0.2 and model.direction.rho == 0.2
@@ -75,7 +76,7 @@ def test_rho_is_chosen_on_validation_accuracy_never_test():
                _result(0.2, 0.74), _result(0.2, 0.73, 1)]
     for r in results:
         r["test_accuracy"] = 1.0 if r["spec"]["hyperparameters"]["rho"] == 0.05 else 0.0  # must not matter
-    assert evidence.choose_rho(results) == 0.2
+    assert noisy_labels.choose_rho(results) == 0.2
 
 
 @pytest.mark.parametrize(
@@ -83,7 +84,7 @@ def test_rho_is_chosen_on_validation_accuracy_never_test():
     [(0.10, 2.30, True), (0.115, 2.2, True), (0.50, 1.2, False), (0.90, float("nan"), True)],
 )
 def test_chance_level_runs_are_flagged(accuracy, loss, degenerate):
-    assert evidence.is_degenerate({"test_accuracy": accuracy, "test_loss": loss, "num_classes": 10}) is degenerate
+    assert noisy_labels.is_degenerate({"test_accuracy": accuracy, "test_loss": loss, "num_classes": 10}) is degenerate
 
 
 def test_bench_hands_the_noisy_labels_profile_its_own_arguments():
@@ -104,8 +105,8 @@ def _fake_runs(out, rng):
         for label, acc in base.items():
             method = label.split("@")[0].replace("_rho0.1", "")
             hp = {"rho": 0.1, **({"target_sam_fraction": 0.45} if "@" in label else {})}
-            spec = {**evidence._spec(0.4, seed, label, method, hp), "label": label}
-            run = {"run_id": evidence.run_id(spec), "spec": spec,
+            spec = {**noisy_labels._spec(0.4, seed, label, method, hp), "label": label}
+            run = {"run_id": noisy_labels.run_id(spec), "spec": spec,
                    "test_accuracy": acc + rng.normal(0, 0.002), "test_loss": 1.0, "val_accuracy": acc,
                    "train_accuracy": 0.9, "steps": 100, "sam_steps": int(100 * frac[label]),
                    "sam_fraction": frac[label], "grad_evals": 100 + int(100 * frac[label]),
@@ -117,7 +118,7 @@ def _fake_runs(out, rng):
 
 def test_report_reads_the_runs_and_tests_the_claims(tmp_path):
     _fake_runs(tmp_path, np.random.default_rng(0))
-    summary = evidence_report.write_report(tmp_path)
+    summary = noisy_labels_report.write_report(tmp_path)
     cells = {r["label"]: r for r in summary}
     assert cells["sam_rho0.1"]["acc_mean"] == pytest.approx(0.75, abs=0.003)
     assert cells["ae_sam"]["evals_ratio"] == pytest.approx(1.45)
@@ -134,7 +135,7 @@ def test_report_reads_the_runs_and_tests_the_claims(tmp_path):
 def test_pareto_front_keeps_only_runs_nobody_beats_on_cost_and_accuracy():
     rows = [{"evals_ratio": 1.0, "acc_mean": 0.70}, {"evals_ratio": 1.2, "acc_mean": 0.69},
             {"evals_ratio": 1.5, "acc_mean": 0.74}, {"evals_ratio": 2.0, "acc_mean": 0.73}]
-    assert [r["acc_mean"] for r in evidence_report.pareto_front(rows)] == [0.70, 0.74]
+    assert [r["acc_mean"] for r in noisy_labels_report.pareto_front(rows)] == [0.70, 0.74]
 
 
 def csv_rows(path):
@@ -148,11 +149,18 @@ def csv_rows(path):
 # One real run, at the smallest size
 # --------------------------------------------------------------------------
 def test_one_run_trains_and_records_what_the_report_needs(monkeypatch):
-    monkeypatch.setitem(evidence.RECIPE, "epochs", 2)
-    monkeypatch.setitem(evidence.RECIPE, "train_size", 512)
-    monkeypatch.setattr(evidence, "CURVE_EVERY", 1)
-    spec = evidence.main_specs(0.4, 0, 0.1, zeta=0.3, zeta_look=0.3)[5 + 2]  # late SAM at 30 %
-    result = evidence.run_one(spec, stream=open("/dev/null", "w"))
+    monkeypatch.setitem(noisy_labels.RECIPE, "epochs", 2)
+    monkeypatch.setitem(noisy_labels.RECIPE, "train_size", 512)
+    monkeypatch.setattr(noisy_labels, "CURVE_EVERY", 1)
+    spec = noisy_labels.main_specs(0.4, 0, 0.1, zeta=0.3, zeta_look=0.3)[5 + 2]  # late SAM at 30 %
+    result = noisy_labels.run_one(spec, stream=open("/dev/null", "w"))
     assert result["steps"] == 8 and result["sam_steps"] == round(0.3 * 8)
     assert [e for e, _ in result["curve"]] == [1, 2]
     assert 0.0 <= result["test_accuracy"] <= 1.0 and np.isfinite(result["sharpness"])
+
+
+def test_the_old_module_names_still_reach_the_profile_and_its_report():
+    from keras_aesam import evidence, evidence_report
+
+    assert evidence.main is noisy_labels.main and evidence.run_profile is noisy_labels.run_profile
+    assert evidence_report.write_report is noisy_labels_report.write_report

@@ -1,0 +1,424 @@
+"""The noisy-labels bench profile: when to take SAM steps, compared at equal cost.
+
+A regime on real data where sharpness matters: Fashion-MNIST with symmetric
+label noise on a 10,000-image training subset, a 784-512-512-10 ReLU MLP
+trained for 40 epochs (SGD momentum 0.9, cosine from lr 0.05, no weight decay).
+ERM memorizes the flipped labels late in training; SAM resists. On top of
+that regime every *when* policy is run at the same budget of SAM steps:
+
+1. ``rho``: SAM with each ρ of ``RHO_GRID`` on the first seeds; the ρ with the
+   best mean *validation* accuracy (clean held-out labels, never the test set)
+   is used by every method of that setting.
+2. ``main``: ERM, SAM, AE-SAM, LookSAM, AE-LookSAM; then, at the SAM fraction
+   ζ that AE-SAM realised on the same seed, SS-SAM, RST, late SAM and quantile
+   SAM; and the LookSAM direction under late SAM and quantile SAM at
+   AE-LookSAM's realised ζ.
+3. ``budget`` (main setting only): AE-SAM, SS-SAM, RST, late SAM and quantile
+   SAM at fixed budgets of 10, 25, 50 and 75 % SAM steps.
+
+Every run of a seed starts from the same initial weights and sees the same
+labels and batch order. Each result is a JSON file written when its run ends,
+so an interrupted profile resumes at the next unfinished run. The report
+(``report.md``, ``results.csv``, plots) is written by :func:`write_report`.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import math
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from keras_aesam.methods import PRETTY_NAMES
+
+#: The regime (a 2-core CPU runs one model in 15-40 s).
+RECIPE = {
+    "dataset": "fashion_mnist",
+    "train_size": 10000,
+    "validation_fraction": 0.1,
+    "network": "mlp",
+    "epochs": 40,
+    "batch_size": 128,
+    "lr": 0.05,
+    "momentum": 0.9,
+    "weight_decay": 0.0,
+    "schedule": "cosine",
+}
+#: Label-noise settings, the main one first; the others get the ``main`` stage only.
+SETTINGS = (0.4, 0.0, 0.6)
+MAIN_NOISE = 0.4
+SEEDS = (0, 1, 2, 3, 4)
+RHO_GRID = (0.05, 0.1, 0.2)
+RHO_SEEDS = (0, 1)
+BUDGETS = (0.1, 0.25, 0.5, 0.75)
+#: The policies compared at a budget, by method name.
+BUDGETED = ("ae_sam", "ss_sam", "rst", "late_sam", "quantile_sam")
+#: Test accuracy is recorded every this many epochs (the learning curves).
+CURVE_EVERY = 5
+#: ρ of the sharpness readout, the same for every method so models compare.
+SHARPNESS_RHO = 0.05
+SHARPNESS_BATCHES = 8
+
+
+# ---------------------------------------------------------------- the plan
+def setting_name(noise):
+    return f"noise{int(round(100 * noise))}"
+
+
+def _spec(noise, seed, label, method, hp, direction_from=None, budget=None):
+    return {
+        "setting": setting_name(noise), "noise": noise, "seed": seed, "label": label,
+        "method": method, "direction_from": direction_from or method,
+        "hyperparameters": dict(hp), "budget": budget, **RECIPE,
+    }
+
+
+def run_id(spec):
+    return f"{spec['setting']}__{spec['label']}__s{spec['seed']}"
+
+
+def rho_specs(noise):
+    return [_spec(noise, seed, f"sam_rho{rho:g}", "sam", {"rho": rho})
+            for rho in RHO_GRID for seed in RHO_SEEDS]
+
+
+def main_specs(noise, seed, rho, zeta=None, zeta_look=None):
+    """The main stage for one seed; the ζ-matched runs need ``zeta`` (AE-SAM's
+    realised fraction) and ``zeta_look`` (AE-LookSAM's)."""
+    specs = [
+        _spec(noise, seed, "erm", "erm", {}),
+        _spec(noise, seed, f"sam_rho{rho:g}", "sam", {"rho": rho}),
+        _spec(noise, seed, "ae_sam", "ae_sam", {"rho": rho}),
+        _spec(noise, seed, "looksam", "looksam", {"rho": rho}),
+        _spec(noise, seed, "ae_looksam", "ae_looksam", {"rho": rho}),
+    ]
+    if zeta is not None:
+        for method in BUDGETED[1:]:
+            specs.append(_spec(noise, seed, f"{method}@ae", method,
+                               {"rho": rho, "target_sam_fraction": zeta}, budget="ae_sam"))
+    if zeta_look is not None:
+        for method in ("late_sam", "quantile_sam"):
+            specs.append(_spec(noise, seed, f"{method}+looksam@ae", method,
+                               {"rho": rho, "target_sam_fraction": zeta_look},
+                               direction_from="looksam", budget="ae_looksam"))
+    return specs
+
+
+def budget_specs(noise, seed, rho):
+    return [_spec(noise, seed, f"{method}@{f:g}", method, {"rho": rho, "target_sam_fraction": f},
+                  budget=f)
+            for f in BUDGETS for method in BUDGETED]
+
+
+# ---------------------------------------------------------------- one run
+def build_model(spec, inner, total_steps):
+    """The wrapped model of a spec: its method's policy with ``direction_from``'s direction."""
+    import keras_aesam
+    from keras_aesam import build_method
+
+    policy, direction = build_method(spec["method"], **spec["hyperparameters"])
+    if spec["direction_from"] != spec["method"]:
+        _, direction = build_method(spec["direction_from"], rho=spec["hyperparameters"]["rho"])
+    return keras_aesam.SharpnessAwareModel(
+        inner=inner, policy=policy, direction=direction, total_steps=total_steps
+    )
+
+
+def _compile(model, spec, total_steps):
+    from keras_aesam import recipe
+
+    plan = recipe.Recipe(lr=spec["lr"], momentum=spec["momentum"], weight_decay=spec["weight_decay"],
+                         schedule=spec["schedule"])
+    recipe.compile_model(model, plan, total_steps)
+
+
+def _curve_callback(test, every, stream):
+    import keras
+
+    class Curve(keras.callbacks.Callback):
+        def __init__(self):
+            super().__init__()
+            self.points = []
+            self.started = time.perf_counter()
+
+        def on_epoch_end(self, epoch, logs=None):
+            if (epoch + 1) % every:
+                return
+            acc = float(self.model.evaluate(test, verbose=0, return_dict=True)["accuracy"])
+            self.points.append([epoch + 1, acc])
+            print(f"    epoch {epoch + 1:3d}: train acc {logs.get('accuracy', float('nan')):.3f}, "
+                  f"test acc {acc:.3f}, SAM share {logs.get('sam_fraction', 0.0):.2f}, "
+                  f"{time.perf_counter() - self.started:.0f} s", file=stream, flush=True)
+
+    return Curve()
+
+
+def sharpness(inner, batches, rho):
+    """Mean over ``batches`` of ``L(w + e) - L(w)``, ``e = ρ·g/‖g‖``: the first-order
+    worst-case loss increase in a ρ-ball, at the trained weights (inference mode)."""
+    import keras
+    import tensorflow as tf
+
+    from keras_aesam import ops as sam_ops
+
+    loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    weights = inner.trainable_variables
+    rises = []
+    for x, y in batches:
+        with tf.GradientTape() as tape:
+            before = loss_fn(y, inner(x, training=False))
+        grads = tape.gradient(before, weights)
+        e = sam_ops.sam_perturbation(grads, rho)
+        for w, d in zip(weights, e):
+            w.assign_add(d)
+        after = loss_fn(y, inner(x, training=False))
+        for w, d in zip(weights, e):
+            w.assign_sub(d)
+        rises.append(float(after - before))
+    return float(np.mean(rises))
+
+
+def run_one(spec, stream=sys.stdout):
+    """Train one spec and return its result (test accuracy, SAM steps, curve …)."""
+    import keras
+
+    from keras_aesam import data as data_module
+    from keras_aesam import networks
+
+    keras.utils.clear_session()
+    keras.utils.set_random_seed(spec["seed"])
+    data = data_module.get_dataset(
+        spec["dataset"], batch_size=spec["batch_size"], seed=spec["seed"], label_noise=spec["noise"],
+        train_size=spec["train_size"], validation_fraction=spec["validation_fraction"],
+    )
+    inner = networks.get_network(spec["network"], num_classes=data.num_classes, input_shape=data.input_shape)
+    total_steps = spec["epochs"] * data.steps_per_epoch
+    model = build_model(spec, inner, total_steps)
+    _compile(model, spec, total_steps)
+    curve = _curve_callback(data.test, CURVE_EVERY, stream)
+    started = time.perf_counter()
+    history = model.fit(data.train, epochs=spec["epochs"], verbose=0, callbacks=[curve], shuffle=False)
+    fit_seconds = time.perf_counter() - started
+    test = model.evaluate(data.test, verbose=0, return_dict=True)
+    val = model.evaluate(data.validation, verbose=0, return_dict=True)
+    steps = int(model.policy_state["step"])
+    sam_steps = _count_sam_steps(history.history["sam_fraction"], data.steps_per_epoch)
+    return {
+        "test_accuracy": float(test["accuracy"]), "test_loss": float(test["loss"]),
+        "val_accuracy": float(val["accuracy"]), "val_loss": float(val["loss"]),
+        "train_accuracy": float(history.history["accuracy"][-1]),
+        "train_loss": float(history.history["loss"][-1]),
+        "steps": steps, "sam_steps": sam_steps, "sam_fraction": sam_steps / steps,
+        "grad_evals": steps + sam_steps,
+        "skipped_steps": int(sum(history.history.get("skipped_steps", [0]))),
+        "curve": curve.points,
+        "sharpness": sharpness(inner, data.train.take(SHARPNESS_BATCHES), SHARPNESS_RHO),
+        "noise_rate_realised": data.noise_rate_realised,
+        "num_classes": data.num_classes,
+        "hyperparameters": model.hyperparameters,
+        "fit_seconds": round(fit_seconds, 2),
+    }
+
+
+def _count_sam_steps(fractions, steps_per_epoch):
+    """SAM steps from per-epoch SAM fractions (each a mean over full epochs)."""
+    return int(sum(round(f * steps_per_epoch) for f in fractions))
+
+
+def is_degenerate(result):
+    """A run that ended at chance level (or with a non-finite loss): never an ordinary number."""
+    chance = 1.0 / result.get("num_classes", 10)
+    return not math.isfinite(result["test_loss"]) or result["test_accuracy"] <= chance + 0.02
+
+
+# ---------------------------------------------------------------- the driver
+def _result_path(out, spec):
+    return Path(out) / "runs" / f"{run_id(spec)}.json"
+
+
+def finished(out, spec):
+    """The stored result of ``spec`` if it ran with exactly this spec, else None."""
+    path = _result_path(out, spec)
+    if not path.is_file():
+        return None
+    result = json.loads(path.read_text())
+    return result if result.get("spec") == spec else None
+
+
+def _write_json(path, payload):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=1, sort_keys=True))
+    os.replace(tmp, path)
+
+
+class Progress:
+    """One console line per run, with an estimate of the time left."""
+
+    def __init__(self, total_runs, stream):
+        self.total, self.done, self.seconds, self.stream = total_runs, 0, [], stream
+        self.seen = set()
+
+    def start(self, spec):
+        if run_id(spec) in self.seen:
+            return
+        left = self.total - self.done
+        eta = ""
+        if self.seconds:
+            eta = f", about {_duration(left * float(np.mean(self.seconds)))} left"
+        print(f"[{self.done + 1}/{self.total}] {run_id(spec)}{eta}", file=self.stream, flush=True)
+
+    def end(self, spec, result, seconds, ran):
+        if run_id(spec) in self.seen:
+            return
+        self.seen.add(run_id(spec))
+        self.done += 1
+        if ran:
+            self.seconds.append(seconds)
+        flag = "  <-- DEGENERATE: chance-level accuracy" if is_degenerate(result) else ""
+        print(f"    test acc {result['test_accuracy']:.4f}, SAM share {result['sam_fraction']:.3f}, "
+              f"{'%.0f s' % seconds if ran else 'already done'}{flag}", file=self.stream, flush=True)
+
+
+def _duration(seconds):
+    minutes = int(seconds // 60)
+    return f"{minutes // 60} h {minutes % 60:02d} min" if minutes >= 60 else f"{minutes} min"
+
+
+def run_specs(out, specs, progress, stream):
+    results = []
+    for spec in specs:
+        result = finished(out, spec)
+        progress.start(spec)
+        started = time.perf_counter()
+        ran = result is None
+        if ran:
+            body = run_one(spec, stream)
+            result = {"run_id": run_id(spec), "spec": spec, **body,
+                      "run_seconds": round(time.perf_counter() - started, 2),
+                      "finished_at": datetime.datetime.now().isoformat(timespec="seconds")}
+            _write_json(_result_path(out, spec), result)
+        progress.end(spec, result, time.perf_counter() - started, ran)
+        results.append(result)
+    return results
+
+
+def choose_rho(results):
+    """The ρ of the best mean validation accuracy (ties: the smaller ρ)."""
+    by_rho = {}
+    for r in results:
+        by_rho.setdefault(r["spec"]["hyperparameters"]["rho"], []).append(r["val_accuracy"])
+    return max(sorted(by_rho), key=lambda rho: np.mean(by_rho[rho]))
+
+
+def planned_runs(settings, seeds, budget_seeds):
+    """How many runs the profile has (for the progress line), shared runs counted once."""
+    per_seed = len(main_specs(0.0, 0, 0.1, zeta=0.5, zeta_look=0.2))
+    shared = len(set(RHO_SEEDS) & set(seeds))  # SAM at the chosen ρ on the ρ seeds
+    n = len(budget_seeds) * len(BUDGETS) * len(BUDGETED)
+    for _ in settings:
+        n += len(RHO_GRID) * len(RHO_SEEDS) + len(seeds) * per_seed - shared
+    return n
+
+
+def run_profile(out, settings=SETTINGS, seeds=SEEDS, budget_seeds=SEEDS, stream=sys.stdout):
+    """Run (or resume) the profile into ``out``, then write the report.
+
+    The fixed-budget stage runs on ``budget_seeds`` of the main setting once its
+    ρ is known (from this process or from another one writing to ``out``), so
+    two processes can share the work.
+    """
+    out = Path(out)
+    _write_json(out / "profile.json", {"recipe": RECIPE, "settings": list(SETTINGS), "seeds": list(SEEDS),
+                                       "rho_grid": RHO_GRID, "rho_seeds": RHO_SEEDS, "budgets": BUDGETS,
+                                       "main_noise": MAIN_NOISE})
+    progress = Progress(planned_runs(settings, seeds, budget_seeds), stream)
+    for noise in settings:
+        rho = choose_rho(run_specs(out, rho_specs(noise), progress, stream))
+        _write_json(_rho_path(out, noise), {"rho": rho})
+        print(f"{setting_name(noise)}: rho = {rho:g} (best validation accuracy)", file=stream, flush=True)
+        for seed in seeds:
+            first = run_specs(out, main_specs(noise, seed, rho), progress, stream)
+            zeta = max(round(first[2]["sam_fraction"], 3), 0.001)  # a budget must be > 0
+            zeta_look = max(round(first[4]["sam_fraction"], 3), 0.001)
+            run_specs(out, main_specs(noise, seed, rho, zeta, zeta_look)[5:], progress, stream)
+    if budget_seeds:
+        rho = _wait_for_rho(out, MAIN_NOISE, stream)
+        for seed in budget_seeds:
+            run_specs(out, budget_specs(MAIN_NOISE, seed, rho), progress, stream)
+    from keras_aesam.bench import noisy_labels_report
+
+    return noisy_labels_report.write_report(out)
+
+
+def _rho_path(out, noise):
+    return Path(out) / f"rho_{setting_name(noise)}.json"
+
+
+def _wait_for_rho(out, noise, stream, poll_seconds=30):
+    path = _rho_path(out, noise)
+    if not path.is_file():
+        print(f"waiting for {path.name} (the main setting's ρ search, run by another process)",
+              file=stream, flush=True)
+    while not path.is_file():
+        time.sleep(poll_seconds)
+    return json.loads(path.read_text())["rho"]
+
+
+def machine():
+    import keras
+    import tensorflow as tf
+
+    return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+            "cpus": os.cpu_count(), "python": platform.python_version(),
+            "tensorflow": tf.__version__, "keras": keras.__version__}
+
+
+def pretty(label):
+    """``'quantile_sam+looksam@ae'`` -> ``'quantile SAM + LookSAM dir. @ AE budget'``."""
+    name, _, budget = label.partition("@")
+    policy, _, direction = name.partition("+")
+    text = PRETTY_NAMES.get(policy, policy)
+    if policy.startswith("sam_rho"):
+        text = f"SAM (ρ={policy[len('sam_rho'):]})"
+    if direction:
+        text += f" + {PRETTY_NAMES.get(direction, direction)} dir."
+    if budget == "ae":
+        text += " @ AE budget"
+    elif budget:
+        text += f" @ {float(budget):.0%}"
+    return text
+
+
+def main(argv=None, prog="keras-aesam bench --profile noisy-labels"):
+    import argparse
+
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n")[0])
+    parser.add_argument("--output", required=True, help="folder of the profile's runs and report")
+    parser.add_argument("--seeds", type=int, default=len(SEEDS), help="number of seeds (default 5)")
+    parser.add_argument("--noise", type=float, nargs="*", default=list(SETTINGS),
+                        help="label-noise settings of the main stage (default 0.4 0.0 0.6)")
+    parser.add_argument("--budget-seeds", type=int, nargs="*", default=None,
+                        help="seeds of the fixed-budget stage on the 0.4 setting (default: all; none: skip)")
+    parser.add_argument("--report-only", action="store_true", help="redraw the report from the stored runs")
+    args = parser.parse_args(argv)
+    if args.report_only:
+        from keras_aesam.bench import noisy_labels_report
+
+        noisy_labels_report.write_report(args.output)
+        print(f"report: {Path(args.output) / 'report.md'}")
+        return 0
+    seeds = tuple(range(args.seeds))
+    budget_seeds = seeds if args.budget_seeds is None else tuple(args.budget_seeds)
+    run_profile(args.output, settings=tuple(args.noise), seeds=seeds, budget_seeds=budget_seeds)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,383 @@
+"""The noisy-labels profile's report: tables, paired tests, the Pareto plot.
+
+Reads the run JSON files that :mod:`keras_aesam.bench.noisy_labels` wrote and writes
+``results.csv``, ``summary.csv``, ``tests.csv``, ``pareto.png``,
+``curves.png`` and ``report.md`` next to them. Nothing here trains: the report
+can be redrawn at any time from the stored runs, also while the profile runs.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+
+from keras_aesam.bench.noisy_labels import (
+    BUDGETED, BUDGETS, MAIN_NOISE, RECIPE, SEEDS, is_degenerate, machine, pretty, setting_name,
+)
+from keras_aesam.bench.stats import paired_difference
+
+RUN_COLUMNS = ("setting", "label", "seed", "test_accuracy", "val_accuracy", "train_accuracy",
+               "sam_fraction", "target", "grad_evals", "steps", "sharpness", "degenerate", "run_seconds")
+
+
+def load_runs(out):
+    runs = []
+    for path in sorted((Path(out) / "runs").glob("*.json")):
+        run = json.loads(path.read_text())
+        spec = run["spec"]
+        run.update(setting=spec["setting"], label=spec["label"], seed=spec["seed"], noise=spec["noise"],
+                   target=spec["hyperparameters"].get("target_sam_fraction"),
+                   degenerate=is_degenerate(run))
+        runs.append(run)
+    return runs
+
+
+def chosen_rhos(out):
+    return {p.stem[len("rho_"):]: json.loads(p.read_text())["rho"] for p in Path(out).glob("rho_*.json")}
+
+
+def _sam_label(rho):
+    return f"sam_rho{rho:g}"
+
+
+def summarize(runs):
+    """Per (setting, label): mean and std over seeds of every number the report shows."""
+    groups = {}
+    for r in runs:
+        groups.setdefault((r["setting"], r["label"]), []).append(r)
+    rows = []
+    for (setting, label), rs in sorted(groups.items()):
+        acc = np.array([r["test_accuracy"] for r in rs])
+        frac = np.array([r["sam_fraction"] for r in rs])
+        rows.append({
+            "setting": setting, "label": label, "n": len(rs),
+            "acc_mean": float(acc.mean()), "acc_std": float(acc.std(ddof=1)) if len(rs) > 1 else 0.0,
+            "sam_fraction": float(frac.mean()),
+            "sam_fraction_max_dev": _max_dev(rs),
+            "evals_ratio": float(np.mean([r["grad_evals"] / r["steps"] for r in rs])),
+            "sharpness": float(np.mean([r["sharpness"] for r in rs])),
+            "peak_acc": float(np.mean([max(a for _, a in r["curve"]) for r in rs])) if rs[0]["curve"] else None,
+            "degenerate": sum(r["degenerate"] for r in rs),
+            "target": rs[0]["target"],
+        })
+    return rows
+
+
+def _max_dev(rs):
+    devs = [abs(r["sam_fraction"] - r["target"]) for r in rs if r["target"] is not None]
+    return max(devs) if devs else None
+
+
+def _accuracies(runs, setting, label):
+    return {r["seed"]: r["test_accuracy"] for r in runs if r["setting"] == setting and r["label"] == label}
+
+
+def comparisons(setting, sam_label, labels):
+    """The pairs the report tests, (a, b, question): only pairs whose runs exist."""
+    pairs = [(sam_label, "erm", "SAM beats ERM (the regime's premise)")]
+    for label in sorted(labels - {sam_label, "erm"}):
+        if not label.startswith("sam_rho"):
+            pairs.append((label, sam_label, "policy vs SAM"))
+    for method in BUDGETED[1:]:
+        pairs.append(("ae_sam", f"{method}@ae", "AE-SAM vs a rival at AE-SAM's budget"))
+        for f in BUDGETS:
+            pairs.append((f"ae_sam@{f:g}", f"{method}@{f:g}", f"AE-SAM vs a rival at {f:.0%} SAM steps"))
+    pairs.append(("ae_looksam", "looksam", "AE-LookSAM vs LookSAM"))
+    for method in ("late_sam", "quantile_sam"):
+        pairs.append(("ae_looksam", f"{method}+looksam@ae", "AE-LookSAM vs a rival policy, LookSAM direction"))
+    return [(a, b, q) for a, b, q in pairs if a in labels and b in labels]
+
+
+def paired_tests(runs, rhos):
+    tests = []
+    for setting in sorted({r["setting"] for r in runs}):
+        if setting not in rhos:
+            continue
+        labels = {r["label"] for r in runs if r["setting"] == setting}
+        for a, b, question in comparisons(setting, _sam_label(rhos[setting]), labels):
+            xa, xb = _accuracies(runs, setting, a), _accuracies(runs, setting, b)
+            seeds = sorted(set(xa) & set(xb))
+            if len(seeds) < 2:
+                continue
+            test = paired_difference([xa[s] for s in seeds], [xb[s] for s in seeds])
+            tests.append({"setting": setting, "a": a, "b": b, "question": question, "seeds": len(seeds), **test})
+    return tests
+
+
+def verdict(test):
+    if test["ci_low"] is None:
+        return "n/a"
+    if test["ci_low"] > 0:
+        return "a better"
+    if test["ci_high"] < 0:
+        return "a worse"
+    return "no significant difference"
+
+
+# ---------------------------------------------------------------- files
+def write_csv(path, rows, columns):
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(columns), extrasaction="ignore")
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: _cell(row.get(k)) for k in columns})
+
+
+def _cell(value):
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    return value
+
+
+def _policy_of(label):
+    name = label.partition("@")[0]
+    return "sam" if name.startswith("sam_rho") else name
+
+
+def write_pareto(out, summary, setting, sam_label):
+    """Test accuracy against gradient evaluations per step, every method at every budget."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in summary if r["setting"] == setting
+            and (not r["label"].startswith("sam_rho") or r["label"] == sam_label)]
+    fig, ax = plt.subplots(figsize=(8, 5.5))
+    markers = dict(zip(("erm", "sam", "ae_sam", "ss_sam", "rst", "late_sam", "quantile_sam", "looksam",
+                        "ae_looksam", "late_sam+looksam", "quantile_sam+looksam"), "os^vD<>Ppx*"))
+    for policy in markers:
+        pts = sorted([r for r in rows if _policy_of(r["label"]) == policy], key=lambda r: r["evals_ratio"])
+        if not pts:
+            continue
+        ax.errorbar([p["evals_ratio"] for p in pts], [100 * p["acc_mean"] for p in pts],
+                    yerr=[100 * p["acc_std"] for p in pts], marker=markers[policy], capsize=3,
+                    linestyle="-" if len(pts) > 1 else "none", label=pretty(policy))
+    front = pareto_front(rows)
+    ax.plot([p["evals_ratio"] for p in front], [100 * p["acc_mean"] for p in front], color="k",
+            linestyle=":", linewidth=1, label="Pareto front")
+    labels = ("gradient evaluations per step (ERM = 1, SAM = 2)", "final test accuracy (%), mean ± std over seeds",
+              f"Fashion-MNIST, {setting}: accuracy against cost")
+    return _finish(fig, ax, labels, Path(out) / f"pareto_{setting}.png", legend_size=7)
+
+
+def _finish(fig, ax, labels, path, legend_size=8):
+    """Axis labels, title, grid and legend; save ``path`` and close."""
+    import matplotlib.pyplot as plt
+
+    xlabel, ylabel, title = labels
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=legend_size, loc="best")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def pareto_front(rows):
+    """The rows no other row beats on both cost (fewer evaluations) and accuracy."""
+    front = []
+    for r in sorted(rows, key=lambda r: (r["evals_ratio"], -r["acc_mean"])):
+        if not front or r["acc_mean"] > front[-1]["acc_mean"]:
+            front.append(r)
+    return front
+
+
+def write_curves(out, runs, setting, labels):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for label in labels:
+        curves = [r["curve"] for r in runs if r["setting"] == setting and r["label"] == label]
+        if not curves:
+            continue
+        epochs = [e for e, _ in curves[0]]
+        mean = np.mean([[a for _, a in c] for c in curves if len(c) == len(epochs)], axis=0)
+        ax.plot(epochs, 100 * mean, marker="o", markersize=3, label=pretty(label))
+    labels = ("epoch", "test accuracy (%), mean over seeds", f"Learning curves, {setting}")
+    return _finish(fig, ax, labels, Path(out) / f"curves_{setting}.png")
+
+
+# ---------------------------------------------------------------- the text
+def _pts(x):
+    return "n/a" if x is None else f"{100 * x:+.2f}"
+
+
+def _p(p):
+    return "n/a" if p is None else ("< 0.001" if p < 1e-3 else f"{p:.3f}")
+
+
+def _summary_table(summary, setting, sam_label):
+    lines = ["| method | seeds | final test acc. (%) | peak test acc. (%) | SAM steps (%) | grad. evals / step "
+             "| sharpness | chance-level runs |", "|---|---|---|---|---|---|---|---|"]
+    for r in sorted((r for r in summary if r["setting"] == setting),
+                    key=lambda r: (r["label"].startswith("sam_rho") and r["label"] != sam_label,
+                                   r["target"] or 0, r["evals_ratio"])):
+        flag = f"**{r['degenerate']} ⚠**" if r["degenerate"] else "0"
+        tuned = " (ρ search)" if r["label"].startswith("sam_rho") and r["label"] != sam_label else ""
+        peak = "" if r["peak_acc"] is None else f"{100 * r['peak_acc']:.2f}"
+        lines.append(f"| {pretty(r['label'])}{tuned} | {r['n']} | {100 * r['acc_mean']:.2f} ± "
+                     f"{100 * r['acc_std']:.2f} | {peak} | {100 * r['sam_fraction']:.1f} | "
+                     f"{r['evals_ratio']:.3f} | {r['sharpness']:.4f} | {flag} |")
+    return lines
+
+
+def _budget_table(summary, setting):
+    lines = ["| policy | " + " | ".join(f"target {f:.0%}" for f in BUDGETS) + " |",
+             "|---|" + "---|" * len(BUDGETS)]
+    cells = {(r["label"]): r for r in summary if r["setting"] == setting}
+    for method in BUDGETED:
+        row = []
+        for f in BUDGETS:
+            r = cells.get(f"{method}@{f:g}")
+            row.append("" if r is None else f"{100 * r['sam_fraction']:.1f} % (max dev. "
+                       f"{100 * r['sam_fraction_max_dev']:.1f}); acc. {100 * r['acc_mean']:.2f}")
+        lines.append(f"| {pretty(method)} | " + " | ".join(row) + " |")
+    return lines
+
+
+def _tests_table(tests, setting):
+    lines = ["| a | b | seeds | a − b (points) | 95 % CI | p (paired t) | reading |", "|---|---|---|---|---|---|---|"]
+    for t in tests:
+        if t["setting"] != setting:
+            continue
+        ci = f"[{_pts(t['ci_low'])}, {_pts(t['ci_high'])}]"
+        lines.append(f"| {pretty(t['a'])} | {pretty(t['b'])} | {t['seeds']} | {_pts(t['mean_diff'])} | {ci} | "
+                     f"{_p(t['p'])} | {verdict(t)} |")
+    return lines
+
+
+def _find(tests, setting, a, b):
+    for t in tests:
+        if (t["setting"], t["a"], t["b"]) == (setting, a, b):
+            return t
+    return None
+
+
+def claims(summary, tests, setting, sam_label):
+    """The paper's claims, each read off this setting's numbers."""
+    cells = {r["label"]: r for r in summary if r["setting"] == setting}
+    lines = []
+    ae, sam = cells.get("ae_sam"), cells.get(sam_label)
+    if ae and sam:
+        gap = 100 * (ae["acc_mean"] - sam["acc_mean"])
+        holds = gap >= -0.3 and ae["sam_fraction"] <= 0.55
+        lines.append(f"- *AE-SAM within 0.3 points of SAM with ≤ 55 % SAM steps*: AE-SAM − SAM = {gap:+.2f} "
+                     f"points at {100 * ae['sam_fraction']:.1f} % SAM steps → **{'holds' if holds else 'does not hold'}**.")
+    t = _find(tests, setting, "ae_sam", "ss_sam@ae")
+    if t:
+        lines.append(f"- *AE-SAM better than SS-SAM at equal budget*: {_pts(t['mean_diff'])} points, 95 % CI "
+                     f"[{_pts(t['ci_low'])}, {_pts(t['ci_high'])}], p = {_p(t['p'])} → **{verdict(t)}**.")
+    t = _find(tests, setting, "ae_looksam", "looksam")
+    if t:
+        lines.append(f"- *AE-LookSAM better than LookSAM*: {_pts(t['mean_diff'])} points, 95 % CI "
+                     f"[{_pts(t['ci_low'])}, {_pts(t['ci_high'])}], p = {_p(t['p'])} → **{verdict(t)}** "
+                     f"(AE-LookSAM {100 * cells['ae_looksam']['sam_fraction']:.1f} % SAM steps, LookSAM "
+                     f"{100 * cells['looksam']['sam_fraction']:.1f} %).")
+    return lines
+
+
+def _efficiency(summary, setting, sam_label):
+    """Accuracy gained over ERM per extra gradient evaluation, best first."""
+    cells = [r for r in summary if r["setting"] == setting
+             and (not r["label"].startswith("sam_rho") or r["label"] == sam_label)]
+    erm = next((r for r in cells if r["label"] == "erm"), None)
+    if erm is None:
+        return []
+    ranked = sorted((r for r in cells if r["evals_ratio"] > 1.0),
+                    key=lambda r: -(r["acc_mean"] - erm["acc_mean"]) / (r["evals_ratio"] - 1.0))
+    return [f"{i + 1}. {pretty(r['label'])}: {100 * (r['acc_mean'] - erm['acc_mean']):+.2f} points over ERM for "
+            f"{r['evals_ratio'] - 1:.3f} extra evaluations per step "
+            f"({100 * (r['acc_mean'] - erm['acc_mean']) / (r['evals_ratio'] - 1):+.1f} points per SAM-step share)"
+            for i, r in enumerate(ranked[:8])]
+
+
+def _header(out, runs, rhos):
+    seconds = sum(r.get("run_seconds", 0.0) for r in runs)
+    stamps = sorted(r["finished_at"] for r in runs if r.get("finished_at"))
+    m = machine()
+    recipe = ", ".join(f"{k}={v}" for k, v in RECIPE.items())
+    lines = [
+        "# When to take SAM steps: the noisy-labels profile",
+        "",
+        "Written by `keras_aesam.bench.noisy_labels_report` from the run files in `runs/`; every number below is read "
+        "from them.",
+        "",
+        "Command (two processes side by side, resumable):",
+        "",
+        "```bash",
+        "keras-aesam bench --profile noisy-labels --output docs/results/noisy_labels --noise 0.4 --budget-seeds 0 1",
+        "keras-aesam bench --profile noisy-labels --output docs/results/noisy_labels --noise 0.0 --budget-seeds 2",
+        "```",
+        "",
+        f"- Recipe: {recipe}; seeds {list(SEEDS)}; every method of a seed starts from the same weights and "
+        "sees the same noisy labels and batch order. Validation and test labels are clean.",
+        f"- ρ chosen for SAM on the validation split (never on test) and used by every method: "
+        + ", ".join(f"{s}: ρ = {v:g}" for s, v in sorted(rhos.items())) + ".",
+        f"- Machine: {m['processor']}, {m['cpus']} cores, {m['platform']}; Python {m['python']}, TensorFlow "
+        f"{m['tensorflow']}, Keras {m['keras']}.",
+        f"- {len(runs)} runs, {seconds / 3600:.2f} h of run time in all"
+        + (f", finished between {stamps[0]} and {stamps[-1]}." if stamps else "."),
+        "- *Sharpness*: mean over 8 training batches of L(w + e) − L(w), e = 0.05·g/‖g‖, at the final "
+        "weights (first-order worst case in a ρ-ball, the same ρ for every method).",
+        "- *Grad. evals / step*: forward-backward passes per step (1 + SAM share); the cost axis.",
+    ]
+    bad = [r for r in runs if r["degenerate"]]
+    if bad:
+        lines += ["", f"> ⚠ **{len(bad)} run(s) ended at chance-level accuracy or with a non-finite loss:** "
+                  + ", ".join(r["run_id"] for r in bad) + ". Their numbers are included in the tables but are "
+                  "not ordinary results."]
+    return lines
+
+
+def report_text(out, runs, summary, tests, rhos, plots):
+    lines = _header(out, runs, rhos)
+    order = sorted({r["setting"] for r in runs}, key=lambda s: (s != setting_name(MAIN_NOISE), s))
+    for setting in order:
+        if setting not in rhos:
+            continue
+        sam_label = _sam_label(rhos[setting])
+        lines += ["", f"## {setting}: {int(setting[len('noise'):])} % of training labels flipped", ""]
+        lines += _summary_table(summary, setting, sam_label)
+        lines += ["", "### The paper's claims, here", ""] + (claims(summary, tests, setting, sam_label) or ["- (runs missing)"])
+        lines += ["", "### Accuracy per gradient evaluation", ""] + _efficiency(summary, setting, sam_label)
+        if any(r["setting"] == setting and r["label"].endswith(f"@{BUDGETS[0]:g}") for r in summary):
+            lines += ["", "### Fixed budgets: realised SAM steps against the target", ""]
+            lines += _budget_table(summary, setting)
+        lines += ["", "### Paired tests over seeds", ""] + _tests_table(tests, setting)
+        for plot in plots.get(setting, []):
+            lines += ["", f"![{plot.stem}]({plot.name})"]
+    return "\n".join(lines) + "\n"
+
+
+def write_report(out):
+    """Redraw every table and plot from the stored runs; returns the summary rows."""
+    out = Path(out)
+    runs = load_runs(out)
+    if not runs:
+        raise FileNotFoundError(f"no runs under {out / 'runs'}")
+    rhos = chosen_rhos(out)
+    summary = summarize(runs)
+    tests = paired_tests(runs, rhos)
+    write_csv(out / "results.csv", runs, RUN_COLUMNS)
+    write_csv(out / "summary.csv", summary, list(summary[0]))
+    if tests:
+        write_csv(out / "tests.csv", tests, list(tests[0]))
+    plots = {}
+    for setting, rho in rhos.items():
+        sam_label = _sam_label(rho)
+        plots[setting] = [write_pareto(out, summary, setting, sam_label),
+                          write_curves(out, runs, setting, ["erm", sam_label, "ae_sam", "late_sam@ae",
+                                                            "quantile_sam@ae", "ss_sam@ae"])]
+    (out / "report.md").write_text(report_text(out, runs, summary, tests, rhos, plots))
+    return summary

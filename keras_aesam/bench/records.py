@@ -1,0 +1,117 @@
+"""What a bench keeps on disk and about the machine: JSON files, stored results, versions, load."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+from pathlib import Path
+from typing import List, Optional
+
+import numpy as np
+
+from keras_aesam.bench.plan import BadInput
+
+def _write_json(path, payload):
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(payload, f, indent=2, default=_json_default)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+def _json_default(value):
+    if isinstance(value, (np.floating, np.integer)):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, Path):
+        return str(value)
+    return str(value)
+
+
+def _result_path(out, spec):
+    return Path(out) / "runs" / f"{spec['run_id']}.json"
+
+
+def finished_result(out, spec) -> Optional[dict]:
+    """The stored result of ``spec`` if it finished with the same configuration, else None.
+
+    A result of the same run id but another configuration is an error: the output
+    directory belongs to a different bench (use another --output or --fresh).
+    """
+    path = _result_path(out, spec)
+    if not path.is_file():
+        return None
+    try:
+        result = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None  # a torn file: run again
+    if result.get("spec_hash") != spec["spec_hash"]:
+        old = result.get("spec", {})
+        diff = sorted(k for k in set(old) | set(spec) if k not in ("index", "spec_hash")
+                      and old.get(k) != spec.get(k))
+        raise BadInput(
+            f"{str(Path(out))!r} holds a result of run {spec['run_id']!r} with another configuration "
+            f"(differs in: {', '.join(diff) or 'unknown'}); use another --output, or --fresh to discard it"
+        )
+    return result
+
+
+def _machine():
+    model = None
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
+        for line in out.splitlines():
+            if line.startswith("Model name:"):
+                model = line.split(":", 1)[1].strip()
+    except (OSError, subprocess.SubprocessError):
+        pass
+    if model is None:
+        model = platform.processor() or platform.machine()
+    return {"cpu": model, "cores": os.cpu_count(), "platform": platform.platform(),
+            "python": platform.python_version(), "hostname": platform.node()}
+
+
+def _versions():
+    import importlib.metadata as md
+
+    versions = {}
+    for package in ("keras-aesam", "tensorflow", "keras", "numpy", "scipy", "matplotlib", "tf-keras"):
+        try:
+            versions[package] = md.version(package)
+        except md.PackageNotFoundError:
+            versions[package] = None
+    import keras_aesam
+
+    versions["keras_aesam.__version__"] = keras_aesam.__version__
+    return versions
+
+
+def _loadavg():
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None
+
+
+def load_results(out) -> List[dict]:
+    """Every stored run result in ``out/runs`` (torn files left out)."""
+    rows = []
+    for path in sorted((Path(out) / "runs").glob("*.json")):
+        try:
+            rows.append(json.loads(path.read_text()))
+        except (OSError, ValueError):
+            continue
+    return rows
+
+
+def _read_bench_json(out) -> dict:
+    """The previous session's bench.json, or {} (none, or unreadable)."""
+    try:
+        return json.loads((out / "bench.json").read_text())
+    except (OSError, ValueError):
+        return {}

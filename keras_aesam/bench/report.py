@@ -1,0 +1,345 @@
+"""The bench's CSV and ``report.md``, written from the stored run results."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+from keras_aesam.bench.peer import _probe_markdown
+from keras_aesam.bench.plan import PEER_METHOD, PEER_REQUIREMENT, PEER_TRAIN_MODE, _pretty
+from keras_aesam.bench.plots import write_plots
+from keras_aesam.bench.records import load_results
+from keras_aesam.bench.stats import (
+    _mean_std, _method_order, aggregate, paired_difference, paired_tests, time_ratios, verdict,
+)
+
+CSV_COLUMNS = (
+    "run_id", "kind", "setting", "noise", "seed", "method", "test_accuracy", "test_loss",
+    "train_accuracy_last_epoch", "train_loss_last_epoch", "steps", "sam_steps", "sam_fraction",
+    "expected_sam_fraction", "grad_evals", "pass_equivalents", "first_epoch_seconds",
+    "epoch_seconds_after_first", "step_ms", "step_ms_first_epoch", "step_cpu_ms", "timed_steps", "ratio_to_erm",
+    "cpu_ratio_to_erm",
+    "fit_seconds", "run_seconds", "skipped_steps", "parameters", "train_examples", "noise_rate_realised",
+    "hyperparameters", "framework", "loadavg_start", "loadavg_end", "finished_at",
+)
+
+
+def _fmt(value, digits=2, scale=1.0):
+    if value is None:
+        return "–"
+    return f"{value * scale:.{digits}f}"
+
+
+def _fmt_p(p):
+    if p is None:
+        return "–"
+    return f"{p:.1e}" if p < 0.001 else f"{p:.3f}"
+
+
+def _pm(mean, std, digits=2, scale=1.0):
+    if mean is None:
+        return "–"
+    if std is None:
+        return _fmt(mean, digits, scale)
+    return f"{mean * scale:.{digits}f} ± {std * scale:.{digits}f}"
+
+
+def write_csv(rows, path):
+    ratios = time_ratios(rows)
+    cpu_ratios = time_ratios(rows, "step_cpu_ms")
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(CSV_COLUMNS)
+        for r in sorted(rows, key=lambda r: (r["noise"], r["seed"], _method_order(r["method"]))):
+            values = []
+            for col in CSV_COLUMNS:
+                if col == "ratio_to_erm":
+                    value = ratios.get(r["run_id"])
+                elif col == "cpu_ratio_to_erm":
+                    value = cpu_ratios.get(r["run_id"])
+                elif col == "hyperparameters":
+                    value = json.dumps(r.get("resolved_hyperparameters"), sort_keys=True)
+                elif col in ("loadavg_start", "loadavg_end"):
+                    value = " ".join(str(x) for x in (r.get(col) or []))
+                else:
+                    value = r.get(col)
+                if isinstance(value, float):
+                    value = f"{value:.6g}"
+                values.append("" if value is None else value)
+            writer.writerow(values)
+
+
+def _report_text(meta, rows, summaries, tests, plots, probe=None):
+    config = meta.get("config", {})
+    lines = []
+    add = lines.append
+    overrides = [a for a in meta.get("argv", []) if a.startswith("--") and a not in (
+        "--profile", "--output", "-o", "--resume", "--fresh")]
+    add(f"# keras-aesam bench: {meta.get('profile', '?')} profile"
+        + (" with command-line overrides" if overrides else ""))
+    add("")
+    sessions = meta.get("sessions", [])
+    expected = len(meta.get("run_ids", [])) or len(rows)
+    status = "complete" if len(rows) >= expected else f"PARTIAL: {len(rows)} of {expected} runs finished"
+    add(f"Status: **{status}**.")
+    add("")
+    add("## What ran")
+    add("")
+    commands = []
+    for s in meta.get("sessions", []):
+        if s.get("command") and s["command"] not in commands:
+            commands.append(s["command"])
+    if not commands:
+        commands = [meta.get("command", "keras-aesam bench")]
+    add("- Command" + ("s (one per session; a later one resumed the earlier)" if len(commands) > 1 else "")
+        + ": " + "; ".join(f"`{c}`" for c in commands))
+    machine = meta.get("machine", {})
+    add(f"- Machine: {machine.get('cpu')}, {machine.get('cores')} cores ({machine.get('platform')}, "
+        f"Python {machine.get('python')}); shared with other jobs, load average at start/end of each "
+        "session below.")
+    versions = meta.get("versions", {})
+    add("- Versions: " + ", ".join(f"{k} {v}" for k, v in versions.items() if v is not None))
+    for i, s in enumerate(sessions):
+        wall = s.get("wall_seconds")
+        add(f"- Session {i + 1}: started {s.get('started')}, finished {s.get('finished', '?')}, wall "
+            f"{_fmt(None if wall is None else wall / 60, 1)} min, skipped {s.get('skipped_finished_runs', 0)} "
+            f"finished runs, load average {s.get('loadavg_start')} → {s.get('loadavg_end')}"
+            f"{' (interrupted)' if s.get('interrupted') else ''}")
+    parameters = next((r.get("parameters") for r in rows if r.get("parameters")), None)
+    train_examples = next((r.get("train_examples") for r in rows if r.get("train_examples")), None)
+    steps_per_epoch = next((r.get("steps_per_epoch") for r in rows if r.get("steps_per_epoch")), None)
+    test_set = ("the full test set" if not config.get("test_batches")
+                else f"the first {config['test_batches']} test batches only")
+    add(f"- Data: {config.get('dataset')}, {train_examples} training examples (seeded subset of the "
+        f"{100 * (1 - config.get('validation_fraction', 0.1)):.0f} % left after the validation split), "
+        f"{test_set}; label noise flips that share of the training labels only (test labels clean).")
+    add(f"- Network: {config.get('network')} ({parameters} parameters), logits + sparse cross-entropy.")
+    add(f"- Optimizer (every method): SGD momentum {config.get('momentum')}, lr {config.get('lr')} with a "
+        f"cosine decay to 0 over {config.get('epochs')} epochs × {steps_per_epoch} steps, batch "
+        f"{config.get('batch_size')}, weight decay {config.get('weight_decay')} "
+        f"({config.get('weight_decay_mode')}{': Keras SGD(weight_decay=…), outside g' if config.get('weight_decay_mode') == 'decoupled' else ': L2 kernel regularizer of weight_decay/2, inside g'}), "
+        "XLA off.")
+    add(f"- Methods: {', '.join(_pretty(m) for m in meta.get('methods', []))}; seeds {meta.get('seeds')}; "
+        f"label noise {meta.get('noise')}. ρ = {config.get('rho')} (not tuned). On noisy labels LookSAM k=2 and "
+        "AE-SAM/AE-LookSAM λ1=-1, λ2=1 (paper §4.3); otherwise the paper's defaults "
+        "(SS-SAM p=0.5, LookSAM k=5 α=0.7, AE-SAM λ=(-1,1), AE-LookSAM λ=(0,2), δ=0.9, ESAM β=0.6 γ=0.5).")
+    add("- Same for every method of a seed: the data split and noise, the batch order, the initial weights "
+        "(built once per seed, loaded by every method), the method seeds. "
+        f"Isolation: {meta.get('isolation')} (a fresh worker process per (setting, seed) group for `group`).")
+    if meta.get("peer_note"):
+        add(f"- No peer row: {meta['peer_note']}.")
+    add("")
+    add("## Results")
+    add("")
+    add("Test accuracy and timing: mean ± sample std over seeds. %SAM is measured (SAM steps / steps). "
+        "Grad evals = steps × (1 + ζ) (ESAM: 2 per step, its second on ⌈γB⌉ samples). "
+        "Passes = forward-backward passes in whole-batch units (ESAM: 1 + ⌈γB⌉/B + a forward pass counted as 1/3), "
+        "and **ideal** = passes / steps, the step-time ratio to ERM if a step cost only its passes. "
+        "Epoch s leaves out the first epoch (tracing, cache filling), reported apart as 1st epoch s. "
+        "× ERM = mean step time / ERM's mean step time of the same seed and setting (runs back to back), "
+        "in wall time and in CPU time of the process (`time.process_time`, less disturbed by the other jobs "
+        "on the machine); / ideal = (× ERM) / ideal, 1.0 meaning no overhead beyond the extra passes. "
+        "Ratios pair runs of the same bench session only (a run resumed in a later session gets none).")
+    add("")
+    settings = []
+    for s in summaries:
+        if s["setting"] not in settings:
+            settings.append(s["setting"])
+    for setting in settings:
+        items = [s for s in summaries if s["setting"] == setting]
+        realised = sorted({round(r.get("noise_rate_realised") or 0, 4) for r in rows if r["setting"] == setting})
+        add(f"### {setting}" + (f" (realised noise {', '.join(f'{100 * x:.1f} %' for x in realised)})"
+                               if setting != "clean" else ""))
+        add("")
+        add("| method | n | test acc (%) | %SAM | grad evals | passes | ideal | epoch s | 1st epoch s | "
+            "step ms | × ERM (wall) | / ideal (wall) | × ERM (CPU) | / ideal (CPU) |")
+        add("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+        for s in items:
+            add(f"| {_pretty(s['method'])} | {s['n']} | {_pm(s['acc_mean'], s['acc_std'], 2, 100)} | "
+                f"{_pm(s['sam_mean'], s['sam_std'], 1, 100)} | {_fmt(s['grad_evals_mean'], 0)} | "
+                f"{_fmt(s['pass_equivalents_mean'], 0)} | {_fmt(s['ideal_mean'], 2)} | "
+                f"{_pm(s['epoch_s_mean'], s['epoch_s_std'], 1)} | {_fmt(s['first_epoch_s_mean'], 1)} | "
+                f"{_fmt(s['step_ms_mean'], 0)} | {_pm(s['ratio_mean'], s['ratio_std'], 2)} | "
+                f"{_pm(s['over_ideal_mean'], s['over_ideal_std'], 2)} | "
+                f"{_pm(s['cpu_ratio_mean'], s['cpu_ratio_std'], 2)} | "
+                f"{_pm(s['cpu_over_ideal_mean'], s['cpu_over_ideal_std'], 2)} |")
+        add("")
+    add("## Paired t-tests over seeds")
+    add("")
+    add("Difference of test accuracy a − b in percentage points, paired by seed (same data, initial weights); "
+        "95 % CI from Student's t with n−1 degrees of freedom; p from `scipy.stats.ttest_rel` (two-sided). "
+        "`pooled` pairs every (setting, seed) of all settings (n = settings × seeds), a rougher test since the "
+        "settings differ.")
+    add("")
+    add("| a − b | setting | n | mean a (%) | mean b (%) | diff (pp) | 95 % CI (pp) | t | p | reading |")
+    add("|---|---|---|---|---|---|---|---|---|---|")
+    for t in tests:
+        ci = "–" if t["ci_low"] is None else f"[{100 * t['ci_low']:+.2f}, {100 * t['ci_high']:+.2f}]"
+        diff = "–" if t["mean_diff"] is None else f"{100 * t['mean_diff']:+.2f}"
+        add(f"| {_pretty(t['a'])} − {_pretty(t['b'])} | {t['setting']} | {t['n']} | {_fmt(t['mean_a'], 2, 100)} | "
+            f"{_fmt(t['mean_b'], 2, 100)} | {diff} | {ci} | {_fmt(t['t'], 2)} | {_fmt_p(t['p'])} | {verdict(t)} |")
+    add("")
+    peers = [r for r in rows if r["method"] == PEER_METHOD]
+    if peers:
+        add("## Peer row: Keras 2's `SharpnessAwareMinimization`")
+        add("")
+        add("`tf_keras.models.experimental.SharpnessAwareMinimization` (package "
+            f"`{PEER_REQUIREMENT}`), in its own process with `tf_keras` imported explicitly, on the same "
+            "`tf.data` pipeline (same split, normalization and batch order), the same architecture rebuilt in "
+            "tf_keras and loaded with the same initial weights (checked: max |logit difference| on a probe "
+            f"batch {max(r.get('peer_logit_parity_max_abs') or 0 for r in peers):.1e}), the same SGD, cosine "
+            "schedule and decoupled weight decay, ρ as SAM's.")
+        add("")
+        by = {(r["setting"], r["seed"], r["method"]): r for r in rows}
+
+        def ratio(r, other, key):
+            return r[key] / other[key] if other and other.get(key) and r.get(key) else None
+
+        add("| seed | setting | peer test acc (%) | our SAM test acc (%) | peer step ms | our SAM step ms | "
+            "our ERM step ms | peer / our SAM (wall) | peer / our SAM (CPU) | peer / our ERM (wall) | "
+            "peer / our ERM (CPU) |")
+        add("|---|---|---|---|---|---|---|---|---|---|---|")
+        collected = {"sam_wall": [], "sam_cpu": [], "erm_wall": [], "erm_cpu": [], "acc_diff": []}
+        for r in sorted(peers, key=lambda r: r["seed"]):
+            ours = by.get((r["setting"], r["seed"], "sam"))
+            erm = by.get((r["setting"], r["seed"], "erm"))
+            values = {"sam_wall": ratio(r, ours, "step_ms"), "sam_cpu": ratio(r, ours, "step_cpu_ms"),
+                      "erm_wall": ratio(r, erm, "step_ms"), "erm_cpu": ratio(r, erm, "step_cpu_ms"),
+                      "acc_diff": None if not ours else r["test_accuracy"] - ours["test_accuracy"]}
+            for k, v in values.items():
+                if v is not None:
+                    collected[k].append(v)
+            add(f"| {r['seed']} | {r['setting']} | {_fmt(r['test_accuracy'], 2, 100)} | "
+                f"{_fmt(ours and ours['test_accuracy'], 2, 100)} | {_fmt(r.get('step_ms'), 0)} | "
+                f"{_fmt(ours and ours.get('step_ms'), 0)} | {_fmt(erm and erm.get('step_ms'), 0)} | "
+                f"{_fmt(values['sam_wall'], 2)} | {_fmt(values['sam_cpu'], 2)} | {_fmt(values['erm_wall'], 2)} | "
+                f"{_fmt(values['erm_cpu'], 2)} |")
+        if collected["sam_wall"]:
+            add("")
+            parts = [f"{label}: {_pm(*_mean_std(collected[k])[:2], 2)}" for k, label in (
+                ("sam_wall", "peer / our SAM step time (wall)"), ("sam_cpu", "(CPU)"),
+                ("erm_wall", "peer / our ERM (wall)"), ("erm_cpu", "(CPU)"))]
+            add("Mean ± std over seeds: " + "; ".join(parts) + f" (n = {len(collected['sam_wall'])}).")
+        if collected["acc_diff"]:
+            test = paired_difference([r["test_accuracy"] for r in sorted(peers, key=lambda r: r["seed"])
+                                      if by.get((r["setting"], r["seed"], "sam"))],
+                                     [by[(r["setting"], r["seed"], "sam")]["test_accuracy"]
+                                      for r in sorted(peers, key=lambda r: r["seed"])
+                                      if by.get((r["setting"], r["seed"], "sam"))])
+            ci = "" if test["ci_low"] is None else (
+                f", 95 % CI [{100 * test['ci_low']:+.2f}, {100 * test['ci_high']:+.2f}] pp, p = {_fmt_p(test['p'])}")
+            add(f"Test accuracy, peer − our SAM (paired by seed): {100 * test['mean_diff']:+.2f} pp{ci} "
+                f"(n = {test['n']}).")
+        add("")
+        diagnostics = {(r["setting"], r["seed"]): r for r in rows if r["method"] == PEER_TRAIN_MODE}
+        if diagnostics:
+            add("Diagnostic: the same peer with `training=True` on its first pass as well (a subclass whose "
+                "`call` turns the unspecified `training` of the first pass into `True`; BatchNorm statistics then "
+                "move on both passes). Test accuracy (%):")
+            add("")
+            add("| seed | peer | peer, 1st pass training=True | our SAM | our ERM |")
+            add("|---|---|---|---|---|")
+            pairs = []
+            for r in sorted(peers, key=lambda r: r["seed"]):
+                d = diagnostics.get((r["setting"], r["seed"]))
+                ours = by.get((r["setting"], r["seed"], "sam"))
+                erm = by.get((r["setting"], r["seed"], "erm"))
+                add(f"| {r['seed']} | {_fmt(r['test_accuracy'], 2, 100)} | {_fmt(d and d['test_accuracy'], 2, 100)} | "
+                    f"{_fmt(ours and ours['test_accuracy'], 2, 100)} | {_fmt(erm and erm['test_accuracy'], 2, 100)} |")
+                if d and ours:
+                    pairs.append((r["test_accuracy"], d["test_accuracy"], ours["test_accuracy"]))
+            if pairs:
+                add("")
+                for label, i, j in (("peer − train-mode peer", 0, 1), ("train-mode peer − our SAM", 1, 2)):
+                    t = paired_difference([p[i] for p in pairs], [p[j] for p in pairs])
+                    ci = "" if t["ci_low"] is None else (
+                        f", 95 % CI [{100 * t['ci_low']:+.2f}, {100 * t['ci_high']:+.2f}] pp, p = {_fmt_p(t['p'])}")
+                    add(f"- {label}: {100 * t['mean_diff']:+.2f} pp{ci} (n = {t['n']})")
+            add("")
+        add("What the peer does differently (read in `tf_keras/src/models/sharpness_aware_minimization.py` of "
+            f"{PEER_REQUIREMENT} and checked by `tests/test_bench.py`):")
+        add("")
+        add("- The first pass is `self(x_batch)` without `training=True`, so it runs in inference mode: "
+            "BatchNorm normalizes with its moving statistics and Dropout is off when `g` (hence the "
+            "perturbation) is computed; only the second pass, at `w + e`, has `training=True`. BatchNorm's "
+            "moving statistics are therefore updated once per step, from the perturbed weights.")
+        add("- It perturbs the variables in place (`assign_add(e)`) and restores them with `assign_add(-e)`: "
+            "`w + e − e` is not bit-exact in float32.")
+        add("- The loss is `compiled_loss(y, pred, sample_weight)` without `regularization_losses`: "
+            "`model.losses` (e.g. L2 kernel regularizers) are not part of either gradient. (`sample_weight` "
+            "*is* passed to the loss.) With the bench's decoupled weight decay this changes nothing here.")
+        add("- The reported training `loss` metric is updated by both `compiled_loss` calls, so it averages the "
+            "loss at `w` and at `w + e`; the accuracy metric uses the first (inference-mode) pass.")
+        add("- Every step is a SAM step (no policy), no ASAM, no mixed-precision loss scaling in `train_step`.")
+        add("")
+    if probe:
+        c = probe["configs"]
+        k3, tfk = c["k3_plain"]["cpu_ms"], c["tfk_plain"]["cpu_ms"]
+        add("### Where the step-time difference comes from (framework probe)")
+        add("")
+        add(_probe_markdown(probe))
+        add(f"Per step, in CPU time: tf_keras's plain `fit` costs {tfk / k3:.2f}× Keras 3's on the same network "
+            f"({c['tfk_plain_unfused_bn']['cpu_ms'] / k3:.2f}× with tf_keras's BatchNormalization(fused=False)); "
+            f"relative to its own framework's plain step, SAM costs {c['k3_sam']['cpu_ms'] / k3:.2f}× in keras_aesam "
+            f"and {c['tfk_sam']['cpu_ms'] / tfk:.2f}× in tf_keras; keras_aesam's ERM costs "
+            f"{c['k3_erm']['cpu_ms'] / k3:.2f}× Keras 3's plain step. (`python -m keras_aesam.bench "
+            "--framework-probe --output OUT` reruns it.)")
+        add("")
+    add("## Claims check (mechanical; see docs/results/README.md for the reading)")
+    add("")
+    for t in tests:
+        if t["setting"] == "pooled":
+            continue
+        sam_a = next((s["sam_mean"] for s in summaries if s["setting"] == t["setting"] and s["method"] == t["a"]), None)
+        sam_b = next((s["sam_mean"] for s in summaries if s["setting"] == t["setting"] and s["method"] == t["b"]), None)
+        diff = "–" if t["mean_diff"] is None else f"{100 * t['mean_diff']:+.2f} pp"
+        ci = "" if t["ci_low"] is None else f", 95 % CI [{100 * t['ci_low']:+.2f}, {100 * t['ci_high']:+.2f}]"
+        add(f"- {t['claim']} — {t['setting']}: {_pretty(t['a'])} {_fmt(sam_a, 1, 100)} % SAM vs "
+            f"{_pretty(t['b'])} {_fmt(sam_b, 1, 100)} % SAM; difference {diff}{ci} (n = {t['n']}): "
+            f"{verdict(t)}.")
+    add("")
+    if plots:
+        add("## Plots")
+        add("")
+        for p in plots:
+            add(f"![{p.stem}]({p.name})")
+            add("")
+    failed = [s for s in sessions if s.get("failed")]
+    if failed:
+        add("## Failed runs")
+        add("")
+        for s in failed:
+            add(f"- session started {s.get('started')}: {', '.join(s['failed'])} (see logs/ and runs/*.error.txt)")
+        add("")
+    add("Every run: `results.csv` (one row per run) and `runs/<run id>.json` (everything measured, with the "
+        "run's full specification).")
+    add("")
+    return "\n".join(lines)
+
+
+def write_report(out) -> dict:
+    """Writes ``results.csv``, the plots and ``report.md`` from the results in ``out``."""
+    out = Path(out)
+    meta = {}
+    if (out / "bench.json").is_file():
+        meta = json.loads((out / "bench.json").read_text())
+    wanted = set(meta.get("run_ids") or [])
+    rows = [r for r in load_results(out) if not wanted or r["run_id"] in wanted]
+    sessions = meta.get("sessions", [])
+    for r in rows:  # which session ran it: timing ratios pair runs of one session only
+        r["session"] = None
+        for i, s in enumerate(sessions):
+            if s.get("started") and r.get("finished_at") and s["started"] <= r["finished_at"] <= (
+                    s.get("finished") or "9999"):
+                r["session"] = i + 1
+    summaries = aggregate(rows)
+    tests = paired_tests([r for r in rows if r["kind"] == "method"])
+    write_csv(rows, out / "results.csv")
+    plots = write_plots(rows, summaries, out) if rows else []
+    probe = None
+    if (out / "framework_probe.json").is_file():
+        probe = json.loads((out / "framework_probe.json").read_text())
+    report = out / "report.md"
+    report.write_text(_report_text(meta, rows, summaries, tests, plots, probe))
+    return {"report": report, "csv": out / "results.csv", "plots": plots, "summaries": summaries, "tests": tests}

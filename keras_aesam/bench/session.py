@@ -1,0 +1,248 @@
+"""A bench session: the worker groups, progress on the console, resume and ``--fresh``, bench.json."""
+
+from __future__ import annotations
+
+import datetime
+import os
+import signal
+import subprocess
+import sys
+import time
+import traceback
+from pathlib import Path
+
+from keras_aesam.bench.plan import BadInput, estimate_seconds
+from keras_aesam.bench.records import (
+    _loadavg, _machine, _read_bench_json, _result_path, _versions, _write_json, finished_result,
+)
+from keras_aesam.bench.report import write_report
+from keras_aesam.bench.worker import run_spec
+
+def _groups(plan):
+    groups = []
+    for spec in plan["runs"]:
+        if plan["isolation"] == "run" or spec["kind"] == "peer":
+            key = spec["run_id"]
+        else:
+            key = f"{spec['setting']}_s{spec['seed']}"
+        if groups and groups[-1][0] == key:
+            groups[-1][1].append(spec)
+        else:
+            groups.append((key, [spec]))
+    return groups
+
+
+def _describe(result):
+    step = result.get("step_ms")
+    epoch = result.get("epoch_seconds_after_first")
+    timing = f"{epoch:.1f} s/epoch, {step:.0f} ms/step" if epoch is not None and step is not None else (
+        f"{step:.0f} ms/step" if step is not None else "n/a")
+    frac = result.get("sam_fraction")
+    sam = "n/a" if frac is None else f"{100 * frac:.1f} %"
+    return f"test acc {result['test_accuracy']:.4f}, SAM {sam}, {timing}"
+
+
+def _run_group(out, key, specs, isolation, progress):
+    """Runs one group; returns the number of specs without a result afterwards."""
+    if isolation == "none":
+        for spec in specs:
+            if finished_result(out, spec) is not None:
+                continue
+            try:
+                result = run_spec(spec, out)
+                progress(spec, result)
+            except Exception:  # noqa: BLE001
+                text = traceback.format_exc()
+                _result_path(out, spec).with_suffix(".error.txt").write_text(text)
+                progress(spec, None)
+        return sum(finished_result(out, s) is None for s in specs)
+
+    job = Path(out) / "logs" / f"{key}.job.json"
+    _write_json(job, {"out": str(out), "specs": specs})
+    log_path = Path(out) / "logs" / f"{key}.log"
+    env = os.environ.copy()
+    env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    reported = set()
+    with open(log_path, "a") as log:
+        log.write(f"--- {datetime.datetime.now().isoformat(timespec='seconds')} ---\n")
+        log.flush()
+        proc = subprocess.Popen([sys.executable, "-m", "keras_aesam.bench", "--worker", str(job)],
+                                stdout=log, stderr=subprocess.STDOUT, env=env)
+        try:
+            while True:
+                try:
+                    proc.wait(timeout=2.0)
+                    done = True
+                except subprocess.TimeoutExpired:
+                    done = False
+                for spec in specs:
+                    if spec["run_id"] in reported:
+                        continue
+                    result = finished_result(out, spec)
+                    if result is not None and result.get("pid") == proc.pid:
+                        reported.add(spec["run_id"])
+                        progress(spec, result)
+                if done:
+                    break
+        except BaseException:
+            if proc.poll() is None:  # our own child, by its id
+                proc.terminate()
+                try:
+                    proc.wait(timeout=15)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+            raise
+    missing = 0
+    for spec in specs:
+        if finished_result(out, spec) is None:
+            missing += 1
+            progress(spec, None)
+    return missing
+
+
+#: What a bench writes at the top of its output folder (besides runs/, init/, logs/).
+_BENCH_TOP_FILES = ("bench.json", "results.csv", "report.md", "accuracy_vs_sam.png", "time_per_epoch.png",
+                    "framework_probe.json", "framework_probe.md")
+
+
+def _bench_paths(out, plan):
+    """Paths (relative to ``out``) this plan writes; init files only once they exist."""
+    paths = list(_BENCH_TOP_FILES)
+    for spec in plan["runs"]:
+        paths += [f"runs/{spec['run_id']}.json", f"runs/{spec['run_id']}.error.txt"]
+        paths += [p.relative_to(out).as_posix()
+                  for p in (out / "init").glob(f"{spec['network']}_*_s{spec['seed']}.npz")]
+    for key, _ in _groups(plan):
+        paths += [f"logs/{key}.log", f"logs/{key}.job.json"]
+    return paths
+
+
+def _record_bench_files(out, plan):
+    """Lists in ``out``'s manifest (keras_aesam.safety) what this bench writes there."""
+    from keras_aesam import safety
+
+    out.mkdir(parents=True, exist_ok=True)
+    ours = set(safety.written(out))
+    new_dirs = [d for d in ("runs", "init", "logs") if not (out / d).exists()]
+    for d in new_dirs:
+        (out / d).mkdir()
+    # A file already there that the manifest does not list stays someone else's.
+    fresh = [p for p in _bench_paths(out, plan)
+             if p not in ours and (not (out / p).exists() or p.startswith("init/"))]
+    safety.record(out, *fresh, *(out / d for d in new_dirs))
+
+
+def _remove_previous_bench(out, plan, stream):
+    """``--fresh``: deletes the files a previous bench wrote in ``out``, and only those."""
+    from keras_aesam import safety
+
+    previous = _read_bench_json(out)
+    if previous.get("run_ids") and not safety.is_ours(out):  # written before the manifest existed
+        safety.adopt(out, "bench.json", [*_BENCH_TOP_FILES, "init/*.npz", "logs/*.log", "logs/*.job.json",
+                                         *(f"runs/{r}.json" for r in previous["run_ids"]),
+                                         *(f"runs/{r}.error.txt" for r in previous["run_ids"])])
+    if any(out.iterdir()) and "bench.json" not in safety.written(out):
+        raise BadInput(f"--fresh refuses to delete anything in {str(out)!r}: it holds no keras-aesam bench "
+                       f"(no bench.json listed in {safety.MANIFEST}); check --output")
+    if (out / "init").is_dir():
+        _record_bench_files(out, plan)  # init files of an interrupted session
+    left = safety.remove_written(out)
+    if left:
+        print(f"keras-aesam bench: --fresh kept {len(left)} file(s) in {out} that the bench did not write: "
+              f"{', '.join(left)}", file=stream, flush=True)
+
+
+def run_bench(plan, argv=None, *, fresh=False, stream=sys.stdout, program="keras-aesam bench") -> int:
+    """Runs the plan's unfinished runs and writes the report; returns the exit code."""
+    out = plan["output"]
+    if fresh and out.exists():
+        _remove_previous_bench(out, plan, stream)
+    done = {spec["run_id"]: finished_result(out, spec) for spec in plan["runs"]}  # BadInput on mismatch
+    finished = sum(r is not None for r in done.values())
+    _record_bench_files(out, plan)
+
+    previous = _read_bench_json(out)
+    for session in previous.get("sessions", []):  # files written before sessions recorded their command
+        session.setdefault("command", previous.get("command"))
+    estimate = estimate_seconds([s for s in plan["runs"] if done[s["run_id"]] is None], plan["isolation"])
+    meta = {
+        "command": " ".join([program, *argv]) if argv else program,
+        "argv": list(argv or []),
+        "profile": plan["profile"],
+        "config": plan["config"],
+        "methods": plan["methods"],
+        "noise": plan["noise"],
+        "seeds": plan["seeds"],
+        "peer": plan["peer"],
+        "peer_note": plan["peer_note"],
+        "isolation": plan["isolation"],
+        "budget_minutes": plan["budget_minutes"],
+        "run_ids": [s["run_id"] for s in plan["runs"]],
+        "machine": _machine(),
+        "versions": _versions(),
+        "started": previous.get("started") or datetime.datetime.now().isoformat(timespec="seconds"),
+        "sessions": previous.get("sessions", []) + [{
+            "command": " ".join([program, *argv]) if argv else program,
+            "started": datetime.datetime.now().isoformat(timespec="seconds"),
+            "skipped_finished_runs": finished,
+            "estimated_seconds": round(estimate),
+            "loadavg_start": _loadavg(),
+        }],
+    }
+    _write_json(out / "bench.json", meta)
+    total = len(plan["runs"])
+    print(f"keras-aesam bench: {total} runs ({finished} already finished, skipped), profile {plan['profile']}, "
+          f"estimated {estimate / 60:.0f} min on the reference machine -> {out}", file=stream, flush=True)
+    if plan["peer_note"]:
+        print(f"  no peer row: {plan['peer_note']}", file=stream, flush=True)
+
+    counter = {"n": finished}
+    failed = []
+
+    def progress(spec, result):
+        if result is None:
+            failed.append(spec["run_id"])
+            err = _result_path(out, spec).with_suffix(".error.txt")
+            where = f"see {err}" if err.exists() else f"see {out / 'logs'}"
+            print(f"  FAILED {spec['run_id']} ({where})", file=stream, flush=True)
+            return
+        counter["n"] += 1
+        print(f"  [{counter['n']}/{total}] {spec['run_id']}: {_describe(result)}", file=stream, flush=True)
+
+    started = time.perf_counter()
+    interrupted = False
+    previous_handler = None
+    try:
+        previous_handler = signal.signal(signal.SIGTERM, _raise_interrupt)
+    except ValueError:  # not the main thread
+        previous_handler = None
+    try:
+        for key, specs in _groups(plan):
+            todo = [s for s in specs if done[s["run_id"]] is None]
+            if todo:
+                _run_group(out, key, todo, plan["isolation"], progress)
+    except KeyboardInterrupt:
+        interrupted = True
+        print("\ninterrupted: the finished runs are kept; run the same command again to resume",
+              file=stream, flush=True)
+    finally:
+        if previous_handler is not None:
+            signal.signal(signal.SIGTERM, previous_handler)
+    meta["sessions"][-1].update(
+        finished=datetime.datetime.now().isoformat(timespec="seconds"),
+        wall_seconds=round(time.perf_counter() - started, 1),
+        loadavg_end=_loadavg(),
+        interrupted=interrupted,
+        failed=failed,
+    )
+    _write_json(out / "bench.json", meta)
+    paths = write_report(out)
+    print(f"report: {paths['report']}", file=stream, flush=True)
+    if interrupted:
+        return 130
+    return 1 if failed else 0
+
+
+def _raise_interrupt(signum, frame):
+    raise KeyboardInterrupt

@@ -1,0 +1,250 @@
+"""Running one spec: data, initial weights, the wrapped model, timing; and the worker process."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import math
+import os
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import numpy as np
+
+from keras_aesam.bench.networks import build_network
+from keras_aesam.bench.plan import FORWARD_COST
+from keras_aesam.bench.records import _loadavg, _result_path, _write_json, finished_result
+
+def _make_timer(K):
+    """A callback timing every step and epoch (for ``keras`` or ``tf_keras``).
+
+    Wall time with ``time.perf_counter``; CPU time of the whole process (all
+    threads) with ``time.process_time``, which other jobs on the machine disturb
+    much less than wall time.
+    """
+
+    class StepTimer(K.callbacks.Callback):
+        def __init__(self):
+            super().__init__()
+            self.epoch_seconds = []
+            self.step_seconds = []
+            self.step_cpu_seconds = []
+
+        def on_epoch_begin(self, epoch, logs=None):
+            self.step_seconds.append([])
+            self.step_cpu_seconds.append([])
+            self._epoch_start = time.perf_counter()
+
+        def on_train_batch_begin(self, batch, logs=None):
+            self._step_cpu_start = time.process_time()
+            self._step_start = time.perf_counter()
+
+        def on_train_batch_end(self, batch, logs=None):
+            self.step_seconds[-1].append(time.perf_counter() - self._step_start)
+            self.step_cpu_seconds[-1].append(time.process_time() - self._step_cpu_start)
+
+        def on_epoch_end(self, epoch, logs=None):
+            self.epoch_seconds.append(time.perf_counter() - self._epoch_start)
+
+    return StepTimer()
+
+
+def _timing(timer):
+    """Epoch and step times with the first epoch reported apart (tracing, cache filling).
+
+    With one epoch only, the step mean leaves out the first 5 steps instead.
+    """
+    epochs = timer.epoch_seconds
+    steps = timer.step_seconds
+    if len(epochs) > 1:
+        later = [s for epoch in steps[1:] for s in epoch]
+        later_cpu = [s for epoch in timer.step_cpu_seconds[1:] for s in epoch]
+        epoch_mean = float(np.mean(epochs[1:]))
+    else:
+        later = [s for epoch in steps for s in epoch][5:]
+        later_cpu = [s for epoch in timer.step_cpu_seconds for s in epoch][5:]
+        epoch_mean = None
+    return {
+        "epoch_seconds": [round(e, 4) for e in epochs],
+        "first_epoch_seconds": round(epochs[0], 4) if epochs else None,
+        "epoch_seconds_after_first": None if epoch_mean is None else round(epoch_mean, 4),
+        "step_ms": round(1000 * float(np.mean(later)), 3) if later else None,
+        "step_cpu_ms": round(1000 * float(np.mean(later_cpu)), 3) if later_cpu else None,
+        "step_ms_first_epoch": round(1000 * float(np.mean(steps[0])), 3) if steps and steps[0] else None,
+        "timed_steps": len(later),
+    }
+
+
+def _load_data(spec):
+    from keras_aesam import data as data_module
+
+    return data_module.get_dataset(
+        spec["dataset"], batch_size=spec["batch_size"], seed=spec["seed"], label_noise=spec["noise"],
+        train_size=spec["train_size"], validation_fraction=spec["validation_fraction"],
+    )
+
+
+def _init_path(out, spec, input_shape, num_classes):
+    shape = "x".join(str(s) for s in input_shape)
+    return Path(out) / "init" / f"{spec['network']}_{shape}_{num_classes}c_s{spec['seed']}.npz"
+
+
+def initial_weights(out, spec, data):
+    """The seed's initial weights (built once, then loaded by every method) and a probe batch.
+
+    Returns ``(weights, probe_x, probe_logits)``: logits (inference mode) of a seeded
+    random probe batch, so the peer can check that its tf_keras twin computes the
+    same function from the same weights.
+    """
+    path = _init_path(out, spec, data.input_shape, data.num_classes)
+    if not path.is_file():
+        import keras
+
+        keras.utils.clear_session()
+        keras.utils.set_random_seed(spec["seed"])
+        net = build_network(keras, spec["network"], num_classes=data.num_classes, input_shape=data.input_shape,
+                            weight_decay=spec["weight_decay"], weight_decay_mode=spec["weight_decay_mode"])
+        probe_x = np.random.default_rng(spec["seed"]).normal(size=(16, *data.input_shape)).astype("float32")
+        probe_logits = np.asarray(net(probe_x, training=False))
+        arrays = {f"w{i:04d}": w for i, w in enumerate(net.get_weights())}
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        with open(tmp, "wb") as f:
+            np.savez(f, probe_x=probe_x, probe_logits=probe_logits, **arrays)
+        os.replace(tmp, path)
+    with np.load(path) as stored:
+        names = sorted(k for k in stored.files if k.startswith("w"))
+        return [stored[k] for k in names], stored["probe_x"], stored["probe_logits"]
+
+
+def _sam_steps_per_epoch(fractions, steps_per_epoch):
+    return [int(round(f * steps_per_epoch)) for f in fractions]
+
+
+def _run_method(spec, out) -> dict:
+    import keras
+    import tensorflow as tf
+
+    import keras_aesam
+
+    keras.utils.clear_session()
+    keras.utils.set_random_seed(spec["seed"])
+    data = _load_data(spec)  # a fresh pipeline under the same seeds: the same batch order for every method
+    weights, _, _ = initial_weights(out, spec, data)
+    keras.utils.clear_session()
+    keras.utils.set_random_seed(spec["seed"])
+    inner = build_network(keras, spec["network"], num_classes=data.num_classes, input_shape=data.input_shape,
+                          weight_decay=spec["weight_decay"], weight_decay_mode=spec["weight_decay_mode"])
+    inner.set_weights(weights)
+    total_steps = spec["epochs"] * data.steps_per_epoch
+    model = keras_aesam.wrap(inner, method=spec["method"], total_steps=total_steps, **spec["hyperparameters"])
+    learning_rate = keras.optimizers.schedules.CosineDecay(spec["lr"], decay_steps=total_steps)
+    decoupled = spec["weight_decay"] if spec["weight_decay"] > 0 and spec["weight_decay_mode"] == "decoupled" else None
+    model.compile(
+        optimizer=keras.optimizers.SGD(learning_rate=learning_rate, momentum=spec["momentum"], weight_decay=decoupled),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")],
+        jit_compile=False,
+    )
+    timer = _make_timer(keras)
+    load_start = _loadavg()
+    fit_start = time.perf_counter()
+    history = model.fit(data.train.repeat(), steps_per_epoch=data.steps_per_epoch, epochs=spec["epochs"],
+                        verbose=0, callbacks=[timer], shuffle=False)
+    fit_seconds = time.perf_counter() - fit_start
+    test = data.test if not spec["test_batches"] else data.test.take(spec["test_batches"])
+    evaluation = model.evaluate(test, verbose=0, return_dict=True)
+
+    fractions = [float(f) for f in history.history.get("sam_fraction", [])]
+    sam_per_epoch = _sam_steps_per_epoch(fractions, data.steps_per_epoch)
+    state = model.policy_state
+    steps = int(state["step"])
+    sam_steps = int(sum(sam_per_epoch))
+    hp = model.hyperparameters
+    if spec["method"] == "esam":
+        second = math.ceil(hp["gamma"] * spec["batch_size"]) / spec["batch_size"]
+        passes = steps + sam_steps * (second + FORWARD_COST)
+    else:
+        passes = steps + sam_steps
+    return {
+        "test_accuracy": float(evaluation["accuracy"]),
+        "test_loss": float(evaluation["loss"]),
+        "train_accuracy_last_epoch": float(history.history["accuracy"][-1]),
+        "train_loss_last_epoch": float(history.history["loss"][-1]),
+        "steps": steps,
+        "steps_per_epoch": data.steps_per_epoch,
+        "sam_steps": sam_steps,
+        "sam_fraction": sam_steps / steps if steps else None,
+        "sam_fraction_per_epoch": fractions,
+        "grad_evals": steps + sam_steps,
+        "pass_equivalents": round(passes, 3),
+        "skipped_steps": int(sum(history.history.get("skipped_steps", [0]))),
+        "fit_seconds": round(fit_seconds, 3),
+        **_timing(timer),
+        "parameters": int(inner.count_params()),
+        "train_examples": data.train_examples,
+        "test_examples": data.test_examples if not spec["test_batches"] else None,
+        "noise_rate_realised": data.noise_rate_realised,
+        "data_source": data.source,
+        "resolved_hyperparameters": hp,
+        "expected_sam_fraction": model.policy.expected_sam_fraction(total_steps),
+        "policy_state": state,
+        "framework": f"keras {keras.__version__}, tensorflow {tf.__version__}",
+        "loadavg_start": load_start,
+        "loadavg_end": _loadavg(),
+    }
+
+
+
+def run_spec(spec, out) -> dict:
+    """Runs one spec and writes its result JSON (the moment it finishes); returns the result."""
+    started = time.perf_counter()
+    started_at = datetime.datetime.now().isoformat(timespec="seconds")
+    from keras_aesam import bench  # the runners are looked up on the package: the seam tests replace
+
+    body = bench._run_peer(spec, out) if spec["kind"] == "peer" else bench._run_method(spec, out)
+    result = {
+        "run_id": spec["run_id"],
+        "spec_hash": spec["spec_hash"],
+        "kind": spec["kind"],
+        "method": spec["method"],
+        "setting": spec["setting"],
+        "noise": spec["noise"],
+        "seed": spec["seed"],
+        **body,
+        "run_seconds": round(time.perf_counter() - started, 3),
+        "started_at": started_at,
+        "finished_at": datetime.datetime.now().isoformat(timespec="seconds"),
+        "pid": os.getpid(),
+        "spec": spec,
+    }
+    _write_json(_result_path(out, spec), result)
+    error = _result_path(out, spec).with_suffix(".error.txt")
+    if error.exists():
+        error.unlink()
+    return result
+
+
+def _worker(job_path) -> int:
+    """Worker process: runs the job's specs in order, each result written when it finishes."""
+    job = json.loads(Path(job_path).read_text())
+    out = job["out"]
+    failures = 0
+    for spec in job["specs"]:
+        if finished_result(out, spec) is not None:
+            continue
+        try:
+            result = run_spec(spec, out)
+            print(f"finished {spec['run_id']}: test accuracy {result['test_accuracy']:.4f}", flush=True)
+        except KeyboardInterrupt:
+            raise
+        except Exception:  # noqa: BLE001 - recorded, the next run still runs
+            failures += 1
+            text = traceback.format_exc()
+            print(text, file=sys.stderr, flush=True)
+            path = _result_path(out, spec).with_suffix(".error.txt")
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(text)
+    return 1 if failures else 0
