@@ -41,12 +41,14 @@ import argparse
 import datetime
 import json
 import logging
-import itertools
 import math
 import os
 import shlex
+import shutil
 import signal
 import sys
+import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Callable, Optional, Sequence
@@ -108,6 +110,9 @@ HYPERPARAMETER_FLAGS = (
 
 #: Hyperparameters whose argparse ``dest`` differs from their name (``--schedule`` is the learning rate's).
 _HYPERPARAMETER_DEST = {"schedule": "coin_schedule"}
+
+#: Values of ``--strategy``.
+STRATEGIES = ("auto", "one", "mirrored", "multi-worker")
 
 _IGNORED_PARAMETERS = {"seed"}  # --seed seeds the whole run, and the method too
 
@@ -225,6 +230,13 @@ The cosine schedule decays the learning rate to 0 over epochs x steps per epoch
 pass with XLA (the policy's branch stays outside); it is slower on CPU.
 steps.csv has one row per step, or per execution with --steps-per-execution > 1.
 
+several devices:
+  --batch-size is the global batch: each of R replicas gets --batch-size / R examples
+  per step (the start-up line prints both). Under multi-worker every process runs the
+  same command with its own TF_CONFIG; only the chief writes the run directory, plots
+  and export (the others write to a temporary folder and delete it), and --resume
+  continues from the chief's backup, which every worker must be able to read.
+
 examples:
   keras-aesam train              # Fashion-MNIST, small CNN, AE-SAM: ~86 % test accuracy, 3-6 min on 2 cores
   keras-aesam train --model resnet18 --dataset cifar10 --epochs 200 --lr 0.1 \\
@@ -300,6 +312,17 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--jit", action="store_true", help="XLA-compile the passes (slower on CPU)")
     o.add_argument("--steps-per-execution", type=int, default=1, help="default %(default)s")
 
+    d = t.add_argument_group("devices (see 'several devices' below)")
+    d.add_argument("--strategy", choices=STRATEGIES, default="auto",
+                   help="auto (default): mirrored when more than one GPU (or --cpu-devices > 1) is "
+                   "visible, else one; one: a single device; mirrored: every local GPU, else the "
+                   "--cpu-devices; multi-worker: the cluster in TF_CONFIG")
+    d.add_argument("--cpu-devices", type=int, default=None,
+                   help="split the CPU into N logical devices, to try and test distribution without GPUs")
+    d.add_argument("--sync-perturbation", action=argparse.BooleanOptionalAction, default=True,
+                   help="perturb with the all-reduced gradient, as one device on the global batch "
+                   "(default on; off: each replica perturbs with its own shard's gradient)")
+
     h = t.add_argument_group("method hyperparameters (only those the method takes; defaults are the paper's)")
     for name, flag, kind, text in HYPERPARAMETER_FLAGS:
         takers = _methods_taking(name)
@@ -363,7 +386,7 @@ def _check(condition, message):
         raise BadInput(message)
 
 
-def _resolve(args, network=None):
+def _resolve(args, network=None, chief=True):
     """Checks every argument that can be checked without data; returns the plan."""
     from keras_aesam import METHODS, build_method
     from keras_aesam.data import DATASETS
@@ -434,6 +457,17 @@ def _resolve(args, network=None):
     except (ValueError, TypeError) as err:
         raise BadInput(f"invalid hyperparameter for {method}: {_one_line(err)}")
 
+    plan = {
+        "dataset": dataset,
+        "model": model,
+        "method": method,
+        "train_size": train_size,
+        "lr": lr,
+        "hist_epochs": hist_epochs,
+        "hyperparameters": hyperparameters,
+        "policy": policy,
+        "direction": direction,
+    }
     # Output locations.
     if args.output is None:
         stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
@@ -445,6 +479,9 @@ def _resolve(args, network=None):
     export_path = export_root / run_dir.resolve().name
     _check(args.backup_steps >= 0, f"--backup-steps must be >= 0 (0 = every epoch only), got {args.backup_steps}")
     _check(not run_dir.exists() or run_dir.is_dir(), f"--output {str(run_dir)!r} is a file")
+    if not chief:  # another worker of a cluster: the chief checks and writes the run directory
+        return {**plan, "read_dir": run_dir, "run_dir": Path(tempfile.mkdtemp(prefix="keras-aesam-worker-")),
+                "export_path": None}
     if not args.overwrite and not args.resume:
         unfinished = _unfinished(run_dir)
         _check(not run_dir.exists(),
@@ -458,20 +495,60 @@ def _resolve(args, network=None):
     action = "--resume" if args.resume else "--overwrite"
     _check_replaceable(run_dir, "config.json", _LEGACY_RUN_FILES, _RUN_FILES + tuple(PLOT_FILES.values()), action)
     _check_replaceable(export_path, "saved_model.pb", _LEGACY_EXPORT_FILES, (), action)
+    return {**plan, "read_dir": run_dir, "run_dir": run_dir, "export_path": export_path}
 
-    return {
-        "dataset": dataset,
-        "model": model,
-        "method": method,
-        "train_size": train_size,
-        "lr": lr,
-        "hist_epochs": hist_epochs,
-        "hyperparameters": hyperparameters,
-        "policy": policy,
-        "direction": direction,
-        "run_dir": run_dir,
-        "export_path": export_path,
-    }
+
+# ---------------------------------------------------------------------- devices
+
+
+def _split_cpu(count):
+    """Splits the CPU into ``count`` logical devices (before TensorFlow starts), else BadInput."""
+    import tensorflow as tf
+
+    cpu = tf.config.list_physical_devices("CPU")[0]
+    try:
+        tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * count)
+    except RuntimeError:  # TensorFlow already started in this process: fine if it has the same split
+        have = len(tf.config.list_logical_devices("CPU"))
+        _check(have == count, f"--cpu-devices {count}: TensorFlow already started in this process "
+               f"with {have} CPU device(s); pass it to a fresh process")
+
+
+def _is_chief(resolver):
+    """Keras's rule: the task ``chief``, else worker 0 of a cluster without one."""
+    task_type, task_id = resolver.task_type, resolver.task_id
+    if task_type in (None, "chief"):
+        return True
+    return task_type == "worker" and task_id == 0 and "chief" not in resolver.cluster_spec().as_dict()
+
+
+def _distribution(args):
+    """The ``tf.distribute`` strategy of ``--strategy``, and whether this process writes the run.
+
+    Made before anything else touches TensorFlow: the CPU split and the
+    multi-worker collectives can only be set up at its start.
+    """
+    import tensorflow as tf
+
+    _check(args.cpu_devices is None or args.cpu_devices >= 1,
+           f"--cpu-devices must be >= 1, got {args.cpu_devices}")
+    _check(args.cpu_devices is None or args.strategy != "multi-worker",
+           "--cpu-devices is for --strategy mirrored, one or auto (a worker uses its GPUs or its CPU)")
+    if args.cpu_devices:
+        _split_cpu(args.cpu_devices)
+    if args.strategy == "multi-worker":
+        _check(bool(os.environ.get("TF_CONFIG")),
+               "--strategy multi-worker reads the cluster from TF_CONFIG, which is not set")
+        try:
+            strategy = tf.distribute.MultiWorkerMirroredStrategy()
+        except (ValueError, RuntimeError) as err:
+            raise BadInput(f"--strategy multi-worker: {_one_line(err)}")
+        return strategy, _is_chief(strategy.cluster_resolver)
+    gpus = [d.name for d in tf.config.list_logical_devices("GPU")]
+    devices = gpus or [d.name for d in tf.config.list_logical_devices("CPU")]
+    if args.strategy == "mirrored" or (args.strategy == "auto" and len(devices) > 1):
+        return tf.distribute.MirroredStrategy(devices), True
+    return tf.distribute.get_strategy(), True
 
 
 # --------------------------------------------------------------------- training
@@ -498,9 +575,8 @@ def _load_data(args, plan, dataset_kwargs):
 
 
 def _build_network(args, plan, data, network):
-    import keras
-
     from keras_aesam.networks import get_network
+    from keras_aesam.recipe import kernel_regularizer
 
     num_classes = data.num_classes if args.num_classes is None else args.num_classes
     if num_classes < data.num_classes:
@@ -508,9 +584,7 @@ def _build_network(args, plan, data, network):
             f"labels of {plan['dataset']} take {data.num_classes} values (0..{data.num_classes - 1}), "
             f"which do not fit --num-classes {num_classes}"
         )
-    regularizer = None
-    if args.weight_decay > 0 and args.weight_decay_mode == "l2":
-        regularizer = keras.regularizers.L2(args.weight_decay / 2.0)
+    regularizer = kernel_regularizer(_recipe(args, plan))
     kwargs = dict(num_classes=num_classes, input_shape=data.input_shape, kernel_regularizer=regularizer)
     try:
         if network is not None:
@@ -518,6 +592,87 @@ def _build_network(args, plan, data, network):
         return get_network(plan["model"], **kwargs), num_classes
     except ValueError as err:
         raise BadInput(f"cannot build {plan['model']}: {_one_line(err)}")
+
+
+class StreamView:
+    """The next ``count`` batches of a shared iterator, as a generator function that may be called again.
+
+    Under a distribution strategy Keras opens the training data once to build
+    the model and once more to train; each call of this object starts at the
+    view's first batch again, replaying the batches an earlier call took (an
+    earlier call stops once a later one starts). Only the last ``keep`` batches
+    are kept: a call that would need older ones raises RuntimeError.
+    """
+
+    def __init__(self, stream, count, keep=256):
+        self.stream, self.count, self.keep = stream, count, keep
+        self.taken = []  # the batches taken from ``stream`` so far, from index ``self.dropped`` on
+        self.dropped = 0
+        self.calls = 0
+        self.lock = threading.Lock()
+
+    def __call__(self):
+        with self.lock:
+            self.calls += 1
+            call = self.calls
+            if self.dropped:
+                raise RuntimeError(f"the training data was read again after {self.dropped} of its "
+                                   f"batches were passed on; at most {self.keep} can be replayed")
+        for index in range(self.count):
+            with self.lock:
+                if call != self.calls:  # a later call took over
+                    return
+                if index - self.dropped == len(self.taken):
+                    try:
+                        self.taken.append(next(self.stream))
+                    except StopIteration:
+                        return
+                batch = self.taken[index - self.dropped]
+                if len(self.taken) > self.keep:
+                    del self.taken[0]
+                    self.dropped += 1
+            yield batch
+
+
+def _build_model(args, plan, data, network, total_steps):
+    """The network, wrapped by the method and compiled with the recipe: ``(inner, num_classes, model)``."""
+    import keras_aesam
+    from keras_aesam import recipe
+
+    inner, num_classes = _build_network(args, plan, data, network)
+    model = keras_aesam.wrap(inner, method=plan["method"], total_steps=total_steps,
+                             sync_perturbation=args.sync_perturbation, **plan["hyperparameters"])
+    recipe.compile_model(model, _recipe(args, plan), args.epochs * data.steps_per_epoch,
+                         jit_compile=bool(args.jit), steps_per_execution=args.steps_per_execution)
+    return inner, num_classes, model
+
+
+def _recipe(args, plan):
+    from keras_aesam.recipe import Recipe
+
+    return Recipe(lr=plan["lr"], momentum=args.momentum, weight_decay=args.weight_decay,
+                  weight_decay_mode=args.weight_decay_mode, schedule=args.schedule)
+
+
+def _load_backup(args, plan, model, data):
+    """``--resume``: the state of the run's last backup, loaded into ``model``; None before the first one.
+
+    Every worker of a cluster reads the chief's backup (Keras's BackupAndRestore convention).
+    """
+    from keras_aesam.callbacks import load_training_state
+
+    backup_file = plan["read_dir"] / BACKUP_FILE
+    if not backup_file.is_file():  # none yet: from the start, as the seeds rebuild it
+        return None
+    # Metrics and optimizer variables exist only once built; build them now, without data.
+    model._symbolic_build(data_batch=next(iter(data.test)))
+    try:
+        meta = load_training_state(model, backup_file)
+    except ValueError as err:
+        raise BadInput(f"--resume: {_one_line(err)}")
+    _check(meta.get("steps_per_epoch") == data.steps_per_epoch,
+           f"--resume: the backup has {meta.get('steps_per_epoch')} steps per epoch, this data {data.steps_per_epoch}")
+    return meta
 
 
 def _policy_printer(model):
@@ -641,7 +796,7 @@ def _train(args, plan, network=None, dataset_kwargs=None):
     import tensorflow as tf
 
     import keras_aesam
-    from keras_aesam.callbacks import RunBackup, RunInterrupted, StepRecorder, load_training_state
+    from keras_aesam.callbacks import RunBackup, RunInterrupted, StepRecorder
 
     started = time.perf_counter()
     run_dir, export_path = plan["run_dir"], plan["export_path"]
@@ -660,45 +815,22 @@ def _train(args, plan, network=None, dataset_kwargs=None):
         data = _load_data(args, plan, dataset_kwargs)
     except ValueError as err:
         raise BadInput(_one_line(err))
+    strategy = plan["strategy"]
+    replicas = strategy.num_replicas_in_sync
+    _check(args.batch_size % replicas == 0,
+           f"--batch-size (the global batch) must be a multiple of the {replicas} replicas, got {args.batch_size}")
     keras.utils.set_random_seed(args.seed)
-    inner, num_classes = _build_network(args, plan, data, network)
-
     steps_per_epoch = data.steps_per_epoch
     total_steps = args.total_steps or args.epochs * steps_per_epoch
-    model = keras_aesam.wrap(inner, method=plan["method"], total_steps=total_steps, **plan["hyperparameters"])
-    schedule_steps = args.epochs * steps_per_epoch
-    if args.schedule == "cosine":
-        learning_rate = keras.optimizers.schedules.CosineDecay(plan["lr"], decay_steps=schedule_steps)
-    else:
-        learning_rate = plan["lr"]
-    decoupled = args.weight_decay if (args.weight_decay > 0 and args.weight_decay_mode == "decoupled") else None
-    optimizer = keras.optimizers.SGD(learning_rate=learning_rate, momentum=args.momentum, weight_decay=decoupled)
-    model.compile(
-        optimizer=optimizer,
-        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-        metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")],
-        jit_compile=bool(args.jit),
-        steps_per_execution=args.steps_per_execution,
-    )
-
-    # Resuming: the state of the last backup (none yet: from the start, as the seeds rebuild it).
-    resume_meta = None
-    if args.resume and (run_dir / BACKUP_FILE).is_file():
-        # Metrics and optimizer variables exist only once built; build them now, without data.
-        model._symbolic_build(data_batch=next(iter(data.test)))
-        try:
-            resume_meta = load_training_state(model, run_dir / BACKUP_FILE)
-        except ValueError as err:
-            raise BadInput(f"--resume: {_one_line(err)}")
-        _check(resume_meta.get("steps_per_epoch") == steps_per_epoch,
-               f"--resume: the backup has {resume_meta.get('steps_per_epoch')} steps per epoch, "
-               f"this data {steps_per_epoch}")
+    with strategy.scope():  # the variables of model, optimizer and metrics are mirrored
+        inner, num_classes, model = _build_model(args, plan, data, network, total_steps)
+        resume_meta = _load_backup(args, plan, model, data) if args.resume else None
     start_step = resume_meta["step"] if resume_meta else 0
     start_epoch = resume_meta["epoch"] if resume_meta else 0
     start_batch = resume_meta["batch"] if resume_meta else 0
 
     # The run directory, only now that nothing can be refused any more.
-    if not args.resume:
+    if not args.resume and plan["chief"]:
         for path in (run_dir, export_path):
             left = safety.remove_written(path)
             if left:
@@ -710,7 +842,7 @@ def _train(args, plan, network=None, dataset_kwargs=None):
     if not (run_dir / "backup").exists():
         (run_dir / "backup").mkdir()
         safety.record(run_dir, run_dir / "backup")
-    sizes = resume_meta["files"] if resume_meta else {name: 0 for name in _CSV_FILES}
+    sizes = resume_meta["files"] if resume_meta and plan["chief"] else {name: 0 for name in _CSV_FILES}
     for name in _CSV_FILES:  # back to the backup's point: every step once
         safety.truncate_written(run_dir / name, sizes.get(name, 0), run_dir)
 
@@ -727,6 +859,9 @@ def _train(args, plan, network=None, dataset_kwargs=None):
         "expected_sam_fraction": expected,
         "epochs": args.epochs,
         "batch_size": args.batch_size,
+        "strategy": type(strategy).__name__,
+        "replicas": replicas,
+        "sync_perturbation": bool(args.sync_perturbation),
         "steps_per_epoch": steps_per_epoch,
         "lr": plan["lr"],
         "schedule": args.schedule,
@@ -771,7 +906,9 @@ def _train(args, plan, network=None, dataset_kwargs=None):
         f"keras-aesam: {plan['method']} ({hp}) on {config['model']} "
         f"({config['parameters'] / 1e6:.2f} M parameters), {plan['dataset']}: {data.train_examples} train / "
         f"{data.validation_examples or 0} validation / {data.test_examples or '?'} test{noise}; "
-        f"{args.epochs} epochs x {steps_per_epoch} steps, lr {plan['lr']:g} {args.schedule}, "
+        f"{args.epochs} epochs x {steps_per_epoch} steps of {args.batch_size} "
+        f"({replicas} replica{'s' if replicas > 1 else ''} x {args.batch_size // replicas}), "
+        f"lr {plan['lr']:g} {args.schedule}, "
         f"weight decay {args.weight_decay:g} ({args.weight_decay_mode}) -> {run_dir}",
         flush=True,
     )
@@ -793,9 +930,11 @@ def _train(args, plan, network=None, dataset_kwargs=None):
 
     def stream_part(batches):
         # A bounded view (about 0.7 ms per batch, measured): prefetching cannot run past it.
-        part = tf.data.Dataset.from_generator(lambda: itertools.islice(stream, batches),
+        part = tf.data.Dataset.from_generator(StreamView(stream, batches),
                                               output_signature=data.train.element_spec)
-        return part.prefetch(tf.data.AUTOTUNE)
+        options = tf.data.Options()  # each worker takes its share of every global batch
+        options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
+        return part.prefetch(tf.data.AUTOTUNE).with_options(options)
 
     recorder = StepRecorder(
         run_dir / "steps.csv",
@@ -886,12 +1025,13 @@ def _train(args, plan, network=None, dataset_kwargs=None):
     )
     if interrupted is None:
         model.save(run_dir / "model.keras")
-        _export(model, export_path)
-        results["saved_model"] = str(export_path)
         results["keras_model"] = str(run_dir / "model.keras")
+        if plan["chief"]:
+            _export(model, export_path)
+            results["saved_model"] = str(export_path)
 
     plots = []
-    if not args.no_plots:
+    if not args.no_plots and plan["chief"]:
         try:
             from keras_aesam.plots import plot_run
 
@@ -1011,8 +1151,14 @@ def run(argv: Optional[Sequence[str]] = None, *, network: Optional[Callable] = N
             return _plot(args)
         if args.resume:
             args = _resume_args(parser, argv, args)
-        plan = _resolve(args, network=network)
-        return _train(args, plan, network=network, dataset_kwargs=dataset_kwargs)
+        strategy, chief = _distribution(args)
+        plan = _resolve(args, network=network, chief=chief)
+        plan.update(strategy=strategy, chief=chief)
+        try:
+            return _train(args, plan, network=network, dataset_kwargs=dataset_kwargs)
+        finally:
+            if not chief:  # another worker: its files were only for the run's duration
+                shutil.rmtree(plan["run_dir"], ignore_errors=True)
     except (BadInput, safety.NotOurs) as err:
         subparser.error(str(err))
     except FileNotFoundError as err:  # e.g. no Fashion-MNIST anywhere: list where we looked
