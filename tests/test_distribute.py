@@ -1,8 +1,9 @@
-"""tf.distribute, mixed precision, XLA, clipping and accumulation.
+"""tf.distribute, mixed precision, XLA and clipping.
 
 Multi-replica runs happen in subprocesses (tests/distributed_worker.py): logical
-devices and TF_CONFIG must be set before TensorFlow starts. Every subprocess is
-bounded in time, and a hang fails the test with a message.
+devices and TF_CONFIG must be set before TensorFlow starts. Each subprocess
+trains several models (one TensorFlow start-up for all), is bounded in time,
+and a hang fails the test with a message.
 """
 
 import json
@@ -290,7 +291,7 @@ def test_overflow_step_is_skipped_entirely(mixed_policy, method):
 
 
 # --------------------------------------------------------------------------
-# XLA, clipping, accumulation
+# XLA, clipping
 # --------------------------------------------------------------------------
 @pytest.mark.parametrize("method", sorted(keras_aesam.METHODS))
 def test_every_method_trains_with_jit_compile(method):
