@@ -675,6 +675,38 @@ def _load_backup(args, plan, model, data):
     return meta
 
 
+def _evaluate_locally(model, dataset):
+    """``{"accuracy", "loss"}`` of ``model`` on ``dataset`` in this process, as ``model.evaluate`` computes them.
+
+    The loss is the mean cross-entropy over the examples plus the weight penalty.
+    """
+    import numpy as np
+
+    total_loss, correct, count = 0.0, 0, 0
+    for x, y in dataset:
+        logits = model(x, training=False).numpy().astype("float64")
+        labels = np.asarray(y).reshape(-1)
+        shifted = logits - logits.max(axis=1, keepdims=True)
+        log_probs = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
+        total_loss -= float(log_probs[np.arange(len(labels)), labels].sum())
+        correct += int((logits.argmax(axis=1) == labels).sum())
+        count += len(labels)
+    penalty = float(sum(float(loss) for loss in model.losses))
+    return {"accuracy": correct / max(count, 1), "loss": total_loss / max(count, 1) + penalty}
+
+
+def _LocalValidation(evaluate, validation):
+    """A callback adding ``val_accuracy`` and ``val_loss`` of :func:`_evaluate_locally` at each epoch end."""
+    import keras
+
+    class LocalValidation(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            if logs is not None:
+                logs.update({f"val_{name}": value for name, value in evaluate(validation).items()})
+
+    return LocalValidation()
+
+
 def _policy_printer(model):
     """A callback printing the policy state after each epoch (``--verbose``)."""
     import keras
@@ -962,15 +994,23 @@ def _train(args, plan, network=None, dataset_kwargs=None):
         backup.batch_offset = start_batch
         if start_batch:
             backup.metric_values = resume_meta["metric_values"]
-    callbacks = [keras.callbacks.CSVLogger(str(run_dir / "history.csv"), append=True), recorder]
-    if args.verbose:
-        callbacks.append(_policy_printer(model))
-    callbacks.append(backup)  # last: its epoch-end backup includes the rows written before it
-
     validation, test = data.validation, data.test
     if args.eval_batches is not None:
         validation = None if validation is None else validation.take(args.eval_batches)
         test = test.take(args.eval_batches)
+    evaluate = lambda dataset: model.evaluate(dataset, verbose=0, return_dict=True)  # noqa: E731
+    callbacks = []
+    if isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+        # Keras's evaluate fails under this strategy (it reduces scalar metrics along an axis):
+        # every worker evaluates on its own, at fixed weights, the same numbers.
+        evaluate = lambda dataset: _evaluate_locally(model, dataset)  # noqa: E731
+        if validation is not None:
+            callbacks.append(_LocalValidation(evaluate, validation))
+            validation = None
+    callbacks += [keras.callbacks.CSVLogger(str(run_dir / "history.csv"), append=True), recorder]
+    if args.verbose:
+        callbacks.append(_policy_printer(model))
+    callbacks.append(backup)  # last: its epoch-end backup includes the rows written before it
 
     # (first epoch, end epoch, steps per epoch): a resumed run first finishes its epoch.
     segments = []
@@ -1012,7 +1052,7 @@ def _train(args, plan, network=None, dataset_kwargs=None):
     if args.resume:
         results["resumed_from_step"] = start_step
     if interrupted is None:
-        evaluation = model.evaluate(test, verbose=0, return_dict=True)
+        evaluation = evaluate(test)
         results["test_accuracy"] = float(evaluation.get("accuracy", float("nan")))
         results["test_loss"] = float(evaluation.get("loss", float("nan")))
     results.update(
