@@ -210,6 +210,69 @@ def test_report_from_synthetic_results(tmp_path):
         assert len(list(csv.DictReader(f))) == len(_synthetic_rows())
 
 
+def test_a_run_at_chance_level_is_flagged_in_the_report(tmp_path):
+    (tmp_path / "runs").mkdir()
+    rows = _synthetic_rows()
+    rows[0] = {**rows[0], "test_accuracy": 0.1, "test_loss": 2.3026}  # ten classes: chance is 0.1
+    for row in rows:
+        (tmp_path / "runs" / f"{row['run_id']}.json").write_text(json.dumps(row))
+    text = bench.write_report(tmp_path)["report"].read_text()
+    assert f"**WARNING: 1 run(s) ended at chance-level accuracy (or a non-finite loss): {rows[0]['run_id']}.**" in text
+    rows[0]["test_accuracy"] = 0.8
+    (tmp_path / "runs" / f"{rows[0]['run_id']}.json").write_text(json.dumps(rows[0]))
+    assert "WARNING" not in bench.write_report(tmp_path)["report"].read_text()
+
+
+def test_the_console_line_of_a_run_gives_the_time_left_and_flags_chance_level():
+    import io
+
+    from keras_aesam.bench.progress import Progress
+
+    stream = io.StringIO()
+    progress = Progress(4, stream, done=1)  # one run finished in an earlier session
+    progress.finished({"run_id": "a"}, {"test_accuracy": 0.8, "test_loss": 0.5}, 30.0, "test acc 0.8000")
+    progress.finished({"run_id": "b"}, {"test_accuracy": 0.1, "test_loss": 2.3}, 90.0, "test acc 0.1000")
+    first, second = stream.getvalue().splitlines()
+    # time left = runs left x mean time of the runs timed here: after a, 2 x 30 s; after b, 1 x (30 + 90) / 2 s
+    assert first == "  [2/4] a: test acc 0.8000, about 1 min left"
+    assert second == "  [3/4] b: test acc 0.1000, about 1 min left  <-- DEGENERATE: chance-level accuracy"
+
+
+def test_a_workers_epoch_lines_reach_the_console_whole(tmp_path):
+    import io
+
+    from keras_aesam.bench.progress import PROGRESS_MARK
+    from keras_aesam.bench.session import _LogRelay
+
+    log = tmp_path / "w.log"
+    log.write_text("old line\n")
+    stream = io.StringIO()
+    relay = _LogRelay(log, stream)
+    with open(log, "a") as f:
+        f.write(f"tensorflow noise\n{PROGRESS_MARK}clean_s0_sam epoch 2/4: train loss 1.0\n{PROGRESS_MARK}clean_s0")
+    relay()
+    assert stream.getvalue() == "    clean_s0_sam epoch 2/4: train loss 1.0\n"
+    with open(log, "a") as f:
+        f.write("_sam epoch 4/4: done\n")
+    relay()
+    assert stream.getvalue().splitlines()[-1] == "    clean_s0_sam epoch 4/4: done"
+
+
+def test_the_bench_trains_with_the_one_recipe_and_the_papers_methods():
+    import keras
+
+    from keras_aesam import methods, recipe
+
+    assert bench.ALL_METHODS == methods.PAPER_METHODS
+    assert bench.COMMON["weight_decay_mode"] == recipe.Recipe().weight_decay_mode == "l2"
+    args = bench.build_parser().parse_args(["--methods", "ERM,AE-SAM", "--no-peer"])
+    assert bench.resolve(args)["methods"] == ["erm", "ae_sam"]
+    l2 = bench.build_network(keras, "resnet8", num_classes=10, input_shape=(28, 28, 1), weight_decay=1e-4)
+    decoupled = bench.build_network(keras, "resnet8", num_classes=10, input_shape=(28, 28, 1), weight_decay=1e-4,
+                                    weight_decay_mode="decoupled")
+    assert len(l2.losses) == len([w for w in l2.weights if "kernel" in w.path]) and not decoupled.losses
+
+
 # ------------------------------------------------------------------- resume
 
 
@@ -287,11 +350,14 @@ def test_a_failed_run_is_reported_and_the_others_still_run(tmp_path, monkeypatch
 # ------------------------------------------------------------- end to end
 
 
-def test_tiny_end_to_end_run(tmp_path):
+def test_tiny_end_to_end_run(tmp_path, capsys):
     out = tmp_path / "bench"
     code = bench.main(["--methods", "erm,sam", "--seeds", "1", "--train-size", "256", "--epochs", "1",
                        "--test-batches", "2", "--no-peer", "--isolation", "none", "--output", str(out)])
     assert code == 0
+    console = capsys.readouterr().out
+    assert "[epoch] clean_s0_sam epoch 1/1: train loss" in console and "left in this run" in console
+    assert "  [1/2] clean_s0_erm: test acc" in console and "  [2/2] clean_s0_sam: test acc" in console
     with open(out / "results.csv") as f:
         rows = list(csv.DictReader(f))
     assert [r["method"] for r in rows] == ["erm", "sam"]

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from keras_aesam import recipe
+
+
 def _resnet_cifar(K, blocks, *, num_classes=10, input_shape=(28, 28, 1), kernel_regularizer=None,
                   widths=(16, 32, 64), name="resnet", bn_options=None):
     """A CIFAR-style ResNet (He et al., 2016) from the layers of ``K`` (``keras`` or ``tf_keras``).
@@ -59,12 +62,15 @@ def _network_names():
     return sorted(set(BENCH_NETWORKS) | set(NETWORKS))
 
 
-def build_network(K, name, *, num_classes, input_shape, weight_decay=0.0, weight_decay_mode="decoupled",
-                  **options):
-    """The network ``name`` in framework ``K``; an L2 regularizer of ``weight_decay/2`` in ``l2`` mode."""
+def build_network(K, name, *, num_classes, input_shape, weight_decay=0.0, weight_decay_mode="l2", **options):
+    """The network ``name`` in framework ``K``, its kernels regularized as :mod:`keras_aesam.recipe` says.
+
+    (An L2 penalty of ``weight_decay/2`` in ``"l2"`` mode; none in ``"decoupled"`` mode.)
+    """
+    plan = recipe.Recipe(weight_decay=weight_decay, weight_decay_mode=weight_decay_mode)
     reg = None
-    if weight_decay > 0 and weight_decay_mode == "l2":
-        reg = lambda: K.regularizers.L2(weight_decay / 2.0)  # noqa: E731
+    if recipe.kernel_regularizer(plan, K) is not None:
+        reg = lambda: recipe.kernel_regularizer(plan, K)  # noqa: E731 - one instance per layer
     if name in BENCH_NETWORKS:
         return BENCH_NETWORKS[name](K, num_classes=num_classes, input_shape=input_shape, kernel_regularizer=reg,
                                     **options)

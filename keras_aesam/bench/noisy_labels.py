@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import datetime
 import json
-import math
 import os
 import platform
 import sys
@@ -35,6 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
+from keras_aesam.bench.progress import Progress, is_degenerate  # noqa: F401 - is_degenerate: the report's
 from keras_aesam.methods import PRETTY_NAMES
 
 #: The regime (a 2-core CPU runs one model in 15-40 s).
@@ -231,12 +231,6 @@ def _count_sam_steps(fractions, steps_per_epoch):
     return int(sum(round(f * steps_per_epoch) for f in fractions))
 
 
-def is_degenerate(result):
-    """A run that ended at chance level (or with a non-finite loss): never an ordinary number."""
-    chance = 1.0 / result.get("num_classes", 10)
-    return not math.isfinite(result["test_loss"]) or result["test_accuracy"] <= chance + 0.02
-
-
 # ---------------------------------------------------------------- the driver
 def _result_path(out, spec):
     return Path(out) / "runs" / f"{run_id(spec)}.json"
@@ -256,39 +250,6 @@ def _write_json(path, payload):
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(payload, indent=1, sort_keys=True))
     os.replace(tmp, path)
-
-
-class Progress:
-    """One console line per run, with an estimate of the time left."""
-
-    def __init__(self, total_runs, stream):
-        self.total, self.done, self.seconds, self.stream = total_runs, 0, [], stream
-        self.seen = set()
-
-    def start(self, spec):
-        if run_id(spec) in self.seen:
-            return
-        left = self.total - self.done
-        eta = ""
-        if self.seconds:
-            eta = f", about {_duration(left * float(np.mean(self.seconds)))} left"
-        print(f"[{self.done + 1}/{self.total}] {run_id(spec)}{eta}", file=self.stream, flush=True)
-
-    def end(self, spec, result, seconds, ran):
-        if run_id(spec) in self.seen:
-            return
-        self.seen.add(run_id(spec))
-        self.done += 1
-        if ran:
-            self.seconds.append(seconds)
-        flag = "  <-- DEGENERATE: chance-level accuracy" if is_degenerate(result) else ""
-        print(f"    test acc {result['test_accuracy']:.4f}, SAM share {result['sam_fraction']:.3f}, "
-              f"{'%.0f s' % seconds if ran else 'already done'}{flag}", file=self.stream, flush=True)
-
-
-def _duration(seconds):
-    minutes = int(seconds // 60)
-    return f"{minutes // 60} h {minutes % 60:02d} min" if minutes >= 60 else f"{minutes} min"
 
 
 def run_specs(out, specs, progress, stream):
@@ -338,7 +299,7 @@ def run_profile(out, settings=SETTINGS, seeds=SEEDS, budget_seeds=SEEDS, stream=
     _write_json(out / "profile.json", {"recipe": RECIPE, "settings": list(SETTINGS), "seeds": list(SEEDS),
                                        "rho_grid": RHO_GRID, "rho_seeds": RHO_SEEDS, "budgets": BUDGETS,
                                        "main_noise": MAIN_NOISE})
-    progress = Progress(planned_runs(settings, seeds, budget_seeds), stream)
+    progress = Progress(planned_runs(settings, seeds, budget_seeds), stream, name=run_id)
     for noise in settings:
         rho = choose_rho(run_specs(out, rho_specs(noise), progress, stream))
         _write_json(_rho_path(out, noise), {"rho": rho})

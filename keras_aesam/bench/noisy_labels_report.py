@@ -10,14 +10,21 @@ from __future__ import annotations
 
 import csv
 import json
-import math
 from pathlib import Path
 
 import numpy as np
 
 from keras_aesam.bench.noisy_labels import (
-    BUDGETED, BUDGETS, MAIN_NOISE, RECIPE, SEEDS, is_degenerate, machine, pretty, setting_name,
+    BUDGETED,
+    BUDGETS,
+    MAIN_NOISE,
+    RECIPE,
+    SEEDS,
+    machine,
+    pretty,
+    setting_name,
 )
+from keras_aesam.bench.progress import is_degenerate
 from keras_aesam.bench.stats import paired_difference
 
 RUN_COLUMNS = ("setting", "label", "seed", "test_accuracy", "val_accuracy", "train_accuracy",
@@ -322,7 +329,7 @@ def _header(out, runs, rhos):
         "",
         f"- Recipe: {recipe}; seeds {list(SEEDS)}; every method of a seed starts from the same weights and "
         "sees the same noisy labels and batch order. Validation and test labels are clean.",
-        f"- ρ chosen for SAM on the validation split (never on test) and used by every method: "
+        "- ρ chosen for SAM on the validation split (never on test) and used by every method: "
         + ", ".join(f"{s}: ρ = {v:g}" for s, v in sorted(rhos.items())) + ".",
         f"- Machine: {m['processor']}, {m['cpus']} cores, {m['platform']}; Python {m['python']}, TensorFlow "
         f"{m['tensorflow']}, Keras {m['keras']}.",

@@ -4,86 +4,80 @@ from __future__ import annotations
 
 import datetime
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 
+from keras_aesam import recipe
 from keras_aesam.bench.networks import build_network
 from keras_aesam.bench.plan import PEER_TRAIN_MODE
+from keras_aesam.bench.progress import epoch_callback
 from keras_aesam.bench.records import _loadavg, _machine, _versions, _write_json
-from keras_aesam.bench.worker import _load_data, _make_timer, _timing, initial_weights
+from keras_aesam.bench.worker import (
+    _build_inner,
+    _fit_and_evaluate,
+    _load_data,
+    _make_timer,
+    _recipe,
+    initial_weights,
+)
 
-def _run_peer(spec, out) -> dict:
-    """The same SAM run through Keras 2's ``SharpnessAwareMinimization`` (tf_keras, imported explicitly)."""
-    import tensorflow as tf
-    import tf_keras
 
-    import keras
+def _twin(tf_keras, spec, out, data):
+    """The tf_keras twin of the spec's network, with the seed's initial weights, checked on the probe batch.
 
-    keras.utils.clear_session()
-    keras.utils.set_random_seed(spec["seed"])  # as in _run_method: the same pipeline seeds
-    data = _load_data(spec)
+    Returns ``(inner, parity)``: parity is the largest |logit difference| to the Keras 3 network.
+    """
     weights, probe_x, probe_logits = initial_weights(out, spec, data)
     tf_keras.backend.clear_session()
     tf_keras.utils.set_random_seed(spec["seed"])
-    inner = build_network(tf_keras, spec["network"], num_classes=data.num_classes, input_shape=data.input_shape,
-                          weight_decay=spec["weight_decay"], weight_decay_mode=spec["weight_decay_mode"])
-    inner.set_weights(weights)
+    inner = _build_inner(tf_keras, spec, data, weights)
     parity = float(np.max(np.abs(inner(probe_x, training=False).numpy() - probe_logits)))
     if not parity < 1e-3:
         raise RuntimeError(f"the tf_keras twin of {spec['network']} does not compute the same logits "
                            f"from the same weights (max |diff| {parity:g})")
-    total_steps = spec["epochs"] * data.steps_per_epoch
+    return inner, parity
+
+
+def _run_peer(spec, out) -> dict:
+    """The same SAM run through Keras 2's ``SharpnessAwareMinimization`` (tf_keras, imported explicitly).
+
+    It trains with the same recipe (:mod:`keras_aesam.recipe`, built from ``tf_keras``). Its
+    ``train_step`` leaves ``model.losses`` out of the gradient, so in the ``"l2"`` weight-decay
+    mode the peer trains without weight decay; ``"decoupled"`` gives it the same decay as ours.
+    """
+    import keras
+    import tensorflow as tf
+    import tf_keras
+
+    keras.utils.clear_session()
+    keras.utils.set_random_seed(spec["seed"])  # as in _run_method: the same pipeline seeds
+    data = _load_data(spec)
+    inner, parity = _twin(tf_keras, spec, out, data)
+    total_steps = recipe.total_steps(spec["epochs"], data.steps_per_epoch)
     cls = tf_keras.models.experimental.SharpnessAwareMinimization
     if spec["method"] == PEER_TRAIN_MODE:
         cls = _train_mode_sam(tf_keras)
     model = cls(inner, rho=spec["hyperparameters"]["rho"])
-    learning_rate = tf_keras.optimizers.schedules.CosineDecay(spec["lr"], decay_steps=total_steps)
-    decoupled = spec["weight_decay"] if spec["weight_decay"] > 0 and spec["weight_decay_mode"] == "decoupled" else None
-    model.compile(
-        optimizer=tf_keras.optimizers.SGD(learning_rate=learning_rate, momentum=spec["momentum"],
-                                          weight_decay=decoupled),
-        loss=tf_keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-        metrics=[tf_keras.metrics.SparseCategoricalAccuracy(name="accuracy")],
-        jit_compile=False,
-    )
-    timer = _make_timer(tf_keras)
-    load_start = _loadavg()
-    fit_start = time.perf_counter()
-    history = model.fit(data.train.repeat(), steps_per_epoch=data.steps_per_epoch, epochs=spec["epochs"],
-                        verbose=0, callbacks=[timer], shuffle=False)
-    fit_seconds = time.perf_counter() - fit_start
-    test = data.test if not spec["test_batches"] else data.test.take(spec["test_batches"])
-    evaluation = model.evaluate(test, verbose=0, return_dict=True)
+    recipe.compile_model(model, _recipe(spec), total_steps, tf_keras, jit_compile=False)
+    epochs = epoch_callback(tf_keras, spec["run_id"], spec["epochs"])
+    _, fields = _fit_and_evaluate(tf_keras, model, spec, data, [epochs])
     steps = int(model.optimizer.iterations.numpy())
     return {
-        "test_accuracy": float(evaluation["accuracy"]),
-        "test_loss": float(evaluation["loss"]),
-        "train_accuracy_last_epoch": float(history.history["accuracy"][-1]),
-        "train_loss_last_epoch": float(history.history["loss"][-1]),
+        **fields,
         "steps": steps,
-        "steps_per_epoch": data.steps_per_epoch,
         "sam_steps": steps,  # by construction: a second pass on every step
         "sam_fraction": 1.0 if steps else None,
         "sam_fraction_per_epoch": None,
         "grad_evals": 2 * steps,
         "pass_equivalents": 2 * steps,
         "skipped_steps": None,
-        "fit_seconds": round(fit_seconds, 3),
-        **_timing(timer),
         "parameters": int(inner.count_params()),
-        "train_examples": data.train_examples,
-        "test_examples": data.test_examples if not spec["test_batches"] else None,
-        "noise_rate_realised": data.noise_rate_realised,
-        "data_source": data.source,
         "resolved_hyperparameters": {"rho": model.rho, "num_batch_splits": model.num_batch_splits},
         "expected_sam_fraction": 1.0,
         "peer_logit_parity_max_abs": parity,
         "peer_regularization_losses": len(inner.losses),
         "framework": f"tf_keras {tf_keras.__version__}, tensorflow {tf.__version__}",
-        "loadavg_start": load_start,
-        "loadavg_end": _loadavg(),
     }
 
 
@@ -140,6 +134,8 @@ def framework_probe(out, network="resnet8", batch_size=128, steps=20, repeats=5,
     keras.utils.set_random_seed(0)
     weights = build_network(keras, network, num_classes=10, input_shape=(28, 28, 1)).get_weights()
 
+    probe_recipe = recipe.Recipe(lr=0.01, schedule="constant")  # the cost does not depend on the recipe
+
     def make(key):
         K = tf_keras if key.startswith("tfk") else keras
         options = {"bn_options": {"fused": False}} if key == "tfk_plain_unfused_bn" else {}
@@ -151,26 +147,14 @@ def framework_probe(out, network="resnet8", batch_size=128, steps=20, repeats=5,
             model = tf_keras.models.experimental.SharpnessAwareMinimization(inner, rho=rho)
         else:
             model = keras_aesam.wrap(inner, method=key.split("_", 1)[1], rho=rho)
-        model.compile(optimizer=K.optimizers.SGD(0.01, momentum=0.9),
-                      loss=K.losses.SparseCategoricalCrossentropy(from_logits=True),
-                      metrics=[K.metrics.SparseCategoricalAccuracy(name="accuracy")], jit_compile=False)
+        recipe.compile_model(model, probe_recipe, steps, K, jit_compile=False)
         model.fit(ds, steps_per_epoch=warmup, epochs=1, verbose=0)  # tracing
         return model, _make_timer(K)
 
     keys = [k for k, _ in PROBE_CONFIGS]
     models = {k: make(k) for k in keys}
-    wall = {k: [] for k in keys}
-    cpu = {k: [] for k in keys}
     load_start = _loadavg()
-    for _ in range(repeats):
-        for key in keys:
-            model, timer = models[key]
-            timer.step_seconds.clear()
-            timer.step_cpu_seconds.clear()
-            timer.epoch_seconds.clear()
-            model.fit(ds, steps_per_epoch=steps, epochs=1, verbose=0, callbacks=[timer])
-            wall[key] += timer.step_seconds[0][warmup:]
-            cpu[key] += timer.step_cpu_seconds[0][warmup:]
+    wall, cpu = _probe_rounds(models, ds, repeats, steps, warmup)
     result = {
         "network": network, "batch_size": batch_size, "steps": steps, "repeats": repeats, "warmup": warmup,
         "loadavg_start": load_start, "loadavg_end": _loadavg(), "machine": _machine(), "versions": _versions(),
@@ -184,6 +168,22 @@ def framework_probe(out, network="resnet8", batch_size=128, steps=20, repeats=5,
     (out / "framework_probe.md").write_text(_probe_markdown(result))
     print(_probe_markdown(result), file=stream, flush=True)
     return result
+
+
+def _probe_rounds(models, ds, repeats, steps, warmup):
+    """``(wall, cpu)``: per configuration, the step times of ``repeats`` interleaved fits, warm-up left out."""
+    wall = {k: [] for k in models}
+    cpu = {k: [] for k in models}
+    for _ in range(repeats):
+        for key in models:
+            model, timer = models[key]
+            timer.step_seconds.clear()
+            timer.step_cpu_seconds.clear()
+            timer.epoch_seconds.clear()
+            model.fit(ds, steps_per_epoch=steps, epochs=1, verbose=0, callbacks=[timer])
+            wall[key] += timer.step_seconds[0][warmup:]
+            cpu[key] += timer.step_cpu_seconds[0][warmup:]
+    return wall, cpu
 
 
 def _probe_markdown(result):

@@ -15,6 +15,7 @@ import math
 from pathlib import Path
 
 from keras_aesam import methods as _methods
+from keras_aesam import recipe
 from keras_aesam.bench.networks import BENCH_NETWORKS, _network_names
 from keras_aesam.validation import canonical_name as _canonical
 
@@ -33,8 +34,8 @@ COMMON = {
     "batch_size": 128,
     "lr": 0.1,
     "momentum": 0.9,
-    "weight_decay": 1e-3,
-    "weight_decay_mode": "decoupled",
+    "weight_decay": 1e-4,
+    "weight_decay_mode": recipe.Recipe().weight_decay_mode,
     "schedule": "cosine",
     "rho": 0.05,
     "validation_fraction": 0.1,
@@ -131,8 +132,8 @@ profiles (flags override them; --budget-minutes 0 turns the time check off):
             lambda1=-1, lambda2=1, as the paper's section 4.3); the peer row on clean
             labels. Under 90 minutes.
 Both: Fashion-MNIST, a CIFAR-style ResNet-8 (78 k parameters), batch 128, SGD momentum
-0.9, lr 0.1 with a cosine schedule to 0, rho 0.05, decoupled weight decay 1e-3 (about
-PyTorch's coupled 1e-4 at momentum 0.9; outside g, the same for every method).
+0.9, lr 0.1 with a cosine schedule to 0, rho 0.05, weight decay 1e-4 as an L2 penalty
+(PyTorch's coupled SGD(weight_decay=1e-4); inside g, the same for every method).
 
 examples:
   keras-aesam bench                                   # quick, into bench_results/quick
@@ -174,7 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--lr", type=float, default=None, help=f"initial learning rate (default {COMMON['lr']})")
     o.add_argument("--momentum", type=float, default=None, help=f"default {COMMON['momentum']}")
     o.add_argument("--weight-decay", type=float, default=None, help=f"default {COMMON['weight_decay']}")
-    o.add_argument("--weight-decay-mode", choices=("decoupled", "l2"), default=None,
+    o.add_argument("--weight-decay-mode", choices=recipe.WEIGHT_DECAY_MODES, default=None,
                    help=f"default {COMMON['weight_decay_mode']} (see the module docstring)")
     h = parser.add_argument_group("method hyperparameters (to every method that takes them; paper defaults)")
     for name, flag, kind in HYPERPARAMETER_FLAGS:
@@ -268,19 +269,48 @@ def _peer_available():
 
 def resolve(args) -> dict:
     """Checks every argument and returns the plan (no TensorFlow work, no files written)."""
-    from keras_aesam import build_method, method_parameters
-    from keras_aesam.data import DATASETS
-
     profile = PROFILES[args.profile]
     methods = _parse_methods(args.methods, profile["methods"])
     noise = _parse_noise(args.noise, profile["noise"])
+    seeds = _seeds(args, profile)
+    config = _config(args, profile)
+    _check_config(config)
+    runs = _method_runs(args, config, methods, noise, seeds)
+    peer, peer_note, peer_runs = _peer_runs(args, config, noise, seeds)
+    runs = _ordered(runs + peer_runs, noise, seeds)
+    budget = profile["budget_minutes"] if args.budget_minutes is None else args.budget_minutes
+    if budget < 0:
+        raise BadInput(f"--budget-minutes must be >= 0, got {budget:g}")
+    output = Path(args.output) if args.output else Path("bench_results") / args.profile
+    if output.exists() and not output.is_dir():
+        raise BadInput(f"--output {str(output)!r} is a file")
+    return {
+        "profile": args.profile,
+        "config": config,
+        "methods": methods,
+        "noise": noise,
+        "seeds": seeds,
+        "peer": bool(peer),
+        "peer_note": peer_note,
+        "runs": runs,
+        "budget_minutes": budget,
+        "isolation": args.isolation,
+        "output": output,
+    }
+
+
+def _seeds(args, profile):
     seeds_n = profile["seeds"] if args.seeds is None else args.seeds
     if seeds_n < 1:
         raise BadInput(f"--seeds must be >= 1, got {seeds_n}")
     if args.first_seed < 0:
         raise BadInput(f"--first-seed must be >= 0, got {args.first_seed}")
     seeds = list(range(args.first_seed, args.first_seed + seeds_n))
+    return seeds
 
+
+def _config(args, profile):
+    """The configuration every run shares: COMMON, the profile's, then the flags."""
     config = dict(COMMON)
     for key in ("dataset", "network", "batch_size", "lr", "momentum", "weight_decay", "weight_decay_mode",
                 "test_batches"):
@@ -299,6 +329,12 @@ def resolve(args) -> dict:
         if train_size < 1:
             raise BadInput(f"--train-size must be >= 1 or 'all', got {train_size}")
     config["train_size"] = train_size
+    return config
+
+
+def _check_config(config):
+    """Names the dataset and network canonically; BadInput for any value out of range."""
+    from keras_aesam.data import DATASETS
 
     datasets = [d for d in DATASETS if _canonical(d) == _canonical(config["dataset"])]
     if not datasets:
@@ -320,6 +356,11 @@ def resolve(args) -> dict:
         raise BadInput(f"--weight-decay must be >= 0, got {config['weight_decay']:g}")
     if config["test_batches"] is not None and config["test_batches"] < 1:
         raise BadInput(f"--test-batches must be >= 1, got {config['test_batches']}")
+
+
+def _method_runs(args, config, methods, noise, seeds):
+    """One run per (setting, seed, method); the flags' hyperparameters go to every method taking them."""
+    from keras_aesam import build_method, method_parameters
 
     # Method hyperparameters: the user's flags go to every method that takes them.
     given = {name: getattr(args, name) for name, _, _ in HYPERPARAMETER_FLAGS if getattr(args, name) is not None}
@@ -346,7 +387,11 @@ def resolve(args) -> dict:
                     raise BadInput(f"invalid hyperparameter for {method}: {' '.join(str(err).split())}")
                 runs.append(dict(run_id=f"{label}_s{seed}_{method}", kind="method", method=method,
                                  setting=label, noise=rate, seed=seed, hyperparameters=hp, **config))
+    return runs
 
+
+def _peer_runs(args, config, noise, seeds):
+    """``(peer, note, runs)``: whether the peer row runs, why not if it does not, and its runs."""
     peer = args.peer
     peer_note = None
     if peer is None:
@@ -362,6 +407,7 @@ def resolve(args) -> dict:
             raise BadInput(f"--peer needs a network with a tf_keras twin: {', '.join(sorted(BENCH_NETWORKS))}")
     if getattr(args, "peer_diagnostic", False) and not peer:
         raise BadInput("--peer-diagnostic needs the peer row (tf_keras installed, a network with a tf_keras twin)")
+    runs = []
     if peer:
         rate = noise[0]
         label = setting_label(rate)
@@ -371,32 +417,18 @@ def resolve(args) -> dict:
                 runs.append(dict(run_id=f"{label}_s{seed}_{peer_method}", kind="peer", method=peer_method,
                                  setting=label, noise=rate, seed=seed, hyperparameters={"rho": config["rho"]},
                                  **config))
+    return bool(peer), peer_note, runs
+
+
+def _ordered(runs, noise, seeds):
+    """Runs by setting, then seed, the peer last in each; numbered and hashed."""
     # Order: setting, seed, then the methods and the peer (interleaved across seeds).
     order = {(setting_label(r), s): i for i, (r, s) in enumerate((r, s) for r in noise for s in seeds)}
     runs.sort(key=lambda spec: (order[(spec["setting"], spec["seed"])], spec["kind"] == "peer"))
     for index, spec in enumerate(runs):
         spec["index"] = index
         spec["spec_hash"] = _spec_hash(spec)
-
-    budget = profile["budget_minutes"] if args.budget_minutes is None else args.budget_minutes
-    if budget < 0:
-        raise BadInput(f"--budget-minutes must be >= 0, got {budget:g}")
-    output = Path(args.output) if args.output else Path("bench_results") / args.profile
-    if output.exists() and not output.is_dir():
-        raise BadInput(f"--output {str(output)!r} is a file")
-    return {
-        "profile": args.profile,
-        "config": config,
-        "methods": methods,
-        "noise": noise,
-        "seeds": seeds,
-        "peer": bool(peer),
-        "peer_note": peer_note,
-        "runs": runs,
-        "budget_minutes": budget,
-        "isolation": args.isolation,
-        "output": output,
-    }
+    return runs
 
 
 # ------------------------------------------------------------ time estimates

@@ -7,9 +7,17 @@ from typing import List
 
 import numpy as np
 
-from keras_aesam.bench.plan import ALL_METHODS, PEER_METHOD, PEER_METHODS, PEER_TRAIN_MODE, _pretty
+from keras_aesam.bench.plan import (
+    ALL_METHODS,
+    PEER_METHOD,
+    PEER_METHODS,
+    PEER_TRAIN_MODE,
+    _pretty,
+)
 
-def write_plots(rows, summaries, out) -> List[Path]:
+
+def write_plots(rows, summaries, out) -> list[Path]:
+    """``accuracy_vs_sam.png`` and ``time_per_epoch.png`` in ``out``; none without matplotlib or results."""
     try:
         import matplotlib
 
@@ -17,15 +25,18 @@ def write_plots(rows, summaries, out) -> List[Path]:
         import matplotlib.pyplot as plt
     except ImportError:
         return []
-    written = []
     settings = []
     for s in summaries:
         if s["setting"] not in settings:
             settings.append(s["setting"])
     if not settings:
         return []
-    colors = {m: plt.cm.tab10(i) for i, m in enumerate(list(ALL_METHODS) + list(PEER_METHODS))}
+    return [_accuracy_plot(plt, summaries, settings, out), _time_plot(plt, summaries, settings, out)]
 
+
+def _accuracy_plot(plt, summaries, settings, out):
+    """Test accuracy against the share of SAM steps, one panel per setting."""
+    colors = {m: plt.cm.tab10(i) for i, m in enumerate(list(ALL_METHODS) + list(PEER_METHODS))}
     fig, axes = plt.subplots(1, len(settings), figsize=(5.2 * len(settings), 4.4), squeeze=False)
     for ax, setting in zip(axes[0], settings):
         for s in (s for s in summaries if s["setting"] == setting):
@@ -46,8 +57,11 @@ def write_plots(rows, summaries, out) -> List[Path]:
     path = Path(out) / "accuracy_vs_sam.png"
     fig.savefig(path, dpi=110)
     plt.close(fig)
-    written.append(path)
+    return path
 
+
+def _time_plot(plt, summaries, settings, out):
+    """Seconds per epoch, and the wall and CPU step-time ratios to ERM against the ideal 1 + ζ."""
     methods = []
     for s in summaries:
         if s["method"] not in methods:
@@ -84,5 +98,4 @@ def write_plots(rows, summaries, out) -> List[Path]:
     path = Path(out) / "time_per_epoch.png"
     fig.savefig(path, dpi=110)
     plt.close(fig)
-    written.append(path)
-    return written
+    return path

@@ -13,6 +13,7 @@ import numpy as np
 
 from keras_aesam.bench.plan import BadInput
 
+
 def _write_json(path, payload):
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -37,7 +38,7 @@ def _result_path(out, spec):
     return Path(out) / "runs" / f"{spec['run_id']}.json"
 
 
-def finished_result(out, spec) -> Optional[dict]:
+def finished_result(out, spec) -> dict | None:
     """The stored result of ``spec`` if it finished with the same configuration, else None.
 
     A result of the same run id but another configuration is an error: the output
@@ -98,7 +99,7 @@ def _loadavg():
         return None
 
 
-def load_results(out) -> List[dict]:
+def load_results(out) -> list[dict]:
     """Every stored run result in ``out/runs`` (torn files left out)."""
     rows = []
     for path in sorted((Path(out) / "runs").glob("*.json")):

@@ -7,11 +7,23 @@ import json
 from pathlib import Path
 
 from keras_aesam.bench.peer import _probe_markdown
-from keras_aesam.bench.plan import PEER_METHOD, PEER_REQUIREMENT, PEER_TRAIN_MODE, _pretty
+from keras_aesam.bench.plan import (
+    PEER_METHOD,
+    PEER_REQUIREMENT,
+    PEER_TRAIN_MODE,
+    _pretty,
+)
 from keras_aesam.bench.plots import write_plots
+from keras_aesam.bench.progress import is_degenerate
 from keras_aesam.bench.records import load_results
 from keras_aesam.bench.stats import (
-    _mean_std, _method_order, aggregate, paired_difference, paired_tests, time_ratios, verdict,
+    _mean_std,
+    _method_order,
+    aggregate,
+    paired_difference,
+    paired_tests,
+    time_ratios,
+    verdict,
 )
 
 CSV_COLUMNS = (
@@ -70,8 +82,8 @@ def write_csv(rows, path):
             writer.writerow(values)
 
 
-def _report_text(meta, rows, summaries, tests, plots, probe=None):
-    config = meta.get("config", {})
+def _title(meta, rows):
+    """The title and whether every planned run finished."""
     lines = []
     add = lines.append
     overrides = [a for a in meta.get("argv", []) if a.startswith("--") and a not in (
@@ -79,11 +91,24 @@ def _report_text(meta, rows, summaries, tests, plots, probe=None):
     add(f"# keras-aesam bench: {meta.get('profile', '?')} profile"
         + (" with command-line overrides" if overrides else ""))
     add("")
-    sessions = meta.get("sessions", [])
     expected = len(meta.get("run_ids", [])) or len(rows)
     status = "complete" if len(rows) >= expected else f"PARTIAL: {len(rows)} of {expected} runs finished"
     add(f"Status: **{status}**.")
     add("")
+    degenerate = sorted(r["run_id"] for r in rows if is_degenerate(r))
+    if degenerate:
+        add(f"**WARNING: {len(degenerate)} run(s) ended at chance-level accuracy (or a non-finite loss): "
+            f"{', '.join(degenerate)}.** Their numbers below are those of runs that did not learn.")
+        add("")
+    return lines
+
+
+def _what_ran(meta, rows):
+    """Commands, machine, versions, sessions, data, network, recipe, methods."""
+    lines = []
+    add = lines.append
+    config = meta.get("config", {})
+    sessions = meta.get("sessions", [])
     add("## What ran")
     add("")
     commands = []
@@ -130,6 +155,13 @@ def _report_text(meta, rows, summaries, tests, plots, probe=None):
     if meta.get("peer_note"):
         add(f"- No peer row: {meta['peer_note']}.")
     add("")
+    return lines
+
+
+def _results(rows, summaries):
+    """One table per setting: accuracy, %SAM, passes and time ratios."""
+    lines = []
+    add = lines.append
     add("## Results")
     add("")
     add("Test accuracy and timing: mean ± sample std over seeds. %SAM is measured (SAM steps / steps). "
@@ -165,6 +197,13 @@ def _report_text(meta, rows, summaries, tests, plots, probe=None):
                 f"{_pm(s['cpu_ratio_mean'], s['cpu_ratio_std'], 2)} | "
                 f"{_pm(s['cpu_over_ideal_mean'], s['cpu_over_ideal_std'], 2)} |")
         add("")
+    return lines
+
+
+def _tests_table(tests):
+    """The paired t-tests over seeds."""
+    lines = []
+    add = lines.append
     add("## Paired t-tests over seeds")
     add("")
     add("Difference of test accuracy a − b in percentage points, paired by seed (same data, initial weights); "
@@ -180,99 +219,134 @@ def _report_text(meta, rows, summaries, tests, plots, probe=None):
         add(f"| {_pretty(t['a'])} − {_pretty(t['b'])} | {t['setting']} | {t['n']} | {_fmt(t['mean_a'], 2, 100)} | "
             f"{_fmt(t['mean_b'], 2, 100)} | {diff} | {ci} | {_fmt(t['t'], 2)} | {_fmt_p(t['p'])} | {verdict(t)} |")
     add("")
-    peers = [r for r in rows if r["method"] == PEER_METHOD]
-    if peers:
-        add("## Peer row: Keras 2's `SharpnessAwareMinimization`")
-        add("")
-        add("`tf_keras.models.experimental.SharpnessAwareMinimization` (package "
-            f"`{PEER_REQUIREMENT}`), in its own process with `tf_keras` imported explicitly, on the same "
-            "`tf.data` pipeline (same split, normalization and batch order), the same architecture rebuilt in "
-            "tf_keras and loaded with the same initial weights (checked: max |logit difference| on a probe "
-            f"batch {max(r.get('peer_logit_parity_max_abs') or 0 for r in peers):.1e}), the same SGD, cosine "
-            "schedule and decoupled weight decay, ρ as SAM's.")
-        add("")
-        by = {(r["setting"], r["seed"], r["method"]): r for r in rows}
+    return lines
 
-        def ratio(r, other, key):
-            return r[key] / other[key] if other and other.get(key) and r.get(key) else None
 
-        add("| seed | setting | peer test acc (%) | our SAM test acc (%) | peer step ms | our SAM step ms | "
-            "our ERM step ms | peer / our SAM (wall) | peer / our SAM (CPU) | peer / our ERM (wall) | "
-            "peer / our ERM (CPU) |")
-        add("|---|---|---|---|---|---|---|---|---|---|---|")
-        collected = {"sam_wall": [], "sam_cpu": [], "erm_wall": [], "erm_cpu": [], "acc_diff": []}
+def _peer_table(meta, rows, peers, by):
+    """The peer row's accuracy and step times next to our SAM and ERM."""
+    lines = []
+    add = lines.append
+    config = meta.get("config", {})
+    add("## Peer row: Keras 2's `SharpnessAwareMinimization`")
+    add("")
+    add("`tf_keras.models.experimental.SharpnessAwareMinimization` (package "
+        f"`{PEER_REQUIREMENT}`), in its own process with `tf_keras` imported explicitly, on the same "
+        "`tf.data` pipeline (same split, normalization and batch order), the same architecture rebuilt in "
+        "tf_keras and loaded with the same initial weights (checked: max |logit difference| on a probe "
+        f"batch {max(r.get('peer_logit_parity_max_abs') or 0 for r in peers):.1e}), the same SGD, cosine "
+        f"schedule and weight decay ({_peer_decay(config)}), ρ as SAM's.")
+    add("")
+
+    def ratio(r, other, key):
+        return r[key] / other[key] if other and other.get(key) and r.get(key) else None
+
+    add("| seed | setting | peer test acc (%) | our SAM test acc (%) | peer step ms | our SAM step ms | "
+        "our ERM step ms | peer / our SAM (wall) | peer / our SAM (CPU) | peer / our ERM (wall) | "
+        "peer / our ERM (CPU) |")
+    add("|---|---|---|---|---|---|---|---|---|---|---|")
+    collected = {"sam_wall": [], "sam_cpu": [], "erm_wall": [], "erm_cpu": [], "acc_diff": []}
+    for r in sorted(peers, key=lambda r: r["seed"]):
+        ours = by.get((r["setting"], r["seed"], "sam"))
+        erm = by.get((r["setting"], r["seed"], "erm"))
+        values = {"sam_wall": ratio(r, ours, "step_ms"), "sam_cpu": ratio(r, ours, "step_cpu_ms"),
+                  "erm_wall": ratio(r, erm, "step_ms"), "erm_cpu": ratio(r, erm, "step_cpu_ms"),
+                  "acc_diff": None if not ours else r["test_accuracy"] - ours["test_accuracy"]}
+        for k, v in values.items():
+            if v is not None:
+                collected[k].append(v)
+        add(f"| {r['seed']} | {r['setting']} | {_fmt(r['test_accuracy'], 2, 100)} | "
+            f"{_fmt(ours and ours['test_accuracy'], 2, 100)} | {_fmt(r.get('step_ms'), 0)} | "
+            f"{_fmt(ours and ours.get('step_ms'), 0)} | {_fmt(erm and erm.get('step_ms'), 0)} | "
+            f"{_fmt(values['sam_wall'], 2)} | {_fmt(values['sam_cpu'], 2)} | {_fmt(values['erm_wall'], 2)} | "
+            f"{_fmt(values['erm_cpu'], 2)} |")
+    if collected["sam_wall"]:
+        add("")
+        parts = [f"{label}: {_pm(*_mean_std(collected[k])[:2], 2)}" for k, label in (
+            ("sam_wall", "peer / our SAM step time (wall)"), ("sam_cpu", "(CPU)"),
+            ("erm_wall", "peer / our ERM (wall)"), ("erm_cpu", "(CPU)"))]
+        add("Mean ± std over seeds: " + "; ".join(parts) + f" (n = {len(collected['sam_wall'])}).")
+    if collected["acc_diff"]:
+        test = paired_difference([r["test_accuracy"] for r in sorted(peers, key=lambda r: r["seed"])
+                                  if by.get((r["setting"], r["seed"], "sam"))],
+                                 [by[(r["setting"], r["seed"], "sam")]["test_accuracy"]
+                                  for r in sorted(peers, key=lambda r: r["seed"])
+                                  if by.get((r["setting"], r["seed"], "sam"))])
+        ci = "" if test["ci_low"] is None else (
+            f", 95 % CI [{100 * test['ci_low']:+.2f}, {100 * test['ci_high']:+.2f}] pp, p = {_fmt_p(test['p'])}")
+        add(f"Test accuracy, peer − our SAM (paired by seed): {100 * test['mean_diff']:+.2f} pp{ci} "
+            f"(n = {test['n']}).")
+    add("")
+    return lines
+
+
+def _peer_diagnostic(rows, peers, by):
+    """The train-mode variant of the peer, when it ran."""
+    lines = []
+    add = lines.append
+    diagnostics = {(r["setting"], r["seed"]): r for r in rows if r["method"] == PEER_TRAIN_MODE}
+    if diagnostics:
+        add("Diagnostic: the same peer with `training=True` on its first pass as well (a subclass whose "
+            "`call` turns the unspecified `training` of the first pass into `True`; BatchNorm statistics then "
+            "move on both passes). Test accuracy (%):")
+        add("")
+        add("| seed | peer | peer, 1st pass training=True | our SAM | our ERM |")
+        add("|---|---|---|---|---|")
+        pairs = []
         for r in sorted(peers, key=lambda r: r["seed"]):
+            d = diagnostics.get((r["setting"], r["seed"]))
             ours = by.get((r["setting"], r["seed"], "sam"))
             erm = by.get((r["setting"], r["seed"], "erm"))
-            values = {"sam_wall": ratio(r, ours, "step_ms"), "sam_cpu": ratio(r, ours, "step_cpu_ms"),
-                      "erm_wall": ratio(r, erm, "step_ms"), "erm_cpu": ratio(r, erm, "step_cpu_ms"),
-                      "acc_diff": None if not ours else r["test_accuracy"] - ours["test_accuracy"]}
-            for k, v in values.items():
-                if v is not None:
-                    collected[k].append(v)
-            add(f"| {r['seed']} | {r['setting']} | {_fmt(r['test_accuracy'], 2, 100)} | "
-                f"{_fmt(ours and ours['test_accuracy'], 2, 100)} | {_fmt(r.get('step_ms'), 0)} | "
-                f"{_fmt(ours and ours.get('step_ms'), 0)} | {_fmt(erm and erm.get('step_ms'), 0)} | "
-                f"{_fmt(values['sam_wall'], 2)} | {_fmt(values['sam_cpu'], 2)} | {_fmt(values['erm_wall'], 2)} | "
-                f"{_fmt(values['erm_cpu'], 2)} |")
-        if collected["sam_wall"]:
+            add(f"| {r['seed']} | {_fmt(r['test_accuracy'], 2, 100)} | {_fmt(d and d['test_accuracy'], 2, 100)} | "
+                f"{_fmt(ours and ours['test_accuracy'], 2, 100)} | {_fmt(erm and erm['test_accuracy'], 2, 100)} |")
+            if d and ours:
+                pairs.append((r["test_accuracy"], d["test_accuracy"], ours["test_accuracy"]))
+        if pairs:
             add("")
-            parts = [f"{label}: {_pm(*_mean_std(collected[k])[:2], 2)}" for k, label in (
-                ("sam_wall", "peer / our SAM step time (wall)"), ("sam_cpu", "(CPU)"),
-                ("erm_wall", "peer / our ERM (wall)"), ("erm_cpu", "(CPU)"))]
-            add("Mean ± std over seeds: " + "; ".join(parts) + f" (n = {len(collected['sam_wall'])}).")
-        if collected["acc_diff"]:
-            test = paired_difference([r["test_accuracy"] for r in sorted(peers, key=lambda r: r["seed"])
-                                      if by.get((r["setting"], r["seed"], "sam"))],
-                                     [by[(r["setting"], r["seed"], "sam")]["test_accuracy"]
-                                      for r in sorted(peers, key=lambda r: r["seed"])
-                                      if by.get((r["setting"], r["seed"], "sam"))])
-            ci = "" if test["ci_low"] is None else (
-                f", 95 % CI [{100 * test['ci_low']:+.2f}, {100 * test['ci_high']:+.2f}] pp, p = {_fmt_p(test['p'])}")
-            add(f"Test accuracy, peer − our SAM (paired by seed): {100 * test['mean_diff']:+.2f} pp{ci} "
-                f"(n = {test['n']}).")
+            for label, i, j in (("peer − train-mode peer", 0, 1), ("train-mode peer − our SAM", 1, 2)):
+                t = paired_difference([p[i] for p in pairs], [p[j] for p in pairs])
+                ci = "" if t["ci_low"] is None else (
+                    f", 95 % CI [{100 * t['ci_low']:+.2f}, {100 * t['ci_high']:+.2f}] pp, p = {_fmt_p(t['p'])}")
+                add(f"- {label}: {100 * t['mean_diff']:+.2f} pp{ci} (n = {t['n']})")
         add("")
-        diagnostics = {(r["setting"], r["seed"]): r for r in rows if r["method"] == PEER_TRAIN_MODE}
-        if diagnostics:
-            add("Diagnostic: the same peer with `training=True` on its first pass as well (a subclass whose "
-                "`call` turns the unspecified `training` of the first pass into `True`; BatchNorm statistics then "
-                "move on both passes). Test accuracy (%):")
-            add("")
-            add("| seed | peer | peer, 1st pass training=True | our SAM | our ERM |")
-            add("|---|---|---|---|---|")
-            pairs = []
-            for r in sorted(peers, key=lambda r: r["seed"]):
-                d = diagnostics.get((r["setting"], r["seed"]))
-                ours = by.get((r["setting"], r["seed"], "sam"))
-                erm = by.get((r["setting"], r["seed"], "erm"))
-                add(f"| {r['seed']} | {_fmt(r['test_accuracy'], 2, 100)} | {_fmt(d and d['test_accuracy'], 2, 100)} | "
-                    f"{_fmt(ours and ours['test_accuracy'], 2, 100)} | {_fmt(erm and erm['test_accuracy'], 2, 100)} |")
-                if d and ours:
-                    pairs.append((r["test_accuracy"], d["test_accuracy"], ours["test_accuracy"]))
-            if pairs:
-                add("")
-                for label, i, j in (("peer − train-mode peer", 0, 1), ("train-mode peer − our SAM", 1, 2)):
-                    t = paired_difference([p[i] for p in pairs], [p[j] for p in pairs])
-                    ci = "" if t["ci_low"] is None else (
-                        f", 95 % CI [{100 * t['ci_low']:+.2f}, {100 * t['ci_high']:+.2f}] pp, p = {_fmt_p(t['p'])}")
-                    add(f"- {label}: {100 * t['mean_diff']:+.2f} pp{ci} (n = {t['n']})")
-            add("")
-        add("What the peer does differently (read in `tf_keras/src/models/sharpness_aware_minimization.py` of "
-            f"{PEER_REQUIREMENT} and checked by `tests/test_bench.py`):")
-        add("")
-        add("- The first pass is `self(x_batch)` without `training=True`, so it runs in inference mode: "
-            "BatchNorm normalizes with its moving statistics and Dropout is off when `g` (hence the "
-            "perturbation) is computed; only the second pass, at `w + e`, has `training=True`. BatchNorm's "
-            "moving statistics are therefore updated once per step, from the perturbed weights.")
-        add("- It perturbs the variables in place (`assign_add(e)`) and restores them with `assign_add(-e)`: "
-            "`w + e − e` is not bit-exact in float32.")
-        add("- The loss is `compiled_loss(y, pred, sample_weight)` without `regularization_losses`: "
-            "`model.losses` (e.g. L2 kernel regularizers) are not part of either gradient. (`sample_weight` "
-            "*is* passed to the loss.) With the bench's decoupled weight decay this changes nothing here.")
-        add("- The reported training `loss` metric is updated by both `compiled_loss` calls, so it averages the "
-            "loss at `w` and at `w + e`; the accuracy metric uses the first (inference-mode) pass.")
-        add("- Every step is a SAM step (no policy), no ASAM, no mixed-precision loss scaling in `train_step`.")
-        add("")
+    return lines
+
+
+def _peer_decay(config):
+    """What the peer's weight decay is under the bench's weight-decay mode."""
+    if config.get("weight_decay_mode") == "decoupled" or not config.get("weight_decay"):
+        return f"{config.get('weight_decay_mode', '?')} {config.get('weight_decay')}, the same as ours"
+    return (f"{config.get('weight_decay_mode')} {config.get('weight_decay')}: its L2 penalty is left out of "
+            "the gradient, so the peer trains without weight decay; --weight-decay-mode decoupled gives it ours")
+
+
+def _peer_differences(meta):
+    """What the peer does differently from keras_aesam's SAM."""
+    lines = []
+    add = lines.append
+    config = meta.get("config", {})
+    add("What the peer does differently (read in `tf_keras/src/models/sharpness_aware_minimization.py` of "
+        f"{PEER_REQUIREMENT} and checked by `tests/test_bench.py`):")
+    add("")
+    add("- The first pass is `self(x_batch)` without `training=True`, so it runs in inference mode: "
+        "BatchNorm normalizes with its moving statistics and Dropout is off when `g` (hence the "
+        "perturbation) is computed; only the second pass, at `w + e`, has `training=True`. BatchNorm's "
+        "moving statistics are therefore updated once per step, from the perturbed weights.")
+    add("- It perturbs the variables in place (`assign_add(e)`) and restores them with `assign_add(-e)`: "
+        "`w + e − e` is not bit-exact in float32.")
+    add("- The loss is `compiled_loss(y, pred, sample_weight)` without `regularization_losses`: "
+        "`model.losses` (e.g. L2 kernel regularizers) are not part of either gradient. (`sample_weight` "
+        f"*is* passed to the loss.) Here: {_peer_decay(config)}.")
+    add("- The reported training `loss` metric is updated by both `compiled_loss` calls, so it averages the "
+        "loss at `w` and at `w + e`; the accuracy metric uses the first (inference-mode) pass.")
+    add("- Every step is a SAM step (no policy), no ASAM, no mixed-precision loss scaling in `train_step`.")
+    add("")
+    return lines
+
+
+def _probe_section(probe):
+    """The framework probe: where the step-time difference comes from."""
+    lines = []
+    add = lines.append
     if probe:
         c = probe["configs"]
         k3, tfk = c["k3_plain"]["cpu_ms"], c["tfk_plain"]["cpu_ms"]
@@ -286,6 +360,13 @@ def _report_text(meta, rows, summaries, tests, plots, probe=None):
             f"{c['k3_erm']['cpu_ms'] / k3:.2f}× Keras 3's plain step. (`python -m keras_aesam.bench "
             "--framework-probe --output OUT` reruns it.)")
         add("")
+    return lines
+
+
+def _claims(tests, summaries):
+    """The mechanical check of the paper's claims."""
+    lines = []
+    add = lines.append
     add("## Claims check (mechanical; see docs/results/README.md for the reading)")
     add("")
     for t in tests:
@@ -299,6 +380,14 @@ def _report_text(meta, rows, summaries, tests, plots, probe=None):
             f"{_pretty(t['b'])} {_fmt(sam_b, 1, 100)} % SAM; difference {diff}{ci} (n = {t['n']}): "
             f"{verdict(t)}.")
     add("")
+    return lines
+
+
+def _closing(meta, plots):
+    """Plots, failed runs and where every run is stored."""
+    lines = []
+    add = lines.append
+    sessions = meta.get("sessions", [])
     if plots:
         add("## Plots")
         add("")
@@ -315,6 +404,17 @@ def _report_text(meta, rows, summaries, tests, plots, probe=None):
     add("Every run: `results.csv` (one row per run) and `runs/<run id>.json` (everything measured, with the "
         "run's full specification).")
     add("")
+    return lines
+
+
+def _report_text(meta, rows, summaries, tests, plots, probe=None):
+    """``report.md``: what ran, the results, the tests, the peer row, the claims check."""
+    lines = _title(meta, rows) + _what_ran(meta, rows) + _results(rows, summaries) + _tests_table(tests)
+    peers = [r for r in rows if r["method"] == PEER_METHOD]
+    if peers:
+        by = {(r["setting"], r["seed"], r["method"]): r for r in rows}
+        lines += _peer_table(meta, rows, peers, by) + _peer_diagnostic(rows, peers, by) + _peer_differences(meta)
+    lines += _probe_section(probe) + _claims(tests, summaries) + _closing(meta, plots)
     return "\n".join(lines)
 
 

@@ -12,11 +12,19 @@ import traceback
 from pathlib import Path
 
 from keras_aesam.bench.plan import BadInput, estimate_seconds
+from keras_aesam.bench.progress import PROGRESS_MARK, Progress
 from keras_aesam.bench.records import (
-    _loadavg, _machine, _read_bench_json, _result_path, _versions, _write_json, finished_result,
+    _loadavg,
+    _machine,
+    _read_bench_json,
+    _result_path,
+    _versions,
+    _write_json,
+    finished_result,
 )
 from keras_aesam.bench.report import write_report
 from keras_aesam.bench.worker import run_spec
+
 
 def _groups(plan):
     groups = []
@@ -42,48 +50,80 @@ def _describe(result):
     return f"test acc {result['test_accuracy']:.4f}, SAM {sam}, {timing}"
 
 
-def _run_group(out, key, specs, isolation, progress):
+def _run_in_process(out, specs, progress):
+    """``--isolation none``: the group's runs in this process, one after another."""
+    for spec in specs:
+        if finished_result(out, spec) is not None:
+            continue
+        try:
+            result = run_spec(spec, out)
+            progress(spec, result)
+        except Exception:  # noqa: BLE001
+            text = traceback.format_exc()
+            _result_path(out, spec).with_suffix(".error.txt").write_text(text)
+            progress(spec, None)
+    return sum(finished_result(out, s) is None for s in specs)
+
+
+class _LogRelay:
+    """Echoes the epoch lines a worker writes to its log (marked ``PROGRESS_MARK``) to the console."""
+
+    def __init__(self, path, stream):
+        self.path, self.stream = Path(path), stream
+        self.offset = self.path.stat().st_size if self.path.exists() else 0
+
+    def __call__(self):
+        try:
+            with open(self.path, "rb") as f:
+                f.seek(self.offset)
+                chunk = f.read()
+        except OSError:
+            return
+        complete = chunk[:chunk.rfind(b"\n") + 1]  # a line still being written waits for the next call
+        self.offset += len(complete)
+        for line in complete.decode(errors="replace").splitlines():
+            if line.startswith(PROGRESS_MARK):
+                print(f"    {line[len(PROGRESS_MARK):]}", file=self.stream, flush=True)
+
+
+def _watch(proc, out, specs, progress, relay):
+    """Polls the worker: relays its epoch lines and reports each run the moment its result is written."""
+    reported = set()
+    while True:
+        try:
+            proc.wait(timeout=2.0)
+            done = True
+        except subprocess.TimeoutExpired:
+            done = False
+        relay()
+        for spec in specs:
+            if spec["run_id"] in reported:
+                continue
+            result = finished_result(out, spec)
+            if result is not None and result.get("pid") == proc.pid:
+                reported.add(spec["run_id"])
+                progress(spec, result)
+        if done:
+            return
+
+
+def _run_group(out, key, specs, isolation, progress, stream=sys.stdout):
     """Runs one group; returns the number of specs without a result afterwards."""
     if isolation == "none":
-        for spec in specs:
-            if finished_result(out, spec) is not None:
-                continue
-            try:
-                result = run_spec(spec, out)
-                progress(spec, result)
-            except Exception:  # noqa: BLE001
-                text = traceback.format_exc()
-                _result_path(out, spec).with_suffix(".error.txt").write_text(text)
-                progress(spec, None)
-        return sum(finished_result(out, s) is None for s in specs)
-
+        return _run_in_process(out, specs, progress)
     job = Path(out) / "logs" / f"{key}.job.json"
     _write_json(job, {"out": str(out), "specs": specs})
     log_path = Path(out) / "logs" / f"{key}.log"
     env = os.environ.copy()
     env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    reported = set()
     with open(log_path, "a") as log:
         log.write(f"--- {datetime.datetime.now().isoformat(timespec='seconds')} ---\n")
         log.flush()
+        relay = _LogRelay(log_path, stream)
         proc = subprocess.Popen([sys.executable, "-m", "keras_aesam.bench", "--worker", str(job)],
                                 stdout=log, stderr=subprocess.STDOUT, env=env)
         try:
-            while True:
-                try:
-                    proc.wait(timeout=2.0)
-                    done = True
-                except subprocess.TimeoutExpired:
-                    done = False
-                for spec in specs:
-                    if spec["run_id"] in reported:
-                        continue
-                    result = finished_result(out, spec)
-                    if result is not None and result.get("pid") == proc.pid:
-                        reported.add(spec["run_id"])
-                        progress(spec, result)
-                if done:
-                    break
+            _watch(proc, out, specs, progress, relay)
         except BaseException:
             if proc.poll() is None:  # our own child, by its id
                 proc.terminate()
@@ -153,52 +193,34 @@ def _remove_previous_bench(out, plan, stream):
               f"{', '.join(left)}", file=stream, flush=True)
 
 
-def run_bench(plan, argv=None, *, fresh=False, stream=sys.stdout, program="keras-aesam bench") -> int:
-    """Runs the plan's unfinished runs and writes the report; returns the exit code."""
-    out = plan["output"]
-    if fresh and out.exists():
-        _remove_previous_bench(out, plan, stream)
-    done = {spec["run_id"]: finished_result(out, spec) for spec in plan["runs"]}  # BadInput on mismatch
-    finished = sum(r is not None for r in done.values())
-    _record_bench_files(out, plan)
-
-    previous = _read_bench_json(out)
+def _session_meta(plan, argv, program, previous, finished, estimate):
+    """bench.json: the plan, the machine, and the sessions so far plus this one."""
     for session in previous.get("sessions", []):  # files written before sessions recorded their command
         session.setdefault("command", previous.get("command"))
-    estimate = estimate_seconds([s for s in plan["runs"] if done[s["run_id"]] is None], plan["isolation"])
-    meta = {
-        "command": " ".join([program, *argv]) if argv else program,
+    command = " ".join([program, *argv]) if argv else program
+    now = datetime.datetime.now().isoformat(timespec="seconds")
+    return {
+        "command": command,
         "argv": list(argv or []),
-        "profile": plan["profile"],
-        "config": plan["config"],
-        "methods": plan["methods"],
-        "noise": plan["noise"],
-        "seeds": plan["seeds"],
-        "peer": plan["peer"],
-        "peer_note": plan["peer_note"],
-        "isolation": plan["isolation"],
-        "budget_minutes": plan["budget_minutes"],
+        **{key: plan[key] for key in ("profile", "config", "methods", "noise", "seeds", "peer", "peer_note",
+                                      "isolation", "budget_minutes")},
         "run_ids": [s["run_id"] for s in plan["runs"]],
         "machine": _machine(),
         "versions": _versions(),
-        "started": previous.get("started") or datetime.datetime.now().isoformat(timespec="seconds"),
+        "started": previous.get("started") or now,
         "sessions": previous.get("sessions", []) + [{
-            "command": " ".join([program, *argv]) if argv else program,
-            "started": datetime.datetime.now().isoformat(timespec="seconds"),
+            "command": command,
+            "started": now,
             "skipped_finished_runs": finished,
             "estimated_seconds": round(estimate),
             "loadavg_start": _loadavg(),
         }],
     }
-    _write_json(out / "bench.json", meta)
-    total = len(plan["runs"])
-    print(f"keras-aesam bench: {total} runs ({finished} already finished, skipped), profile {plan['profile']}, "
-          f"estimated {estimate / 60:.0f} min on the reference machine -> {out}", file=stream, flush=True)
-    if plan["peer_note"]:
-        print(f"  no peer row: {plan['peer_note']}", file=stream, flush=True)
 
-    counter = {"n": finished}
-    failed = []
+
+def _reporter(out, total, finished, failed, stream):
+    """``progress(spec, result)``: a line per finished run (time left, chance-level runs flagged), or FAILED."""
+    tracker = Progress(total, stream, done=finished)
 
     def progress(spec, result):
         if result is None:
@@ -207,12 +229,13 @@ def run_bench(plan, argv=None, *, fresh=False, stream=sys.stdout, program="keras
             where = f"see {err}" if err.exists() else f"see {out / 'logs'}"
             print(f"  FAILED {spec['run_id']} ({where})", file=stream, flush=True)
             return
-        counter["n"] += 1
-        print(f"  [{counter['n']}/{total}] {spec['run_id']}: {_describe(result)}", file=stream, flush=True)
+        tracker.finished(spec, result, result.get("run_seconds") or 0.0, _describe(result))
 
-    started = time.perf_counter()
-    interrupted = False
-    previous_handler = None
+    return progress
+
+
+def _run_groups(plan, done, progress, stream):
+    """Runs every group with unfinished runs; returns whether it was interrupted (Ctrl-C or SIGTERM)."""
     try:
         previous_handler = signal.signal(signal.SIGTERM, _raise_interrupt)
     except ValueError:  # not the main thread
@@ -221,14 +244,37 @@ def run_bench(plan, argv=None, *, fresh=False, stream=sys.stdout, program="keras
         for key, specs in _groups(plan):
             todo = [s for s in specs if done[s["run_id"]] is None]
             if todo:
-                _run_group(out, key, todo, plan["isolation"], progress)
+                _run_group(plan["output"], key, todo, plan["isolation"], progress, stream)
     except KeyboardInterrupt:
-        interrupted = True
         print("\ninterrupted: the finished runs are kept; run the same command again to resume",
               file=stream, flush=True)
+        return True
     finally:
         if previous_handler is not None:
             signal.signal(signal.SIGTERM, previous_handler)
+    return False
+
+
+def run_bench(plan, argv=None, *, fresh=False, stream=None, program="keras-aesam bench") -> int:
+    """Runs the plan's unfinished runs and writes the report; returns the exit code (console: ``stream``)."""
+    stream = stream or sys.stdout
+    out = plan["output"]
+    if fresh and out.exists():
+        _remove_previous_bench(out, plan, stream)
+    done = {spec["run_id"]: finished_result(out, spec) for spec in plan["runs"]}  # BadInput on mismatch
+    finished = sum(r is not None for r in done.values())
+    _record_bench_files(out, plan)
+    estimate = estimate_seconds([s for s in plan["runs"] if done[s["run_id"]] is None], plan["isolation"])
+    meta = _session_meta(plan, argv, program, _read_bench_json(out), finished, estimate)
+    _write_json(out / "bench.json", meta)
+    total = len(plan["runs"])
+    print(f"keras-aesam bench: {total} runs ({finished} already finished, skipped), profile {plan['profile']}, "
+          f"estimated {estimate / 60:.0f} min on the reference machine -> {out}", file=stream, flush=True)
+    if plan["peer_note"]:
+        print(f"  no peer row: {plan['peer_note']}", file=stream, flush=True)
+    failed = []
+    started = time.perf_counter()
+    interrupted = _run_groups(plan, done, _reporter(out, total, finished, failed, stream), stream)
     meta["sessions"][-1].update(
         finished=datetime.datetime.now().isoformat(timespec="seconds"),
         wall_seconds=round(time.perf_counter() - started, 1),

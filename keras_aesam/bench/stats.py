@@ -9,6 +9,7 @@ import numpy as np
 
 from keras_aesam.bench.plan import ALL_METHODS, _pretty
 
+
 def _mean_std(values):
     values = [float(v) for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
     if not values:
@@ -17,7 +18,7 @@ def _mean_std(values):
     return (float(np.mean(values)), std, len(values))
 
 
-def time_ratios(rows, key="step_ms") -> Dict[str, float]:
+def time_ratios(rows, key="step_ms") -> dict[str, float]:
     """``run_id -> row[key] / row[key] of ERM`` in the same (setting, seed) group.
 
     ``key`` is ``step_ms`` (wall time per step) or ``step_cpu_ms`` (CPU time).
@@ -45,7 +46,7 @@ def _method_order(method):
     return ALL_METHODS.index(method) if method in ALL_METHODS else len(ALL_METHODS)
 
 
-def aggregate(rows) -> List[dict]:
+def aggregate(rows) -> list[dict]:
     """One summary per (setting, method): means and sample stds over seeds."""
     ratios = time_ratios(rows)
     cpu_ratios = time_ratios(rows, "step_cpu_ms")
@@ -134,7 +135,7 @@ COMPARISONS = (
 )
 
 
-def paired_tests(rows, comparisons=COMPARISONS) -> List[dict]:
+def paired_tests(rows, comparisons=COMPARISONS) -> list[dict]:
     """Paired t-tests over seeds, per setting and pooled over settings, for each comparison."""
     by_key = {(r["setting"], r["seed"], r["method"]): r["test_accuracy"] for r in rows}
     settings = []

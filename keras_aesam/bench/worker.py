@@ -13,9 +13,17 @@ from pathlib import Path
 
 import numpy as np
 
+from keras_aesam import recipe
 from keras_aesam.bench.networks import build_network
 from keras_aesam.bench.plan import FORWARD_COST
-from keras_aesam.bench.records import _loadavg, _result_path, _write_json, finished_result
+from keras_aesam.bench.progress import epoch_callback
+from keras_aesam.bench.records import (
+    _loadavg,
+    _result_path,
+    _write_json,
+    finished_result,
+)
+
 
 def _make_timer(K):
     """A callback timing every step and epoch (for ``keras`` or ``tf_keras``).
@@ -123,7 +131,61 @@ def _sam_steps_per_epoch(fractions, steps_per_epoch):
     return [int(round(f * steps_per_epoch)) for f in fractions]
 
 
+def _recipe(spec):
+    """The spec's optimizer, schedule and weight decay, as :mod:`keras_aesam.recipe` trains them."""
+    return recipe.Recipe(lr=spec["lr"], momentum=spec["momentum"], weight_decay=spec["weight_decay"],
+                         weight_decay_mode=spec["weight_decay_mode"], schedule=spec.get("schedule", "cosine"))
+
+
+def _build_inner(K, spec, data, weights):
+    """The spec's network in framework ``K``, regularized as the recipe says, loaded with ``weights``."""
+    inner = build_network(K, spec["network"], num_classes=data.num_classes, input_shape=data.input_shape,
+                          weight_decay=spec["weight_decay"], weight_decay_mode=spec["weight_decay_mode"])
+    inner.set_weights(weights)
+    return inner
+
+
+def _fit_and_evaluate(K, model, spec, data, callbacks=()):
+    """Fits ``model`` (compiled) on ``train.repeat()`` with the step timer, then evaluates it.
+
+    Returns ``(history, fields)``: the result fields every run has, the peer's too.
+    """
+    timer = _make_timer(K)
+    load_start = _loadavg()
+    fit_start = time.perf_counter()
+    history = model.fit(data.train.repeat(), steps_per_epoch=data.steps_per_epoch, epochs=spec["epochs"],
+                        verbose=0, callbacks=[timer, *callbacks], shuffle=False)
+    fit_seconds = time.perf_counter() - fit_start
+    test = data.test if not spec["test_batches"] else data.test.take(spec["test_batches"])
+    evaluation = model.evaluate(test, verbose=0, return_dict=True)
+    return history, {
+        "test_accuracy": float(evaluation["accuracy"]),
+        "test_loss": float(evaluation["loss"]),
+        "train_accuracy_last_epoch": float(history.history["accuracy"][-1]),
+        "train_loss_last_epoch": float(history.history["loss"][-1]),
+        "steps_per_epoch": data.steps_per_epoch,
+        "fit_seconds": round(fit_seconds, 3),
+        **_timing(timer),
+        "train_examples": data.train_examples,
+        "test_examples": data.test_examples if not spec["test_batches"] else None,
+        "num_classes": data.num_classes,
+        "noise_rate_realised": data.noise_rate_realised,
+        "data_source": data.source,
+        "loadavg_start": load_start,
+        "loadavg_end": _loadavg(),
+    }
+
+
+def _passes(spec, hp, steps, sam_steps):
+    """Forward-backward passes in whole-batch units (ESAM: ⌈γB⌉/B and a third for its extra forward)."""
+    if spec["method"] == "esam":
+        second = math.ceil(hp["gamma"] * spec["batch_size"]) / spec["batch_size"]
+        return steps + sam_steps * (second + FORWARD_COST)
+    return steps + sam_steps
+
+
 def _run_method(spec, out) -> dict:
+    """One keras_aesam run of the spec, trained with :mod:`keras_aesam.recipe`; its result fields."""
     import keras
     import tensorflow as tf
 
@@ -135,74 +197,42 @@ def _run_method(spec, out) -> dict:
     weights, _, _ = initial_weights(out, spec, data)
     keras.utils.clear_session()
     keras.utils.set_random_seed(spec["seed"])
-    inner = build_network(keras, spec["network"], num_classes=data.num_classes, input_shape=data.input_shape,
-                          weight_decay=spec["weight_decay"], weight_decay_mode=spec["weight_decay_mode"])
-    inner.set_weights(weights)
-    total_steps = spec["epochs"] * data.steps_per_epoch
+    inner = _build_inner(keras, spec, data, weights)
+    total_steps = recipe.total_steps(spec["epochs"], data.steps_per_epoch)
     model = keras_aesam.wrap(inner, method=spec["method"], total_steps=total_steps, **spec["hyperparameters"])
-    learning_rate = keras.optimizers.schedules.CosineDecay(spec["lr"], decay_steps=total_steps)
-    decoupled = spec["weight_decay"] if spec["weight_decay"] > 0 and spec["weight_decay_mode"] == "decoupled" else None
-    model.compile(
-        optimizer=keras.optimizers.SGD(learning_rate=learning_rate, momentum=spec["momentum"], weight_decay=decoupled),
-        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-        metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")],
-        jit_compile=False,
-    )
-    timer = _make_timer(keras)
-    load_start = _loadavg()
-    fit_start = time.perf_counter()
-    history = model.fit(data.train.repeat(), steps_per_epoch=data.steps_per_epoch, epochs=spec["epochs"],
-                        verbose=0, callbacks=[timer], shuffle=False)
-    fit_seconds = time.perf_counter() - fit_start
-    test = data.test if not spec["test_batches"] else data.test.take(spec["test_batches"])
-    evaluation = model.evaluate(test, verbose=0, return_dict=True)
+    recipe.compile_model(model, _recipe(spec), total_steps, keras, jit_compile=False)
+    epochs = epoch_callback(keras, spec["run_id"], spec["epochs"])
+    history, fields = _fit_and_evaluate(keras, model, spec, data, [epochs])
 
     fractions = [float(f) for f in history.history.get("sam_fraction", [])]
-    sam_per_epoch = _sam_steps_per_epoch(fractions, data.steps_per_epoch)
     state = model.policy_state
     steps = int(state["step"])
-    sam_steps = int(sum(sam_per_epoch))
+    sam_steps = int(sum(_sam_steps_per_epoch(fractions, data.steps_per_epoch)))
     hp = model.hyperparameters
-    if spec["method"] == "esam":
-        second = math.ceil(hp["gamma"] * spec["batch_size"]) / spec["batch_size"]
-        passes = steps + sam_steps * (second + FORWARD_COST)
-    else:
-        passes = steps + sam_steps
     return {
-        "test_accuracy": float(evaluation["accuracy"]),
-        "test_loss": float(evaluation["loss"]),
-        "train_accuracy_last_epoch": float(history.history["accuracy"][-1]),
-        "train_loss_last_epoch": float(history.history["loss"][-1]),
+        **fields,
         "steps": steps,
-        "steps_per_epoch": data.steps_per_epoch,
         "sam_steps": sam_steps,
         "sam_fraction": sam_steps / steps if steps else None,
         "sam_fraction_per_epoch": fractions,
         "grad_evals": steps + sam_steps,
-        "pass_equivalents": round(passes, 3),
+        "pass_equivalents": round(_passes(spec, hp, steps, sam_steps), 3),
         "skipped_steps": int(sum(history.history.get("skipped_steps", [0]))),
-        "fit_seconds": round(fit_seconds, 3),
-        **_timing(timer),
         "parameters": int(inner.count_params()),
-        "train_examples": data.train_examples,
-        "test_examples": data.test_examples if not spec["test_batches"] else None,
-        "noise_rate_realised": data.noise_rate_realised,
-        "data_source": data.source,
         "resolved_hyperparameters": hp,
         "expected_sam_fraction": model.policy.expected_sam_fraction(total_steps),
         "policy_state": state,
         "framework": f"keras {keras.__version__}, tensorflow {tf.__version__}",
-        "loadavg_start": load_start,
-        "loadavg_end": _loadavg(),
     }
-
 
 
 def run_spec(spec, out) -> dict:
     """Runs one spec and writes its result JSON (the moment it finishes); returns the result."""
     started = time.perf_counter()
     started_at = datetime.datetime.now().isoformat(timespec="seconds")
-    from keras_aesam import bench  # the runners are looked up on the package: the seam tests replace
+    from keras_aesam import (
+        bench,  # the runners are looked up on the package: the seam tests replace
+    )
 
     body = bench._run_peer(spec, out) if spec["kind"] == "peer" else bench._run_method(spec, out)
     result = {
