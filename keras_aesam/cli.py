@@ -134,6 +134,10 @@ class BadInput(Exception):
     """A user error found before training: reported as ``parser.error``."""
 
 
+class DataUnavailable(Exception):
+    """The data set cannot be loaded here (no files, no network, a missing module): exit code 1."""
+
+
 # ---------------------------------------------------------------------- helpers
 
 
@@ -847,6 +851,8 @@ def _train(args, plan, network=None, dataset_kwargs=None):
         data = _load_data(args, plan, dataset_kwargs)
     except ValueError as err:
         raise BadInput(_one_line(err))
+    except (ConnectionError, ImportError, FileNotFoundError) as err:  # e.g. no Fashion-MNIST anywhere
+        raise DataUnavailable(f"cannot load {plan['dataset']}: {_one_line(err)}") from err
     strategy = plan["strategy"]
     replicas = strategy.num_replicas_in_sync
     _check(args.batch_size % replicas == 0,
@@ -1201,8 +1207,8 @@ def run(argv: Optional[Sequence[str]] = None, *, network: Optional[Callable] = N
                 shutil.rmtree(plan["run_dir"], ignore_errors=True)
     except (BadInput, safety.NotOurs) as err:
         subparser.error(str(err))
-    except FileNotFoundError as err:  # e.g. no Fashion-MNIST anywhere: list where we looked
-        print(f"keras-aesam {args.command}: error: {err}", file=sys.stderr)
+    except (DataUnavailable, FileNotFoundError) as err:
+        print(f"keras-aesam {args.command}: error: {_one_line(err)}", file=sys.stderr)
         raise SystemExit(1)
 
 

@@ -474,3 +474,25 @@ def test_heatmap_leaves_nan_cells_blank(tmp_path):
     values = np.array([[50.0, 30.0], [np.nan, 10.0]])
     path = plot_heatmap(values, [-1, 1], [-1, 1], tmp_path / "h.png", title="t", colorbar_label="% SAM")
     assert open(path, "rb").read(8) == PNG_SIGNATURE
+
+
+@pytest.mark.parametrize("error", [
+    ConnectionError("cannot reach the download server:\n  connection refused"),
+    ModuleNotFoundError("No module named 'tensorflow_datasets'"),
+    FileNotFoundError("no Fashion-MNIST files in\n  ~/.keras/datasets/fashion-mnist\n  /usr/share/datasets"),
+])
+def test_data_that_cannot_be_loaded_ends_with_one_line_and_exit_code_1(tmp_path, monkeypatch, capsys, error):
+    from keras_aesam import data
+
+    def unavailable(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(data, "get_dataset", unavailable)
+    with pytest.raises(SystemExit) as exit_info:
+        cli.run(["train", "--output", str(tmp_path / "run"), "--export-dir", str(tmp_path / "saved")])
+    assert exit_info.value.code == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert err.startswith("keras-aesam train: error: cannot load fashion_mnist: ")
+    assert " ".join(str(error).split()) in err
+    assert not (tmp_path / "run").exists()
