@@ -12,7 +12,6 @@ import csv
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -22,6 +21,7 @@ import numpy as np
 import pytest
 
 from keras_aesam import cli
+from test_distribute import free_ports
 
 FLAGS = [
     "--model", "mlp", "--train-size", "512", "--batch-size", "64", "--epochs", "2", "--eval-batches", "2",
@@ -84,19 +84,9 @@ def _finish(procs):
     return [(proc.returncode, out, err) for proc, (out, err) in zip(procs, outputs)]
 
 
-def _free_ports(n):
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
-
-
 def _start_workers(root, *extra):
     """The two processes of a 2-worker cluster on 127.0.0.1 (worker 0 is the chief)."""
-    workers = [f"127.0.0.1:{p}" for p in _free_ports(2)]
+    workers = [f"127.0.0.1:{p}" for p in free_ports(2)]
     (root / "tmp").mkdir(parents=True, exist_ok=True)
     return [
         _start(root, "--strategy", "multi-worker", *extra, TMPDIR=str(root / "tmp"),
