@@ -48,6 +48,8 @@ from typing import Iterable, Optional
 import keras
 import numpy as np
 
+from keras_aesam import ops as sam_ops
+
 __all__ = [
     "GRAD_NORM_COLUMNS",
     "RunBackup",
@@ -56,7 +58,7 @@ __all__ = [
     "StepRecorder",
     "load_training_state",
     "save_training_state",
-    "sam_steps_from_fractions",
+    "step_counts_from_fractions",
     "step_values_from_means",
 ]
 
@@ -83,15 +85,15 @@ GRAD_NORM_COLUMNS = ("epoch", "sample", "grad_norm_sq")
 _STAT_KEYS = ("grad_norm_sq", "ema_mean", "ema_std", "sam_threshold")
 
 
-def sam_steps_from_fractions(batches, fractions):
-    """SAM steps per row from the running ``sam_fraction`` of one epoch.
+def step_counts_from_fractions(batches, fractions):
+    """Steps per row marked by a 0/1 indicator (SAM steps, skipped steps), from
+    its running mean over one epoch.
 
     ``batches`` are the 0-based indices (within the epoch) of the last step of
-    each row, increasing; ``fractions`` the running mean reported there. Returns
-    the number of SAM steps each row covers: ``count_k - count_{k-1}`` with
+    each row, increasing; ``fractions`` the running mean reported there (Keras's
+    ``sam_fraction``, or ``skipped_sum / (batch + 1)``). Returns the number of
+    marked steps each row covers: ``count_k - count_{k-1}`` with
     ``count_k = round(fraction_k · (batch_k + 1))`` and ``count_{-1} = 0``.
-    Works for running sums of any 0/1 indicator (e.g. skipped steps, with
-    ``fraction = sum / (batch + 1)``).
     """
     counts = []
     previous = 0
@@ -341,11 +343,11 @@ class StepRecorder(keras.callbacks.Callback):
         # Async dispatch may deliver batches out of order within an epoch.
         pending.sort(key=lambda r: r["batch"])
         batches = [r["batch"] for r in pending]
-        sam = sam_steps_from_fractions(batches, [r["sam_fraction"] for r in pending])
+        sam = step_counts_from_fractions(batches, [r["sam_fraction"] for r in pending])
         skipped_fractions = [
             None if r["skipped_sum"] is None else r["skipped_sum"] / (r["batch"] + 1) for r in pending
         ]
-        skipped = sam_steps_from_fractions(batches, skipped_fractions)
+        skipped = step_counts_from_fractions(batches, skipped_fractions)
         losses = step_values_from_means(batches, [r["loss"] for r in pending])
         new_rows = []
         previous_batch = -1
@@ -400,20 +402,13 @@ class StepRecorder(keras.callbacks.Callback):
 
         @tf.function(reduce_retracing=True)
         def grad_norm_sq(x, y, sample_weight):
-            variables = model.trainable_variables
-            values = [tf.identity(v.value) for v in variables]
+            # The model's own stateless forward pass: no BatchNorm or metric update.
+            values = [tf.identity(v.value) for v in model.trainable_variables]
             with tf.GradientTape() as tape:
                 tape.watch(values)
-                mapping = list(zip(variables, values))
-                with keras.StatelessScope(state_mapping=mapping, collect_losses=True):
-                    y_pred = model(x, training=True)
-                    loss = model.compute_loss(
-                        x=x, y=y, y_pred=y_pred, sample_weight=sample_weight, training=True
-                    )
+                _, loss = model._forward_loss(x, y, sample_weight, values=values)
             grads = tape.gradient(loss, values)
-            return tf.add_n(
-                [tf.reduce_sum(tf.square(tf.cast(g, tf.float32))) for g in grads if g is not None]
-            )
+            return sam_ops.global_sq_norm([g for g in grads if g is not None])
 
         return grad_norm_sq
 

@@ -142,6 +142,16 @@ def coin_endpoints(target, shape):
     return max(0.0, 2.0 * target - 1.0), min(1.0, 2.0 * target)
 
 
+def paced_fraction(fraction, surplus, step, total_steps):
+    """``f'_t = clip(f_t - S_t / max(T - t, 1), 0, 1)``: the share to aim for now.
+
+    ``S_t = Σ_{s<t} (1[SAM at s] - f_s)`` is the surplus of SAM steps so far;
+    spreading it over the steps left makes the run end on its budget.
+    """
+    left = ops.maximum(ops.cast(total_steps, "float32") - ops.cast(step, "float32"), 1.0)
+    return ops.clip(fraction - surplus / left, 0.0, 1.0)
+
+
 def quantile_update(quantile, above, target, step_size):
     """One stochastic-approximation step towards the ``(1 - f)`` quantile.
 

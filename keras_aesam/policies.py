@@ -284,18 +284,20 @@ class Quantile(Policy):
 
     ``u = log ‖g‖²``; ``m`` is an EMA of ``u`` (rate ``delta``) and ``z = u - m``.
     A SAM step is taken when ``z ≥ q``; then ``q`` moves by
-    ``step_size · a · (1[z ≥ q] - f_t)``, with ``a`` an EMA of ``|z|`` that gives
+    ``step_size · a · (1[z ≥ q] - f'_t)``, with ``a`` an EMA of ``|z|`` that gives
     the step its scale. Because ``q`` stays bounded, the share of SAM steps
-    converges to the mean of ``f_t`` whatever the shape of ``‖g‖²``'s
-    distribution. ``f_t = 1 - Φ(c_t)`` with ``c_t`` AE-SAM's linear coefficient
-    for the ``(λ1, λ2)`` of spread 2 whose mean is ``target_sam_fraction``, so
-    the budget, like AE-SAM's, grows over training.
+    follows ``f'_t`` whatever the shape of ``‖g‖²``'s distribution.
+    ``f_t = 1 - Φ(c_t)`` with ``c_t`` AE-SAM's linear coefficient for the
+    ``(λ1, λ2)`` of spread 2 whose mean is ``target_sam_fraction``, so the
+    budget, like AE-SAM's, grows over training. ``f'_t`` paces it: the surplus
+    of SAM steps taken so far over ``Σ f_t`` is spread over the steps left,
+    so the run ends on its budget even while ``‖g‖²``'s distribution drifts.
     """
 
     name = "quantile"
     needs_total_steps = True
 
-    def __init__(self, target_sam_fraction=None, delta=0.9, step_size=0.1, spread=2.0):
+    def __init__(self, target_sam_fraction=None, delta=0.9, step_size=0.3, spread=2.0):
         self.target_sam_fraction = _check_target(target_sam_fraction)
         self.delta = check_in_open_interval("delta", delta, 0.0, 1.0)
         self.step_size = check_range("step_size", step_size, 0.0, low_open=True)
@@ -305,7 +307,7 @@ class Quantile(Policy):
         )
 
     def state_spec(self):
-        return {"log_mean": 0.0, "log_absdev": 1.0, "quantile": 0.0, "seen": 0.0}
+        return {"log_mean": 0.0, "log_absdev": 1.0, "quantile": 0.0, "surplus": 0.0, "seen": 0.0}
 
     def fraction_at(self, step, total_steps):
         """``f_t``: the share of SAM steps aimed at around step ``t``."""
@@ -322,16 +324,18 @@ class Quantile(Policy):
             self.delta * state["log_absdev"] + (1.0 - self.delta) * ops.abs(z),
         )
         target = self.fraction_at(step, total_steps)
+        paced = sam_ops.paced_fraction(target, state["surplus"], step, total_steps)
         above = ops.greater_equal(z, state["quantile"])
         quantile = sam_ops.quantile_update(
-            state["quantile"], above, target, self.step_size * absdev
+            state["quantile"], above, paced, self.step_size * absdev
         )
+        surplus = state["surplus"] + ops.cast(above, "float32") - target
         new_state = {"log_mean": mean, "log_absdev": absdev, "quantile": quantile,
-                     "seen": ops.ones_like(state["seen"])}
+                     "surplus": surplus, "seen": ops.ones_like(state["seen"])}
         logs = {
             "grad_norm_sq": stat,
             "sam_threshold": ops.exp(mean + state["quantile"]),
-            "sam_target_fraction": target,
+            "sam_target_fraction": paced,
         }
         return above, new_state, logs
 

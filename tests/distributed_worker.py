@@ -92,6 +92,7 @@ def train(strategy, method, sync, batchnorm=False, log=None, epochs=EPOCHS):
     """Fit a fresh copy of ``net()`` (same initial weights every time) under
     ``strategy``; returns its per-epoch SAM fractions, weights and model."""
     import keras
+
     import keras_aesam
 
     with strategy.scope():
@@ -160,18 +161,18 @@ def sequence(methods):
     out = {}
     shared = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
     fresh = lambda: tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])  # noqa: E731
+    # attempt() calls each closure at once, inside the iteration that made it (B023 cannot see that).
     for name, make in (("shared", lambda: shared), ("fresh", fresh)):
-        runs = {"plain_first": attempt(lambda: plain(make()))}
+        runs = {"plain_first": attempt(lambda: plain(make()))}  # noqa: B023
         for method in methods:
-            runs[method] = attempt(lambda: train(make(), method, True, epochs=1)[1])
-        runs["plain_last"] = attempt(lambda: plain(make()))
+            runs[method] = attempt(lambda: train(make(), method, True, epochs=1)[1])  # noqa: B023
+        runs["plain_last"] = attempt(lambda: plain(make()))  # noqa: B023
         out[name] = runs
     return out
 
 
 def outside_scope():
     """Build outside the strategy, compile and fit inside: Keras's error, ours alike."""
-    import keras
     import keras_aesam
 
     strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])

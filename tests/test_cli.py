@@ -1,4 +1,4 @@
-"""The ``keras-aesam`` command, the StepRecorder callback and the plots.
+"""The ``keras-aesam`` command and the plots.
 
 Fast: argument errors stop before any data or training; one tiny end-to-end
 run (512 Fashion-MNIST examples, one epoch) is shared by the run-directory,
@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 from keras_aesam import METHODS, cli
-from keras_aesam.callbacks import STEP_COLUMNS, StepRecorder, sam_steps_from_fractions, step_values_from_means
+from keras_aesam.callbacks import STEP_COLUMNS
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -56,7 +56,8 @@ def _last_line(text):
 @pytest.mark.parametrize(
     "argv, message",
     [
-        (["--dataset", "mnist"], r"unknown dataset 'mnist'; valid datasets: cifar10, cifar100, fashion_mnist, imagenet2012"),
+        (["--dataset", "mnist"],
+         r"unknown dataset 'mnist'; valid datasets: cifar10, cifar100, fashion_mnist, imagenet2012"),
         (["--model", "resnet1000"], r"unknown network 'resnet1000'; valid networks: .*resnet18.*small_cnn"),
         (["--method", "adam"], r"unknown method 'adam'; valid methods: " + re.escape(", ".join(sorted(METHODS)))),
         (["--noise", "1.0"], r"--noise must be in \[0, 1\), got 1"),
@@ -67,7 +68,8 @@ def _last_line(text):
         (["--lr", "-1"], r"--lr must be > 0"),
         (["--method", "sam", "--lambda1", "0"], r"method 'sam' does not take --lambda1; it takes .*--rho"),
         (["--method", "erm", "--k", "3", "--beta", "0.5"], r"method 'erm' does not take --k, --beta"),
-        (["--method", "ae_sam", "--lambda1", "2", "--lambda2", "1"], r"invalid hyperparameter for ae_sam: lambda1 must be <= lambda2"),
+        (["--method", "ae_sam", "--lambda1", "2", "--lambda2", "1"],
+         r"invalid hyperparameter for ae_sam: lambda1 must be <= lambda2"),
         (["--method", "looksam", "--k", "0"], r"invalid hyperparameter for looksam: k must be an integer >= 1"),
         (["--method", "sam", "--rho", "0"], r"invalid hyperparameter for sam: rho"),
         (["--hist-epochs", "99"], r"--hist-epochs must be in \[0, 3\]"),
@@ -302,83 +304,6 @@ def test_existing_export_dir_needs_overwrite(tiny_run, capsys, tmp_path):
     argv = ["train", "--output", str(tmp_path / "tiny"), "--export-dir", str(tiny_run["export"].parent)]
     code, _, err = _run_cli(argv, capsys)
     assert code == 2 and "export directory" in _last_line(err)
-
-
-# ------------------------------------------------------------ StepRecorder
-
-
-def _step_losses(n):
-    return [2.0 + math.sin(i) for i in range(n)]
-
-
-def _feed(recorder, epoch, batches, fractions, skipped=None, stats=None):
-    """Logs as Keras reports them: running means of loss and SAM indicator."""
-    recorder.on_epoch_begin(epoch)
-    batches = list(batches)
-    running_loss = np.cumsum(_step_losses(len(batches))) / np.arange(1, len(batches) + 1)
-    for i, (batch, fraction) in enumerate(zip(batches, fractions)):
-        logs = {"loss": np.float32(running_loss[i]), "sam_fraction": fraction,
-                "skipped_steps": (skipped or {}).get(batch, 0.0)}
-        if stats:
-            logs.update({k: v[i] for k, v in stats.items()})
-        recorder.on_train_batch_end(batch, logs)
-    recorder.on_epoch_end(epoch)
-
-
-def test_recorder_derives_sam_steps_from_the_running_fraction(tmp_path):
-    pattern = [1, 1, 0, 0, 1, 0, 1, 0, 0, 0, 1, 1]
-    fractions = list(np.cumsum(pattern) / np.arange(1, len(pattern) + 1, dtype=np.float32))
-    path = tmp_path / "steps.csv"
-    recorder = StepRecorder(path)
-    recorder.on_train_begin()
-    _feed(recorder, 0, range(len(pattern)), fractions)
-    second = [0, 1, 1]
-    _feed(recorder, 1, range(3), list(np.cumsum(second) / np.arange(1, 4)))  # reset each epoch
-    recorder.on_train_end()
-    assert [r["sam"] for r in recorder.rows] == pattern + second
-    assert [r["step"] for r in recorder.rows] == list(range(15))
-    assert [r["epoch"] for r in recorder.rows] == [0] * 12 + [1] * 3
-    # The step's own loss, recovered from Keras's running mean over the epoch.
-    np.testing.assert_allclose([r["loss"] for r in recorder.rows], _step_losses(12) + _step_losses(3), rtol=1e-5)
-    assert recorder.sam_steps == sum(pattern) + 2 and recorder.total_steps == 15
-    assert math.isclose(recorder.sam_fraction, (sum(pattern) + 2) / 15)
-    from keras_aesam.plots import read_csv
-
-    table = read_csv(path)
-    assert list(table) == list(STEP_COLUMNS)
-    assert table["sam"].tolist() == pattern + second
-    assert np.isnan(table["grad_norm_sq"]).all()  # not an adaptive method: empty cells
-
-
-def test_recorder_with_steps_per_execution_and_out_of_order_batches():
-    # steps_per_execution=3: Keras reports the last step of each execution.
-    pattern = [1, 0, 1, 1, 1, 0, 0, 0, 0]
-    running = np.cumsum(pattern) / np.arange(1, 10)
-    batches = [2, 5, 8]
-    recorder = StepRecorder(None)
-    recorder.on_train_begin()
-    recorder.on_epoch_begin(0)
-    for batch in (5, 2, 8):  # async dispatch may deliver out of order
-        recorder.on_train_batch_end(batch, {"sam_fraction": running[batch], "skipped_steps": 1.0 if batch >= 5 else 0.0})
-    recorder.on_epoch_end(0)
-    assert [r["batch"] for r in recorder.rows] == batches
-    assert [r["steps"] for r in recorder.rows] == [3, 3, 3]
-    assert [r["sam"] for r in recorder.rows] == [2, 2, 0]
-    assert [r["skipped"] for r in recorder.rows] == [0, 1, 0]
-    assert [r["step"] for r in recorder.rows] == batches
-    assert sam_steps_from_fractions([0, 1], [float("nan"), 1.0]) == [None, 2]
-    # Loss of an execution = the mean over its steps.
-    losses = np.array([3.0, 1.0, 2.0, 6.0, 0.0, 3.0])
-    running = np.cumsum(losses) / np.arange(1, 7)
-    np.testing.assert_allclose(step_values_from_means([1, 3, 5], running[[1, 3, 5]]), [2.0, 4.0, 1.5])
-    assert step_values_from_means([0, 1, 2], [1.0, float("nan"), 2.0]) == [1.0, None, None]
-
-
-def test_recorder_checks_its_arguments():
-    with pytest.raises(ValueError, match="needs grad_norm_data"):
-        StepRecorder(None, grad_norm_epochs=[1])
-    with pytest.raises(ValueError, match="grad_norm_epochs must be >= 0"):
-        StepRecorder(None, grad_norm_epochs=[-1], grad_norm_data=[])
 
 
 # ------------------------------------------------------------------- plots

@@ -120,7 +120,8 @@ def test_corrupt_dir_is_skipped(offline):
 
 
 def test_download_is_the_last_resort(offline, monkeypatch):
-    fake = ((np.zeros((3, 28, 28), np.uint8), np.zeros(3, np.uint8)), (np.zeros((2, 28, 28), np.uint8), np.zeros(2, np.uint8)))
+    fake = ((np.zeros((3, 28, 28), np.uint8), np.zeros(3, np.uint8)),
+            (np.zeros((2, 28, 28), np.uint8), np.zeros(2, np.uint8)))
     monkeypatch.setattr(data, "_download_fashion_mnist", lambda: fake)
     splits = data.fashion_mnist(batch_size=2, validation_fraction=0.0)
     assert splits.source.startswith("download")

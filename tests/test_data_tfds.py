@@ -18,9 +18,8 @@ import pytest
 tfds = pytest.importorskip("tensorflow_datasets")
 
 import tfds_fixtures as fx  # noqa: E402
-from test_data import collect  # noqa: E402
-
 from keras_aesam import data  # noqa: E402
+from test_data import collect  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

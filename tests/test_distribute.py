@@ -12,14 +12,13 @@ import socket
 import subprocess
 import sys
 
+import keras
 import numpy as np
 import pytest
 import tensorflow as tf
 
-import keras
-import keras_aesam
-
 import distributed_worker as dw
+import keras_aesam
 from test_model import compile_sgd, small_net, toy_data
 
 WORKER = os.path.join(os.path.dirname(__file__), "distributed_worker.py")

@@ -29,9 +29,6 @@ import numpy as np
 import pytest
 
 import keras_aesam
-from keras_aesam import directions
-from keras_aesam import ops as sam_ops
-
 from test_distribute import max_rel_diff
 from test_model import compile_sgd, small_net, toy_data
 from test_reference import EPS, LR, assert_close, loss_grad, make_data, sq_norm
@@ -423,36 +420,6 @@ def test_measure_sharpness_needs_a_loss():
     X, Y, w0, b0 = make_data()
     with pytest.raises(ValueError, match="loss"):
         keras_aesam.measure_sharpness(linear_model(w0, b0), X, Y)
-
-
-# --------------------------------------------------------------------------
-# The pure functions
-# --------------------------------------------------------------------------
-def test_select_and_scatter_selected_are_inverse():
-    rng = np.random.default_rng(0)
-    like = [rng.normal(size=s).astype("float32") for s in [(2, 3), (3,), (4,)]]
-    mask = [True, False, True]
-    chosen = sam_ops.select(like, mask)
-    assert [c.shape for c in chosen] == [(2, 3), (4,)]
-    back = [np.asarray(t) for t in sam_ops.scatter_selected(chosen, mask, like)]
-    np.testing.assert_array_equal(back[0], like[0])
-    np.testing.assert_array_equal(back[1], np.zeros(3))
-    np.testing.assert_array_equal(back[2], like[2])
-
-
-@pytest.mark.parametrize(
-    "batch, m, expected",
-    [(10, None, [(0, 10)]), (10, 4, [(0, 4), (4, 8), (8, 10)]), (3, 5, [(0, 3)]), (4, 1, [(0, 1), (1, 2), (2, 3), (3, 4)])],
-)
-def test_group_bounds(batch, m, expected):
-    assert sam_ops.group_bounds(batch, m) == expected
-
-
-def test_perturb_mask_searches_each_path():
-    paths = ["net/dense/kernel", "net/dense/bias", "net/bn/gamma"]
-    assert directions.perturb_mask(None, paths) == [True, True, True]
-    assert directions.perturb_mask("bias", paths) == [False, True, False]
-    assert directions.perturb_mask(["^net/bn", "kernel$"], paths) == [True, False, True]
 
 
 # --------------------------------------------------------------------------

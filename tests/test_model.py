@@ -1,12 +1,11 @@
 """SharpnessAwareModel as a Keras model: usage forms, metrics, BatchNorm, saving, errors."""
 
+import keras
 import numpy as np
 import pytest
 import tensorflow as tf
 
-import keras
 import keras_aesam
-from keras_aesam import directions, policies
 
 
 def small_net(dropout=0.0, batchnorm=True, seed=0):

@@ -1,9 +1,8 @@
 """Tests for keras_aesam.networks: published parameter counts and one training step."""
 
+import keras
 import numpy as np
 import pytest
-
-import keras
 
 from keras_aesam import networks
 
@@ -51,9 +50,9 @@ def test_number_of_classes_changes_only_the_head():
 def test_no_regularization_unless_asked():
     assert networks.resnet32().losses == []
     model = networks.resnet32(kernel_regularizer=keras.regularizers.L2(1e-4))
-    kernels = [l for l in model.layers if isinstance(l, (keras.layers.Conv2D, keras.layers.Dense))]
+    kernels = [layer for layer in model.layers if isinstance(layer, (keras.layers.Conv2D, keras.layers.Dense))]
     assert len(model.losses) == len(kernels) == 32  # 31 convs + head
-    conv = next(l for l in model.layers if isinstance(l, keras.layers.Conv2D))
+    conv = next(layer for layer in model.layers if isinstance(layer, keras.layers.Conv2D))
     assert isinstance(conv.kernel_initializer, keras.initializers.HeNormal)
 
 

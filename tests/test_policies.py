@@ -1,5 +1,6 @@
-"""The budgeted policies (late SAM, the scheduled coin, quantile SAM): each rule
-against a NumPy reference, each budget met, each argument checked."""
+"""keras_aesam.policies: the budgeted policies (late SAM, the scheduled coin,
+quantile SAM) against NumPy references, each budget met, each argument checked;
+SS-SAM's coin and AE-SAM's threshold on synthetic statistics."""
 
 import math
 
@@ -7,11 +8,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-import keras
 import keras_aesam
-from keras_aesam import ops as sam_ops
-from keras_aesam import policies
-
+from keras_aesam import ops as sam_ops, policies
 from test_model import compile_sgd, small_net, toy_data
 
 
@@ -61,6 +59,12 @@ def test_normal_upper_tail_matches_the_error_function():
         assert math.isclose(float(sam_ops.normal_upper_tail(c)), 0.5 * math.erfc(c / math.sqrt(2)), abs_tol=1e-6)
 
 
+def test_paced_fraction_spreads_the_surplus_over_the_steps_left():
+    assert math.isclose(float(sam_ops.paced_fraction(0.5, 10.0, 80, 100)), 0.0, abs_tol=1e-7)  # 0.5 - 10/20, clipped
+    assert math.isclose(float(sam_ops.paced_fraction(0.5, -5.0, 50, 100)), 0.6, rel_tol=1e-6)
+    assert math.isclose(float(sam_ops.paced_fraction(0.5, 0.5, 120, 100)), 0.0, abs_tol=1e-7)  # past T: one step left
+
+
 def test_quantile_update_moves_up_on_a_hit_and_down_otherwise():
     assert math.isclose(float(sam_ops.quantile_update(0.0, True, 0.25, 0.1)), 0.075, rel_tol=1e-6)
     assert math.isclose(float(sam_ops.quantile_update(0.0, False, 0.25, 0.1)), -0.025, rel_tol=1e-6)
@@ -106,10 +110,10 @@ def test_scheduled_coin_meets_its_budget_within_binomial_noise(target):
 # --------------------------------------------------------------------------
 # Quantile SAM
 # --------------------------------------------------------------------------
-def numpy_quantile_policy(stats, total, target, delta=0.9, step_size=0.1, spread=2.0):
+def numpy_quantile_policy(stats, total, target, delta=0.9, step_size=0.3, spread=2.0):
     """Float64 reference of ``policies.Quantile``, written from its docstring."""
     lambda1, lambda2 = sam_ops.lambdas_for_sam_fraction(target, spread)
-    mean, absdev, q, seen = 0.0, 1.0, 0.0, False
+    mean, absdev, q, surplus, seen = 0.0, 1.0, 0.0, 0.0, False
     out = []
     for t, s in enumerate(stats):
         u = math.log(max(float(s), 1e-30))
@@ -119,8 +123,10 @@ def numpy_quantile_policy(stats, total, target, delta=0.9, step_size=0.1, spread
         frac = min(t / total, 1.0)
         c = frac * lambda1 + (1 - frac) * lambda2
         f_t = 0.5 * math.erfc(c / math.sqrt(2))
+        paced = min(max(f_t - surplus / max(total - t, 1), 0.0), 1.0)
         above = z >= q
-        q += step_size * absdev * (float(above) - f_t)
+        q += step_size * absdev * (float(above) - paced)
+        surplus += float(above) - f_t
         seen = True
         out.append(above)
     return np.array(out), q
@@ -138,7 +144,11 @@ def test_quantile_policy_matches_the_numpy_reference():
 @pytest.mark.parametrize("target", [0.1, 0.25, 0.5, 0.75])
 @pytest.mark.parametrize("drift", [0.0, -3.0])
 def test_quantile_policy_meets_every_budget_on_a_skewed_drifting_stream(target, drift):
-    """Within 2 points of the target over 3,000 steps, where AE-SAM's normal model misses."""
+    """Within 2 points of the target over 3,000 steps, where AE-SAM's normal model misses.
+
+    Pacing ends the run within a step or two of ``Σ f_t`` whatever the stream, so
+    2 points is a wide margin; the skew and the drift are what AE-SAM's rule misses on.
+    """
     total = 3000
     stats = lognormal_stats(total, seed=int(100 * target), drift=drift)
     decisions, _ = run_policy(policies.Quantile(target), stats, total)
@@ -202,3 +212,41 @@ def test_budgeted_methods_train_and_report_their_share(method):
     if method == "late_sam":  # 64 steps: exactly the last 16 are SAM steps
         assert shares == [0.0, 0.0, 0.0, 1.0]
     assert model.policy_state["step"] == 64
+
+
+# --------------------------------------------------------------------------
+# The coin and the AE-SAM threshold
+# --------------------------------------------------------------------------
+def coin_flips(policy, steps):
+    flip = tf.function(lambda t: policy.decide({}, 1.0, t, None)[0])
+    return np.array([bool(flip(tf.constant(t, tf.int64))) for t in range(steps)])
+
+
+def test_bernoulli_policy_fraction_within_three_standard_errors():
+    policy = policies.Bernoulli(p=0.3, seed=5)
+    draws = coin_flips(policy, 3000)
+    se = math.sqrt(0.3 * 0.7 / draws.size)
+    assert abs(draws.mean() - 0.3) < 3 * se
+    again = coin_flips(policies.Bernoulli(p=0.3, seed=5), 200)
+    np.testing.assert_array_equal(again, draws[:200])
+    other = coin_flips(policies.Bernoulli(p=0.3, seed=6), 200)
+    assert (other != draws[:200]).any()
+
+
+def simulate_policy(lambda1, lambda2, steps=4000, seed=0):
+    policy = keras_aesam.policies.Adaptive(lambda1=lambda1, lambda2=lambda2)
+    state = {k: np.float32(v) for k, v in policy.state_spec().items()}
+    stats = np.random.default_rng(seed).normal(10.0, 1.0, size=steps).astype("float32")
+    decisions = []
+    for t, s in enumerate(stats):
+        use, state, _ = policy.decide(state, s, t, steps)
+        decisions.append(bool(use))
+    return np.mean(decisions[50:])  # past the EMA's warm-up
+
+
+@pytest.mark.parametrize(
+    "lambdas, expected", [((-1.0, 1.0), 0.50), ((0.0, 2.0), 0.195)]
+)
+def test_sam_fraction_on_normal_statistics(lambdas, expected):
+    assert keras_aesam.ops.expected_sam_fraction(*lambdas) == pytest.approx(expected, abs=1e-3)
+    assert simulate_policy(*lambdas) == pytest.approx(expected, abs=0.035)

@@ -1,4 +1,4 @@
-"""Property-based tests (issue 7 item 4) over every constructor and ``wrap``.
+"""Property-based tests over every constructor and ``wrap``.
 
 For every named method, built through ``wrap``, ``SharpnessAwareModel(inner=...)``
 and the named class's functional form, and for every policy and direction:
@@ -16,12 +16,11 @@ import json
 import math
 import re
 
+import keras
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
+from hypothesis import HealthCheck, given, settings, strategies as st
 
-import keras
 import keras_aesam
 from keras_aesam import directions, policies
 

@@ -2,10 +2,10 @@
 
 import math
 
+import keras
 import numpy as np
 import pytest
 
-import keras
 from keras_aesam import recipe
 
 

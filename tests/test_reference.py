@@ -170,25 +170,3 @@ def test_explicit_total_steps_and_training_past_it():
     assert_close(weights, ref_weights)
     assert fractions == pytest.approx(ref_fractions, abs=1e-6)
     assert model.policy_state["step"] == 24
-
-
-# --------------------------------------------------------------------------
-# The policy on synthetic statistics
-# --------------------------------------------------------------------------
-def simulate_policy(lambda1, lambda2, steps=4000, seed=0):
-    policy = keras_aesam.policies.Adaptive(lambda1=lambda1, lambda2=lambda2)
-    state = {k: np.float32(v) for k, v in policy.state_spec().items()}
-    stats = np.random.default_rng(seed).normal(10.0, 1.0, size=steps).astype("float32")
-    decisions = []
-    for t, s in enumerate(stats):
-        use, state, _ = policy.decide(state, s, t, steps)
-        decisions.append(bool(use))
-    return np.mean(decisions[50:])  # past the EMA's warm-up
-
-
-@pytest.mark.parametrize(
-    "lambdas, expected", [((-1.0, 1.0), 0.50), ((0.0, 2.0), 0.195)]
-)
-def test_sam_fraction_on_normal_statistics(lambdas, expected):
-    assert keras_aesam.ops.expected_sam_fraction(*lambdas) == pytest.approx(expected, abs=1e-3)
-    assert simulate_policy(*lambdas) == pytest.approx(expected, abs=0.035)

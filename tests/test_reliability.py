@@ -1,4 +1,4 @@
-"""Reliability (issue 7): exact resume, determinism, non-finite steps, misuse, export.
+"""Reliability: exact resume, determinism, non-finite steps, misuse, export.
 
 Every case trains a tiny net (Dense-BatchNorm-Dropout-Dense) for a handful of
 steps with SGD + momentum; the long-run guarantees follow from the per-step
@@ -12,13 +12,12 @@ import subprocess
 import sys
 import textwrap
 
+import keras
 import numpy as np
 import pytest
 import tensorflow as tf
 
-import keras
 import keras_aesam
-
 from test_model import compile_sgd, small_net, toy_data
 
 METHODS = sorted(keras_aesam.METHODS)

@@ -20,7 +20,6 @@ import numpy as np
 import pytest
 
 from keras_aesam import cli
-from keras_aesam.callbacks import StepRecorder
 
 STEPS_PER_EPOCH = 8
 EPOCHS = 2
@@ -250,55 +249,6 @@ def test_the_same_command_on_an_unfinished_run_points_to_resume(tmp_path, capsys
 def test_backup_steps_must_not_be_negative(tmp_path, capsys):
     code, line = _cli(["train", "--backup-steps", "-1", "--output", str(tmp_path / "r")], capsys)
     assert code == 2 and "--backup-steps must be >= 0" in line
-
-
-# ------------------------------------------------------ the pieces, in process
-
-
-def test_recorder_state_carries_an_epoch_across_a_restart(tmp_path):
-    """Rows of a half-done epoch, restored in a new recorder, come out as if never interrupted."""
-    pattern = [1, 0, 0, 1, 1, 0]
-    running = list(np.cumsum(pattern) / np.arange(1, 7))
-    whole = StepRecorder(None)
-    whole.on_train_begin()
-    whole.on_epoch_begin(0)
-    for b in range(6):
-        whole.on_train_batch_end(b, {"sam_fraction": running[b], "loss": 1.0})
-    whole.on_epoch_end(0)
-
-    first = StepRecorder(None)
-    first.on_train_begin()
-    first.on_epoch_begin(0)
-    for b in range(4):
-        first.on_train_batch_end(b, {"sam_fraction": running[b], "loss": 1.0})
-    state = json.loads(json.dumps(first.get_state()))  # as stored in the backup
-
-    second = StepRecorder(None)
-    second.set_state(state, batch_offset=4)
-    second.on_train_begin()
-    second.on_epoch_begin(0)  # Keras counts the resumed epoch's batches from 0 again
-    for b in range(2):
-        second.on_train_batch_end(b, {"sam_fraction": running[4 + b], "loss": 1.0})
-    second.on_epoch_end(0)
-    assert second.rows == whole.rows
-    assert [r["sam"] for r in second.rows] == pattern
-
-
-def test_a_backup_from_another_model_is_refused(tmp_path):
-    import keras
-
-    from keras_aesam.callbacks import load_training_state, save_training_state
-
-    def model(units):
-        m = keras.Sequential([keras.Input((3,)), keras.layers.Dense(units)])
-        m.compile(optimizer="sgd", loss="mse")
-        return m
-
-    save_training_state(model(2), tmp_path / "state.npz", {"step": 0})
-    with pytest.raises(ValueError, match="does not match this model"):
-        load_training_state(model(4), tmp_path / "state.npz")
-    meta = load_training_state(model(2), tmp_path / "state.npz")
-    assert meta["step"] == 0
 
 
 def test_a_run_killed_before_its_first_backup_starts_over_on_resume(tmp_path):

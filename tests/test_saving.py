@@ -2,15 +2,14 @@
 
 import json
 
+import keras
 import numpy as np
 import pytest
 import tensorflow as tf
 
-import keras
 import keras_aesam
 from keras_aesam import directions, policies
-
-from test_model import compile_sgd, small_net, toy_data, SubclassedNet
+from test_model import SubclassedNet, compile_sgd, small_net, toy_data
 
 
 def as_json(config):
@@ -106,7 +105,8 @@ def test_export_of_functional_and_subclassed(tmp_path):
         model.fit(x, y, epochs=1, batch_size=16, verbose=0)
         model.export(str(tmp_path / f"sm{i}"), verbose=False)
         served = tf.saved_model.load(str(tmp_path / f"sm{i}"))
-        np.testing.assert_allclose(served.serve(tf.constant(x)).numpy(), model.predict(x, verbose=0), rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(served.serve(tf.constant(x)).numpy(), model.predict(x, verbose=0),
+                                   rtol=1e-5, atol=1e-6)
 
 
 def test_tf_checkpoint_carries_policy_state(tmp_path):

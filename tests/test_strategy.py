@@ -140,7 +140,7 @@ def _sam_column(run_dir):
 
 
 def _assert_ran(results):
-    for code, out, err in results:
+    for code, _out, err in results:
         assert code == 0, err[-3000:]
 
 

@@ -11,11 +11,11 @@ import subprocess
 import sys
 import textwrap
 
+import keras
 import numpy as np
 import pytest
 from scipy import integrate, stats
 
-import keras
 import keras_aesam
 
 LR = 0.1

@@ -1,13 +1,12 @@
 """Bad input is refused at construction, with the parameter's name and range."""
 
+import keras
 import numpy as np
 import pytest
 
-import keras
 import keras_aesam
 from keras_aesam import directions, policies
-
-from test_model import compile_sgd, small_net, toy_data
+from test_model import small_net, toy_data
 
 
 @pytest.mark.parametrize(

@@ -20,6 +20,7 @@ import importlib.metadata as metadata
 import json
 import os
 import sys
+
 import tomllib
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -94,7 +95,6 @@ def main():
             del sys.modules[name]
 
     import tfds_fixtures as fx
-
     from keras_aesam import data
 
     work = args.workdir
