@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The main job: installs the package, makes Fashion-MNIST available offline,
-# trains a small CNN with AE-SAM and exports it under saved_models/.
+# trains the 784-512-512-10 MLP with AE-SAM and exports it under saved_models/.
 # Uses a project .venv when the system Python refuses installs (scripts/_setup.sh).
 # Usage: bash scripts/train.sh [keras-aesam train flags]
 set -euo pipefail

@@ -72,7 +72,7 @@ def _last_line(text):
          r"invalid hyperparameter for ae_sam: lambda1 must be <= lambda2"),
         (["--method", "looksam", "--k", "0"], r"invalid hyperparameter for looksam: k must be an integer >= 1"),
         (["--method", "sam", "--rho", "0"], r"invalid hyperparameter for sam: rho"),
-        (["--hist-epochs", "99"], r"--hist-epochs must be in \[0, 3\]"),
+        (["--hist-epochs", "99"], r"--hist-epochs must be in \[0, 10\]"),
         (["--manual-dir", "/x"], r"--manual-dir is for imagenet2012 only"),
     ],
 )
@@ -242,9 +242,9 @@ def test_train_writes_the_run_directory(tiny_run):
         assert path.is_file(), name
         assert path.read_bytes()[:8] == PNG_SIGNATURE
     config = json.loads((run_dir / "config.json").read_text())
-    assert config["method"] == "ae_sam" and config["model"] == "small_cnn" and config["dataset"] == "fashion_mnist"
+    assert config["method"] == "ae_sam" and config["model"] == "mlp" and config["dataset"] == "fashion_mnist"
     assert config["train_examples"] == 512 and config["steps_per_epoch"] == 4
-    assert config["weight_decay_mode"] == "l2" and config["lr"] == cli.SMALL_CNN_LR
+    assert config["weight_decay_mode"] == "l2" and config["lr"] == cli.PAPER_LR
     assert config["hyperparameters"]["lambda1"] == -1.0 and config["hyperparameters"]["lambda2"] == 1.0
     results = config["results"]
     assert 0.0 <= results["test_accuracy"] <= 1.0
