@@ -52,6 +52,7 @@ import threading
 import time
 from pathlib import Path
 from typing import Callable, Optional, Sequence
+
 from keras_aesam import safety
 from keras_aesam.validation import canonical_name as _canonical
 
@@ -547,7 +548,7 @@ def _distribution(args):
         try:
             strategy = tf.distribute.MultiWorkerMirroredStrategy()
         except (ValueError, RuntimeError) as err:
-            raise BadInput(f"--strategy multi-worker: {_one_line(err)}")
+            raise BadInput(f"--strategy multi-worker: {_one_line(err)}") from err
         return strategy, _is_chief(strategy.cluster_resolver)
     gpus = [d.name for d in tf.config.list_logical_devices("GPU")]
     devices = gpus or [d.name for d in tf.config.list_logical_devices("CPU")]
@@ -596,7 +597,7 @@ def _build_network(args, plan, data, network):
             return network(**kwargs), num_classes
         return get_network(plan["model"], **kwargs), num_classes
     except ValueError as err:
-        raise BadInput(f"cannot build {plan['model']}: {_one_line(err)}")
+        raise BadInput(f"cannot build {plan['model']}: {_one_line(err)}") from err
 
 
 class StreamView:
