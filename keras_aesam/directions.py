@@ -12,6 +12,7 @@ State is a list of tensors shaped like the trainable weights (LookSAM's ``g_v``)
 or empty; the model stores it in non-trainable variables, so checkpoints carry it.
 """
 
+import abc
 import re
 
 from keras import ops
@@ -20,25 +21,59 @@ from keras_aesam import ops as sam_ops
 from keras_aesam.validation import check_bool, check_range, check_seed
 
 
-class Direction:
+class Direction(abc.ABC):
+    """The interface of a direction rule; ``SAM`` is the plain implementation.
+
+    Capabilities are boolean properties the model reads when tracing:
+    ``has_state`` (the rule keeps per-weight tensors across steps) and
+    ``selects_samples`` (the second pass uses a subset of the batch).
+    """
+
+    name = None
+
+    @property
+    def has_state(self):
+        """Whether the rule keeps per-weight state (stored by the model)."""
+        return False
+
+    @property
+    def selects_samples(self):
+        """Whether the second backward pass runs on a chosen subset of the batch."""
+        return False
+
+    @abc.abstractmethod
+    def perturbation(self, grads, weights, step):
+        """The ``e`` at which a SAM step takes its second gradient."""
+
+    @abc.abstractmethod
+    def on_sam_step(self, grads, sam_grads, state):
+        """``(d, new_state)`` on a SAM step."""
+
+    @abc.abstractmethod
+    def on_erm_step(self, grads, state):
+        """``(d, new_state)`` on a step without a second pass."""
+
+    @abc.abstractmethod
+    def get_config(self):
+        """The constructor arguments, JSON-serializable."""
+
+    def __repr__(self):
+        args = ", ".join(f"{k}={v!r}" for k, v in self.get_config().items())
+        return f"{type(self).__name__}({args})"
+
+
+class SAM(Direction):
     """Plain SAM (Foret et al., 2021): ``e = ρ·g/‖g‖``, ``d = ĝ``; ERM steps use ``g``.
 
     ``adaptive=True`` gives ASAM's scale-invariant ball (Kwon et al., 2021).
     """
 
     name = "sam"
-    #: ESAM's data selection: the second backward pass uses a subset of the batch.
-    selects_samples = False
 
     def __init__(self, rho=0.05, adaptive=False):
         self.rho = check_range("rho", rho, 0.0, low_open=True)
         self.adaptive = check_bool("adaptive", adaptive)
 
-    # State ----------------------------------------------------------------
-    def has_state(self):
-        return False
-
-    # Rules ----------------------------------------------------------------
     def perturbation(self, grads, weights, step):
         if self.adaptive:
             return sam_ops.asam_perturbation(grads, weights, self.rho)
@@ -53,15 +88,13 @@ class Direction:
     def get_config(self):
         return {"rho": self.rho, "adaptive": self.adaptive}
 
-    def __repr__(self):
-        args = ", ".join(f"{k}={v!r}" for k, v in self.get_config().items())
-        return f"{type(self).__name__}({args})"
+
+#: Class names that saved configs may carry for a rule now named otherwise:
+#: before ``Direction`` became abstract, plain SAM was saved as "Direction".
+SAVED_NAMES = {"Direction": SAM}
 
 
-SAM = Direction
-
-
-class LookSAM(Direction):
+class LookSAM(SAM):
     """LookSAM (Liu et al., 2022): reuse the SAM gradient's orthogonal part.
 
     On a SAM step ``g_v = ĝ - (⟨ĝ,g⟩/‖g‖²)·g`` is stored and ``d = ĝ``; on the
@@ -76,6 +109,7 @@ class LookSAM(Direction):
         self.alpha = check_range("alpha", alpha, 0.0)
         self.per_tensor = check_bool("per_tensor", per_tensor)
 
+    @property
     def has_state(self):
         return True
 
@@ -91,7 +125,7 @@ class LookSAM(Direction):
         return {**super().get_config(), "alpha": self.alpha, "per_tensor": self.per_tensor}
 
 
-class ESAM(Direction):
+class ESAM(SAM):
     """ESAM (Du et al., 2022a): perturb a random ``beta`` share of the weight
     tensors (SWP, scaled by ``1/beta``) and take the second backward pass on the
     ``⌈gamma·|B|⌉`` samples whose loss rose most under ``e`` (SDS).
@@ -101,14 +135,17 @@ class ESAM(Direction):
     """
 
     name = "esam"
-    selects_samples = True
 
     def __init__(self, rho=0.05, beta=0.6, gamma=0.5, seed=0, adaptive=False):
         super().__init__(rho=rho, adaptive=adaptive)
         self.beta = check_range("beta", beta, 0.0, 1.0, low_open=True)
         self.gamma = check_range("gamma", gamma, 0.0, 1.0, low_open=True)
         self.seed = check_seed(seed)
-        self.selects_samples = self.gamma < 1.0
+
+    @property
+    def selects_samples(self):
+        """SDS is on unless ``gamma`` keeps the whole batch."""
+        return self.gamma < 1.0
 
     def swp_mask(self, num_tensors, step):
         """One Bernoulli(beta) draw per weight tensor, from ``(seed, t)``."""

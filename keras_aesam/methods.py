@@ -11,14 +11,14 @@ from keras_aesam import directions, policies
 
 #: name -> (policy class, direction class, policy defaults, direction defaults)
 METHODS = {
-    "erm": (policies.Never, directions.Direction, {}, {}),
-    "sam": (policies.Always, directions.Direction, {}, {}),
+    "erm": (policies.Never, directions.SAM, {}, {}),
+    "sam": (policies.Always, directions.SAM, {}, {}),
     "esam": (policies.Always, directions.ESAM, {}, {"beta": 0.6, "gamma": 0.5}),
-    "ss_sam": (policies.Bernoulli, directions.Direction, {}, {}),
+    "ss_sam": (policies.Bernoulli, directions.SAM, {}, {}),
     "looksam": (policies.Periodic, directions.LookSAM, {"k": 5}, {"alpha": 0.7}),
     "ae_sam": (
         policies.Adaptive,
-        directions.Direction,
+        directions.SAM,
         {"default_lambdas": (-1.0, 1.0)},
         {},
     ),
@@ -29,9 +29,9 @@ METHODS = {
         {"alpha": 0.7},
     ),
     # Rivals at a SAM budget (``target_sam_fraction``, default 0.5).
-    "late_sam": (policies.Late, directions.Direction, {}, {}),
-    "rst": (policies.ScheduledCoin, directions.Direction, {}, {}),
-    "quantile_sam": (policies.Quantile, directions.Direction, {}, {}),
+    "late_sam": (policies.Late, directions.SAM, {}, {}),
+    "rst": (policies.ScheduledCoin, directions.SAM, {}, {}),
+    "quantile_sam": (policies.Quantile, directions.SAM, {}, {}),
 }
 
 #: The paper's seven methods, in its order of presentation.

@@ -12,18 +12,21 @@ replica context, variable assignment). Each step:
    the cond. Non-finite steps move nothing and leave the policy state alone.
 """
 
+import collections
 import copy
+import inspect
 
 import keras
 import tensorflow as tf
 from keras import ops
-from keras.src.export import export_utils
-from keras.src.losses import loss as keras_loss_module
-from keras.src.trainers.data_adapters import data_adapter_utils
 
-from keras_aesam import directions as directions_module
-from keras_aesam import ops as sam_ops
-from keras_aesam import policies as policies_module
+from keras_aesam import (
+    _keras_compat as compat,
+    directions as directions_module,
+    distribution,
+    ops as sam_ops,
+    policies as policies_module,
+)
 from keras_aesam.methods import build_method, method_config, method_parameters
 from keras_aesam.validation import check_bool, check_int
 
@@ -37,8 +40,9 @@ def _serialize_part(obj):
 def _deserialize_part(config, module, base):
     if isinstance(config, base):
         return config
-    cls = getattr(module, config["class_name"], None)
-    if not (isinstance(cls, type) and issubclass(cls, base)):
+    name = config["class_name"]
+    cls = getattr(module, "SAVED_NAMES", {}).get(name) or getattr(module, name, None)
+    if not (isinstance(cls, type) and issubclass(cls, base)) or inspect.isabstract(cls):
         raise ValueError(f"Unknown {base.__name__} {config['class_name']!r}.")
     return cls(**config["config"])
 
@@ -49,177 +53,19 @@ def _zeros_for_none(grads, variables):
     ]
 
 
-def _loss_scale(optimizer):
-    """The dynamic loss scale of a ``LossScaleOptimizer``, else ``None``."""
-    if isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
-        return optimizer.dynamic_scale
-    return None
+_Decision = collections.namedtuple(
+    "_Decision", ["use_sam", "finite", "step", "old_state", "new_state", "logs"]
+)
 
 
-def _replica_context():
-    ctx = tf.distribute.get_replica_context()
-    if ctx is None or ctx.num_replicas_in_sync == 1:
-        return None
-    return ctx
+class _Replicas:
+    """What the stages of one step share: replica context and count, loss scale."""
 
-
-def _multi_worker():
-    strategy = tf.distribute.get_strategy()
-    extended = getattr(strategy, "extended", None)
-    in_multi_worker = getattr(extended, "_in_multi_worker_mode", None)
-    return isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy) and bool(
-        in_multi_worker and in_multi_worker()
-    )
-
-
-# TensorFlow keeps, for the life of the process, the tensor shape of every
-# collective instance it has run, by (group key, instance key). Every
-# MirroredStrategy names its device group 1 and hands out instance keys from
-# 100 on, one per all-reduce per step, so a model trained under a second
-# strategy reuses the first one's keys: when the two models' all-reduces
-# differ in shape or order (a plain Dense(2) model then a Dense(3) one already
-# does), the step fails with "Shape mismatch in the collective instance".
-# Before each fit/evaluate/predict, a sharpness-aware model moves its
-# strategy's counters past every key handed out under a strategy it claimed
-# before, in a range (from 2**30) that a fresh strategy's counters never reach.
-_FIRST_CLAIMED_INSTANCE_KEY = 1 << 30
-_claimed_key_groups = []  # {device: next instance key} of each claimed group
-
-
-def _collective_keys_of(strategy):
-    """The ``CollectiveKeys`` a (single-worker) MirroredStrategy draws from."""
-    if not isinstance(strategy, tf.distribute.MirroredStrategy):
-        return []
-    extended = strategy.extended
-    owners = [extended, getattr(extended, "_collective_ops", None),
-              getattr(extended, "_cross_device_ops", None)]
-    found = []
-    for owner in owners:
-        keys = getattr(owner, "_collective_keys", None)
-        if keys is not None and hasattr(keys, "_instance_key_table") and all(
-            keys is not k for k in found
-        ):
-            found.append(keys)
-    return found
-
-
-def _claim_fresh_collective_keys(strategy):
-    """Make ``strategy``'s next instance keys unused in this process (see above)."""
-    for keys in _collective_keys_of(strategy):
-        with keys._lock:
-            used = [n for group in _claimed_key_groups for n in group.values()]
-            for group in keys._instance_key_table.values():
-                start = max([_FIRST_CLAIMED_INSTANCE_KEY, *used, *group.values()])
-                for device in group:
-                    group[device] = start
-                if all(group is not g for g in _claimed_key_groups):
-                    _claimed_key_groups.append(group)
-
-
-def _all_reduce_sum(tensors):
-    ctx = _replica_context()
-    if ctx is None:
-        return tensors
-    return ctx.all_reduce(tf.distribute.ReduceOp.SUM, tensors)
-
-
-def _apply_if(condition, optimizer, grads, variables):
-    """``optimizer.apply(grads)`` when ``condition``; nothing (not even momentum) otherwise.
-
-    Under a strategy that merges (MirroredStrategy) the cond must run in
-    cross-replica context, since ``apply`` merges across replicas there (the
-    pattern of Keras's loss scaling); collective strategies apply in place.
-    """
-    ctx = _replica_context()
-    if ctx is None or tf.__internal__.distribute.strategy_supports_no_merge_call():
-        tf.cond(
-            condition,
-            lambda: _applied(optimizer, grads, variables),
-            lambda: tf.constant(False),
-        )
-        return
-
-    def cross_replica(distribution, grads, condition):
-        first = distribution.experimental_local_results(condition)[0]
-
-        def apply_fn():
-            _apply_each_replica(distribution, optimizer, grads, variables)
-            return tf.constant(True)
-
-        tf.cond(first, apply_fn, lambda: tf.constant(False))
-
-    ctx.merge_call(cross_replica, args=(grads, condition))
-
-
-def _apply_each_replica(distribution, optimizer, grads, variables):
-    """``optimizer.apply`` on every replica, called in cross-replica context.
-
-    With ``gradient_accumulation_steps`` Keras's ``apply`` puts a ``cond``
-    around calls that merge across replicas, which MirroredStrategy cannot run
-    in replica context (plain ``keras.Model`` fails there too). So the cond
-    "is this micro-batch the last of its window?" is taken here, and each
-    branch runs per replica: add ``d`` to the optimizer's own accumulators, or
-    apply their mean through Keras's ``apply`` with accumulation off for that
-    call and reset them. Same arithmetic as Keras's, same variables.
-    """
-    steps = optimizer.gradient_accumulation_steps
-    if not steps:
-        distribution.extended.call_for_each_replica(optimizer.apply, args=(grads, variables))
-        return
-    is_last = tf.equal((optimizer._iterations + 1) % steps, 0)
-
-    def window_sum(grads):
-        unscaled = _unscaled_by_factor(optimizer, grads)
-        return [
-            g + optimizer._accumulated_gradients[optimizer._get_variable_index(v)]
-            for g, v in zip(unscaled, variables)
-        ]
-
-    def apply_mean(grads):
-        mean = [t / steps for t in window_sum(grads)]
-        if optimizer.loss_scale_factor is not None:  # apply() divides by it again
-            mean = [t * optimizer.loss_scale_factor for t in mean]
-        optimizer.gradient_accumulation_steps = None
-        try:
-            optimizer.apply(mean, variables)
-        finally:
-            optimizer.gradient_accumulation_steps = steps
-
-    def accumulate(grads):
-        total = window_sum(grads)
-        for acc, t in zip(optimizer._accumulated_gradients, _reordered(optimizer, total, variables)):
-            acc.assign(t)
-        optimizer._iterations.assign_add(1)
-
-    def last():
-        distribution.extended.call_for_each_replica(apply_mean, args=(grads,))
-        for acc in optimizer._accumulated_gradients:
-            distribution.extended.update(
-                acc.value, lambda a: a.assign(tf.zeros_like(a)), group=False
-            )
-        return tf.constant(True)
-
-    def not_last():
-        distribution.extended.call_for_each_replica(accumulate, args=(grads,))
-        return tf.constant(False)
-
-    tf.cond(is_last, last, not_last)
-
-
-def _unscaled_by_factor(optimizer, grads):
-    factor = optimizer.loss_scale_factor
-    return grads if factor is None else [g / factor for g in grads]
-
-
-def _reordered(optimizer, tensors, variables):
-    """``tensors`` (one per variable) in the order of the optimizer's accumulators."""
-    by_index = {optimizer._get_variable_index(v): t for t, v in zip(tensors, variables)}
-    return [by_index[i] for i in range(len(optimizer._accumulated_gradients))]
-
-
-def _applied(optimizer, grads, variables):
-    optimizer.apply(grads, variables)
-    return tf.constant(True)
+    def __init__(self, optimizer):
+        self.ctx = distribution.replica_context()
+        self.replicas = 1 if self.ctx is None else self.ctx.num_replicas_in_sync
+        self.scale = distribution.loss_scale(optimizer)
+        self.unscale = distribution.unscaler(self.scale)
 
 
 class _InferTotalSteps(keras.callbacks.Callback):
@@ -295,7 +141,7 @@ class SharpnessAwareModel(keras.Model):
                 policies_module, policies_module.Policy,
             )
             direction = _deserialize_part(
-                direction if direction is not None else directions_module.Direction(),
+                direction if direction is not None else directions_module.SAM(),
                 directions_module, directions_module.Direction,
             )
             method = None
@@ -343,7 +189,7 @@ class SharpnessAwareModel(keras.Model):
         self.skipped_steps_tracker = keras.metrics.Sum(name="skipped_steps")
         # L(w+e) - L(w), averaged over the epoch's SAM steps; ERM has none.
         self.sharpness_tracker = (
-            None if self.policy.static_decision is False
+            None if self.policy.never_sam
             else keras.metrics.Mean(name="sharpness")
         )
         self._create_policy_state()
@@ -372,7 +218,7 @@ class SharpnessAwareModel(keras.Model):
         return var
 
     def _create_policy_state(self):
-        self.sam_step = self._state_weight("step", 0, dtype="int64")
+        self.applied_steps = self._state_weight("step", 0, dtype="int64")
         self.sam_total_steps = self._state_weight(
             "total_steps", self.total_steps or 0, dtype="int64"
         )
@@ -383,7 +229,7 @@ class SharpnessAwareModel(keras.Model):
 
     def _ensure_direction_state(self):
         """Create the direction's per-weight state (LookSAM's ``g_v``) once built."""
-        if self._direction_state is not None or not self.direction.has_state():
+        if self._direction_state is not None or not self.direction.has_state:
             return
         self._direction_state = [
             self._state_weight(
@@ -401,14 +247,23 @@ class SharpnessAwareModel(keras.Model):
         return mask
 
     def _own_state_variables(self):
-        return [self.sam_step, self.sam_total_steps, *self._policy_state.values(),
+        return [self.applied_steps, self.sam_total_steps, *self._policy_state.values(),
                 *(self._direction_state or [])]
+
+    @property
+    def sam_step(self):
+        """Deprecated alias of ``applied_steps``, kept for one release.
+
+        The counter ``t`` counts every applied step (ERM and SAM alike, not
+        the skipped ones), which the old name did not say.
+        """
+        return self.applied_steps
 
     @property
     def policy_state(self):
         """The policy's state as Python floats (µ, σ² …) plus ``step`` and ``total_steps``."""
         state = {k: float(v.numpy()) for k, v in self._policy_state.items()}
-        state["step"] = int(self.sam_step.numpy())
+        state["step"] = int(self.applied_steps.numpy())
         state["total_steps"] = int(self.sam_total_steps.numpy()) or None
         return state
 
@@ -450,21 +305,11 @@ class SharpnessAwareModel(keras.Model):
         return super().fit(*args, callbacks=callbacks, **kwargs)
 
     def _maybe_symbolic_build(self, iterator=None, data_batch=None):
-        """Keras learns the batch's shapes by ``strategy.reduce(MEAN, batch)``,
-        which fails eagerly under MultiWorkerMirroredStrategy (Keras 3.15);
-        the first replica's local batch has the same shapes."""
-        strategy = self._distribute_strategy
-        if strategy is None or iterator is None:
+        """Keras's private hook: build from the first replica's local batch
+        under a strategy (see ``_keras_compat.symbolic_build_from_first_replica``)."""
+        if not compat.symbolic_build_from_first_replica(self, iterator):
             return super()._maybe_symbolic_build(iterator=iterator, data_batch=data_batch)
-        for _, _, it in iterator:
-            batch = tf.nest.map_structure(
-                lambda v: strategy.experimental_local_results(v)[0]
-                if isinstance(v, tf.distribute.DistributedValues) else v,
-                next(it),
-            )
-            break
-        with strategy.scope():
-            self._symbolic_build(data_batch=batch)
+        return None
 
     def make_train_function(self, force=False):
         """Keep the policy's ``tf.cond`` out of XLA; compile the passes instead.
@@ -473,7 +318,7 @@ class SharpnessAwareModel(keras.Model):
         CPU, so with ``jit_compile=True`` the step runs as a graph and each
         forward-backward pass is its own XLA cluster.
         """
-        _claim_fresh_collective_keys(self.distribute_strategy)
+        distribution.claim_fresh_collective_keys(self.distribute_strategy)
         if self.train_function is not None and not force:
             return self.train_function
         self._ensure_direction_state()
@@ -497,11 +342,8 @@ class SharpnessAwareModel(keras.Model):
                 "loss scaling), float32, or one device."
             )
         strategy = tf.distribute.get_strategy()
-        if strategy.num_replicas_in_sync > 1 and self.policy.static_decision is not False:
-            synced = [
-                layer.name for layer in self._flatten_layers()
-                if getattr(layer, "synchronized", False)
-            ]
+        if strategy.num_replicas_in_sync > 1 and not self.policy.never_sam:
+            synced = compat.synchronized_layers(self)
             if synced:
                 raise ValueError(
                     f"Layers {synced} use BatchNormalization(synchronized=True), "
@@ -514,20 +356,15 @@ class SharpnessAwareModel(keras.Model):
             self.optimizer.build(self.trainable_variables)
         if self.direction.selects_samples:
             self._per_sample_loss_fn()  # fail before the first step, not inside it
-        jit = self.jit_compile
-        self._xla_passes = bool(jit)
-        try:
-            self._jit_compile = False
-            return super().make_train_function(force=force)
-        finally:
-            self._jit_compile = jit
+        self._xla_passes = bool(self.jit_compile)
+        return compat.make_train_function_without_jit(self, super().make_train_function, force)
 
     def make_test_function(self, force=False):
-        _claim_fresh_collective_keys(self.distribute_strategy)
+        distribution.claim_fresh_collective_keys(self.distribute_strategy)
         return super().make_test_function(force=force)
 
     def make_predict_function(self, force=False):
-        _claim_fresh_collective_keys(self.distribute_strategy)
+        distribution.claim_fresh_collective_keys(self.distribute_strategy)
         return super().make_predict_function(force=force)
 
     def export(self, filepath, format="tf_saved_model", verbose=None, input_signature=None, **kwargs):
@@ -537,7 +374,7 @@ class SharpnessAwareModel(keras.Model):
         custom class needed to load it.
         """
         if input_signature is None and self.inner is not None:
-            input_signature = export_utils.get_input_signature(self.inner)
+            input_signature = compat.input_signature(self.inner)
         return super().export(
             filepath, format=format, verbose=verbose, input_signature=input_signature, **kwargs
         )
@@ -624,18 +461,16 @@ class SharpnessAwareModel(keras.Model):
 
     def _per_sample_multi_output_loss_fn(self):
         def per_sample(y, y_pred):
-            compile_loss = self._compile_loss
+            losses, keyed_by_name = compat.flat_losses(self)
             names = self.output_names
             if isinstance(y, dict) and not isinstance(y_pred, dict) and names:
                 y = [y[name] for name in names]
-            if isinstance(compile_loss._y_pred_build_structure, dict) and not isinstance(
-                y_pred, dict
-            ):
+            if keyed_by_name and not isinstance(y_pred, dict):
                 # compile keyed the losses by output name
                 y_pred = dict(zip(names, keras.tree.flatten(y_pred)))
                 y = dict(zip(names, keras.tree.flatten(y)))
             total = 0.0
-            for path, loss_fn, weight, _ in compile_loss._flat_losses:
+            for path, loss_fn, weight, _ in losses:
                 y_t, y_p = y, y_pred
                 for key in path:
                     y_t, y_p = y_t[key], y_p[key]
@@ -654,16 +489,11 @@ class SharpnessAwareModel(keras.Model):
         """
         if values is None:
             y_pred = self(x, training=True)
-            loss = self._compute_loss(
-                x=x, y=y, y_pred=y_pred, sample_weight=sample_weight, training=True
-            )
-            return y_pred, loss
+            return y_pred, compat.compute_loss(self, x, y, y_pred, sample_weight)
         mapping = list(zip(self.trainable_variables, values))
         with keras.StatelessScope(state_mapping=mapping, collect_losses=True):
             y_pred = self(x, training=True)
-            loss = self._compute_loss(
-                x=x, y=y, y_pred=y_pred, sample_weight=sample_weight, training=True
-            )
+            loss = compat.compute_loss(self, x, y, y_pred, sample_weight)
         return y_pred, loss
 
     def _xla(self, fn):
@@ -733,57 +563,95 @@ class SharpnessAwareModel(keras.Model):
         return logs
 
     def train_step(self, data):
-        x, y, sample_weight = data_adapter_utils.unpack_x_y_sample_weight(data)
-        optimizer = self.optimizer
-        ctx = _replica_context()
-        replicas = 1 if ctx is None else ctx.num_replicas_in_sync
-        scale = _loss_scale(optimizer)
-        unscale = (lambda gs: gs) if scale is None else (
-            lambda gs: [g / ops.cast(scale, g.dtype) for g in gs]
-        )
-
-        # 1. the ERM gradient (scaled by 1/replicas, and by the loss scale);
-        # the forward pass moves BatchNorm statistics, kept only if the step is
-        own_state = {id(v) for v in self._own_state_variables()}
-        guarded = [v for v in self.non_trainable_variables if id(v) not in own_state]
-        guarded_before = [tf.identity(v.value) for v in guarded]
+        x, y, sample_weight = compat.unpack_x_y_sample_weight(data)
+        run = _Replicas(self.optimizer)
+        # 1. the ERM gradient (scaled by 1/replicas and by the loss scale);
+        # the forward pass moves BatchNorm statistics, kept only if the step applies
+        guarded, guarded_before = self._snapshot_guarded()
         with tf.control_dependencies(guarded_before):
             y_pred, loss, local_grads = self._xla(self._erm_pass)(x, y, sample_weight)
-        variables = self.trainable_variables
-        self._loss_tracker.update_state(
-            keras_loss_module.unscale_loss_for_distribution(loss),
+        self._track_loss(loss, x)
+        # 2. ‖g‖² and the decision, identical on every replica
+        global_grads, perturb_from, grad_norm_sq = self._gradient_statistic(local_grads, run)
+        decision = self._decide(grad_norm_sq)
+        # 3. the second pass at w + e, on SAM steps only
+        pass_grads, sharpness = self._second_pass(
+            decision, run, (x, y, sample_weight), y_pred, loss, local_grads, perturb_from
+        )
+        # 4. the direction d, applied only where the whole step is finite
+        d, new_direction_state, direction_state = self._direction(
+            decision.use_sam, global_grads, pass_grads, run
+        )
+        ok = tf.logical_and(decision.finite, self._all_finite(d, run))
+        self._apply(ok, d, run)
+        # 5. keep the step's state updates, or roll them back
+        self._commit(ok, decision, zip(guarded, guarded_before),
+                     zip(self._direction_state or [], new_direction_state, direction_state))
+        # 6. metrics
+        self._track_step(ok, decision.use_sam, sharpness)
+        results = self.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
+        results.update(decision.logs)
+        return distribution.per_replica_outputs(results)
+
+    # Stages of train_step -------------------------------------------------
+    def _snapshot_guarded(self):
+        """The non-trainable variables the forward pass may move (BatchNorm
+        statistics), and their values before it, for the rollback of a
+        non-finite step."""
+        own_state = {id(v) for v in self._own_state_variables()}
+        guarded = [v for v in self.non_trainable_variables if id(v) not in own_state]
+        return guarded, [tf.identity(v.value) for v in guarded]
+
+    def _track_loss(self, loss, x):
+        compat.loss_tracker(self).update_state(
+            compat.unscale_loss_for_distribution(loss),
             sample_weight=tf.shape(tf.nest.flatten(x)[0])[0],
         )
 
-        # 2. the statistic and the decision, identical on every replica
-        needs_global = replicas > 1 and (
-            self.sync_perturbation or self.direction.has_state()
-        )
-        global_grads = _all_reduce_sum(local_grads) if needs_global else local_grads
+    def _gradient_statistic(self, local_grads, run):
+        """``(global g, g to perturb along, ‖g‖²)``, all still loss-scaled but ‖g‖².
+
+        The replicas' ``g`` is summed when the perturbation is synced or the
+        direction keeps state; the statistic is the global batch's ‖g‖², or
+        the replicas' mean of their own ‖g‖² when ``e`` is per replica.
+        """
+        replicas = run.replicas
+        needs_global = replicas > 1 and (self.sync_perturbation or self.direction.has_state)
+        global_grads = distribution.all_reduce_sum(local_grads) if needs_global else local_grads
         if replicas > 1 and self.sync_perturbation:
-            stat = sam_ops.global_sq_norm(unscale(global_grads))
-            perturb_from = global_grads
-        else:
-            own = [g * replicas for g in local_grads] if replicas > 1 else local_grads
-            stat = sam_ops.global_sq_norm(unscale(own))
-            if replicas > 1:
-                stat = ctx.all_reduce(tf.distribute.ReduceOp.MEAN, stat)
-            perturb_from = own
-        finite = tf.math.is_finite(stat)
-        step = self.sam_step.value
+            return global_grads, global_grads, sam_ops.global_sq_norm(run.unscale(global_grads))
+        own = [g * replicas for g in local_grads] if replicas > 1 else local_grads
+        grad_norm_sq = sam_ops.global_sq_norm(run.unscale(own))
+        if replicas > 1:
+            grad_norm_sq = run.ctx.all_reduce(tf.distribute.ReduceOp.MEAN, grad_norm_sq)
+        return global_grads, own, grad_norm_sq
+
+    def _decide(self, grad_norm_sq):
+        """The policy's ``use_sam`` and new state; a non-finite or zero ‖g‖²
+        makes an ERM step (a zero gradient has no direction to perturb along)."""
+        finite = tf.math.is_finite(grad_norm_sq)
+        step = self.applied_steps.value
         total_steps = self.sam_total_steps.value
         old_state = {k: v.value for k, v in self._policy_state.items()}
         use_sam, new_state, logs = self.policy.decide(
-            old_state, tf.where(finite, stat, 0.0), step, total_steps
+            old_state, tf.where(finite, grad_norm_sq, 0.0), step, total_steps
         )
-        # A zero gradient has no direction to perturb along: an ERM step.
         use_sam = tf.logical_and(
-            tf.logical_and(tf.convert_to_tensor(use_sam), finite), stat > 0.0
+            tf.logical_and(tf.convert_to_tensor(use_sam), finite), grad_norm_sq > 0.0
         )
+        return _Decision(use_sam, finite, step, old_state, new_state, logs)
 
-        # 3. the second pass, on SAM steps only
+    def _second_pass(self, decision, run, batch, y_pred, loss, local_grads, perturb_from):
+        """``(gradient to form d from, sharpness)``: ``ĝ`` at ``w + e`` on a SAM
+        step, else ``g`` and 0. No ``tf.cond`` when the policy never uses SAM."""
+        x, y, sample_weight = batch
+        skip = lambda: (local_grads, tf.constant(0.0))
+        if self.policy.never_sam:
+            return skip()
+
         def sam_branch():
-            e = self._perturbation(unscale(perturb_from), variables, step)
+            variables = self.trainable_variables
+            e = self._perturbation(run.unscale(perturb_from), variables, decision.step)
             if self.direction.selects_samples:
                 xs, ys, sws, rise = self._select_samples(x, y, sample_weight, y_pred, e)
                 return self._xla(self._sam_pass)(xs, ys, sws, e)[0], rise
@@ -791,70 +659,60 @@ class SharpnessAwareModel(keras.Model):
             # sharpness L(w+e) - L(w) of this replica's batch (the mean over
             # replicas is the global batch's when e is synced)
             rise = ops.cast(
-                keras_loss_module.unscale_loss_for_distribution(loss_after)
-                - keras_loss_module.unscale_loss_for_distribution(loss),
+                compat.unscale_loss_for_distribution(loss_after)
+                - compat.unscale_loss_for_distribution(loss),
                 "float32",
             )
             return grads, rise
 
-        if self.policy.static_decision is False:
-            pass_grads, sharpness = local_grads, tf.constant(0.0)
-        else:
-            pass_grads, sharpness = tf.cond(
-                use_sam, sam_branch, lambda: (local_grads, tf.constant(0.0))
-            )
+        return tf.cond(decision.use_sam, sam_branch, skip)
 
-        # 4. the direction, the optimizer step, the state
+    def _direction(self, use_sam, global_grads, pass_grads, run):
+        """``(d, new direction state, old direction state)``; ``d`` in the
+        optimizer's units (per replica, loss-scaled)."""
         direction_state = [v.value for v in self._direction_state or []]
-        if self.direction.has_state():
-            reduced = _all_reduce_sum(pass_grads) if replicas > 1 else pass_grads
-            g, g_hat = unscale(global_grads), unscale(reduced)
-            d, new_direction_state = tf.cond(
-                use_sam,
-                lambda: self.direction.on_sam_step(g, g_hat, direction_state),
-                lambda: self.direction.on_erm_step(g, direction_state),
-            )
-            d = [t / replicas for t in d] if replicas > 1 else d
-            d = d if scale is None else [t * ops.cast(scale, t.dtype) for t in d]
-        else:
-            d, new_direction_state = pass_grads, direction_state
+        if not self.direction.has_state:
+            return pass_grads, direction_state, direction_state
+        replicas = run.replicas
+        reduced = distribution.all_reduce_sum(pass_grads) if replicas > 1 else pass_grads
+        g, g_hat = run.unscale(global_grads), run.unscale(reduced)
+        d, new_direction_state = tf.cond(
+            use_sam,
+            lambda: self.direction.on_sam_step(g, g_hat, direction_state),
+            lambda: self.direction.on_erm_step(g, direction_state),
+        )
+        d = [t / replicas for t in d] if replicas > 1 else d
+        return distribution.rescaled(d, run.scale), new_direction_state, direction_state
 
-        d_finite = tf.math.is_finite(sam_ops.global_sq_norm(d))
-        if replicas > 1:
-            bad = ctx.all_reduce(
-                tf.distribute.ReduceOp.SUM, tf.cast(tf.logical_not(d_finite), tf.float32)
-            )
-            d_finite = tf.equal(bad, 0.0)
-        ok = tf.logical_and(finite, d_finite)
-        if scale is not None:
-            optimizer.apply(d, variables)  # unscales, skips and adapts itself
-        else:
-            _apply_if(ok, optimizer, d, variables)
+    @staticmethod
+    def _all_finite(d, run):
+        """Whether ``d`` is finite on every replica."""
+        return distribution.all_replicas_true(run.ctx, tf.math.is_finite(sam_ops.global_sq_norm(d)))
 
-        for var, old in zip(guarded, guarded_before):
+    def _apply(self, ok, d, run):
+        if run.scale is not None:
+            self.optimizer.apply(d, self.trainable_variables)  # unscales, skips and adapts itself
+        else:
+            distribution.apply_if(ok, self.optimizer, d, self.trainable_variables)
+
+    def _commit(self, ok, decision, guarded_pairs, direction_triples):
+        """New state where ``ok``, old state elsewhere; ``t`` counts applied steps."""
+        for var, old in guarded_pairs:
             var.assign(tf.where(ok, var.value, old))
         for name, var in self._policy_state.items():
-            var.assign(tf.where(ok, new_state[name], old_state[name]))
-        for var, new, old in zip(self._direction_state or [], new_direction_state, direction_state):
+            var.assign(tf.where(ok, decision.new_state[name], decision.old_state[name]))
+        for var, new, old in direction_triples:
             var.assign(tf.where(ok, new, old))
-        self.sam_step.assign_add(tf.cast(ok, "int64"))
-        self.sam_fraction_tracker.update_state(
-            tf.cast(tf.logical_and(use_sam, ok), "float32")
-        )
+        self.applied_steps.assign_add(tf.cast(ok, "int64"))
+
+    def _track_step(self, ok, use_sam, sharpness):
+        counted = tf.logical_and(use_sam, ok)
+        self.sam_fraction_tracker.update_state(tf.cast(counted, "float32"))
         self.skipped_steps_tracker.update_state(tf.cast(tf.logical_not(ok), "float32"))
         if self.sharpness_tracker is not None:
-            counted = tf.logical_and(use_sam, ok)
             self.sharpness_tracker.update_state(
                 tf.where(counted, sharpness, 0.0), sample_weight=tf.cast(counted, "float32")
             )
-
-        results = self.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
-        results.update(logs)
-        if _multi_worker():
-            # Keras 3.15 reduces multi-worker step outputs with reduce(MEAN,
-            # axis=0), which needs a leading axis; scalars fail there.
-            results = {k: tf.reshape(v, [1]) for k, v in results.items()}
-        return results
 
 
 def wrap(model, method="ae_sam", **hyperparameters):
@@ -881,12 +739,24 @@ ERMModel = _named("ERMModel", "erm", "Plain ERM steps (``method='erm'``): the ba
 SAMModel = _named("SAMModel", "sam", "SAM on every step (Foret et al., 2021): ``rho``, ``adaptive``.")
 ESAMModel = _named("ESAMModel", "esam", "ESAM (Du et al., 2022a): SAM with SWP (``beta``) and SDS (``gamma``).")
 SSSAMModel = _named("SSSAMModel", "ss_sam", "SS-SAM (Zhao et al., 2022b): SAM with probability ``p``.")
-LookSAMModel = _named("LookSAMModel", "looksam", "LookSAM (Liu et al., 2022): SAM every ``k`` steps, ``g_v`` reused with ``alpha``.")
-AESAMModel = _named("AESAMModel", "ae_sam", "AE-SAM (Algorithm 1): SAM where ``‖g‖² ≥ µ + c_t·σ``; ``lambda1``, ``lambda2``, ``delta``.")
-AELookSAMModel = _named("AELookSAMModel", "ae_looksam", "AE-LookSAM (Algorithm 1): the adaptive policy deciding LookSAM's SAM steps.")
+LookSAMModel = _named(
+    "LookSAMModel", "looksam",
+    "LookSAM (Liu et al., 2022): SAM every ``k`` steps, ``g_v`` reused with ``alpha``.",
+)
+AESAMModel = _named(
+    "AESAMModel", "ae_sam",
+    "AE-SAM (Algorithm 1): SAM where ``‖g‖² ≥ µ + c_t·σ``; ``lambda1``, ``lambda2``, ``delta``.",
+)
+AELookSAMModel = _named(
+    "AELookSAMModel", "ae_looksam",
+    "AE-LookSAM (Algorithm 1): the adaptive policy deciding LookSAM's SAM steps.",
+)
 LateSAMModel = _named("LateSAMModel", "late_sam", "ERM, then SAM for the last ``target_sam_fraction`` of the steps.")
 RSTModel = _named("RSTModel", "rst", "RST (Zhao et al., 2022): SAM by a coin whose probability follows a schedule.")
-QuantileSAMModel = _named("QuantileSAMModel", "quantile_sam", "SAM where ``‖g‖²`` is above its running ``(1 - f_t)`` quantile.")
+QuantileSAMModel = _named(
+    "QuantileSAMModel", "quantile_sam",
+    "SAM where ``‖g‖²`` is above its running ``(1 - f_t)`` quantile.",
+)
 
 __all__ = [
     "SharpnessAwareModel", "wrap", "method_parameters",

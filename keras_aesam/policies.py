@@ -33,8 +33,11 @@ class Policy:
     """Base class. Subclasses set ``name`` and implement ``decide``."""
 
     name = None
-    #: ``True``/``False`` when the decision is known when tracing (no ``tf.cond``).
-    static_decision = None
+    #: Every step is a SAM step, known when tracing.
+    always_sam = False
+    #: No step is a SAM step, known when tracing: the model builds no second
+    #: pass, no ``tf.cond`` and no sharpness metric.
+    never_sam = False
     #: Whether ``decide`` uses the total number of steps ``T``.
     needs_total_steps = False
 
@@ -42,7 +45,7 @@ class Policy:
         """Initial values of the policy's state, by name (float32 scalars)."""
         return {}
 
-    def decide(self, state, stat, step, total_steps):
+    def decide(self, state, grad_norm_sq, step, total_steps):
         raise NotImplementedError
 
     def expected_sam_fraction(self, total_steps=None):
@@ -61,9 +64,9 @@ class Always(Policy):
     """Every step is a SAM step (SAM, ESAM)."""
 
     name = "always"
-    static_decision = True
+    always_sam = True
 
-    def decide(self, state, stat, step, total_steps):
+    def decide(self, state, grad_norm_sq, step, total_steps):
         return ops.convert_to_tensor(True), state, {}
 
     def expected_sam_fraction(self, total_steps=None):
@@ -74,9 +77,9 @@ class Never(Policy):
     """No step is a SAM step (ERM)."""
 
     name = "never"
-    static_decision = False
+    never_sam = True
 
-    def decide(self, state, stat, step, total_steps):
+    def decide(self, state, grad_norm_sq, step, total_steps):
         return ops.convert_to_tensor(False), state, {}
 
     def expected_sam_fraction(self, total_steps=None):
@@ -98,7 +101,7 @@ class Bernoulli(Policy):
         self.p = check_range("p", 0.5 if p is None else p, 0.0, 1.0, low_open=True)
         self.seed = check_seed(seed)
 
-    def decide(self, state, stat, step, total_steps):
+    def decide(self, state, grad_norm_sq, step, total_steps):
         draw = sam_ops.uniform_from_counter((), self.seed, sam_ops.STREAM_COIN, step)
         return draw < self.p, state, {}
 
@@ -117,7 +120,7 @@ class Periodic(Policy):
     def __init__(self, k=5):
         self.k = check_int("k", k, low=1)
 
-    def decide(self, state, stat, step, total_steps):
+    def decide(self, state, grad_norm_sq, step, total_steps):
         return ops.equal(ops.mod(ops.cast(step, "int64"), self.k), 0), state, {}
 
     def expected_sam_fraction(self, total_steps=None):
@@ -175,18 +178,18 @@ class Adaptive(Policy):
     def state_spec(self):
         return {"ema_mean": 0.0, "ema_var": sam_ops.SIGMA2_INIT}
 
-    def decide(self, state, stat, step, total_steps):
-        mean, var = sam_ops.ema_moments(state["ema_mean"], state["ema_var"], stat, self.delta)
+    def decide(self, state, grad_norm_sq, step, total_steps):
+        mean, var = sam_ops.ema_moments(state["ema_mean"], state["ema_var"], grad_norm_sq, self.delta)
         c = sam_ops.threshold_coefficient(step, total_steps, self.lambda1, self.lambda2)
         std = ops.sqrt(var)
         threshold = mean + c * std
         logs = {
-            "grad_norm_sq": stat,
+            "grad_norm_sq": grad_norm_sq,
             "ema_mean": mean,
             "ema_std": std,
             "sam_threshold": threshold,
         }
-        return ops.greater_equal(stat, threshold), {"ema_mean": mean, "ema_var": var}, logs
+        return ops.greater_equal(grad_norm_sq, threshold), {"ema_mean": mean, "ema_var": var}, logs
 
     def expected_sam_fraction(self, total_steps=None):
         return sam_ops.expected_sam_fraction(self.lambda1, self.lambda2)
@@ -217,7 +220,7 @@ class Late(Policy):
     def __init__(self, target_sam_fraction=None):
         self.target_sam_fraction = _check_target(target_sam_fraction)
 
-    def decide(self, state, stat, step, total_steps):
+    def decide(self, state, grad_norm_sq, step, total_steps):
         start = sam_ops.late_start(total_steps, self.target_sam_fraction)
         return ops.cast(step, "float32") >= start, state, {}
 
@@ -263,7 +266,7 @@ class ScheduledCoin(Policy):
         self.p_start, self.p_end = float(p_start), float(p_end)
         self.seed = check_seed(seed)
 
-    def decide(self, state, stat, step, total_steps):
+    def decide(self, state, grad_norm_sq, step, total_steps):
         p = sam_ops.linear_schedule(step, total_steps, self.p_start, self.p_end)
         draw = sam_ops.uniform_from_counter((), self.seed, sam_ops.STREAM_COIN, step)
         return draw < p, state, {"sam_probability": p}
@@ -314,8 +317,8 @@ class Quantile(Policy):
         c = sam_ops.threshold_coefficient(step, total_steps, self.lambda1, self.lambda2)
         return sam_ops.normal_upper_tail(c)
 
-    def decide(self, state, stat, step, total_steps):
-        u = ops.log(ops.maximum(ops.cast(stat, "float32"), 1e-30))
+    def decide(self, state, grad_norm_sq, step, total_steps):
+        u = ops.log(ops.maximum(ops.cast(grad_norm_sq, "float32"), 1e-30))
         first = state["seen"] < 0.5
         mean = ops.where(first, u, self.delta * state["log_mean"] + (1.0 - self.delta) * u)
         z = u - mean
@@ -333,7 +336,7 @@ class Quantile(Policy):
         new_state = {"log_mean": mean, "log_absdev": absdev, "quantile": quantile,
                      "surplus": surplus, "seen": ops.ones_like(state["seen"])}
         logs = {
-            "grad_norm_sq": stat,
+            "grad_norm_sq": grad_norm_sq,
             "sam_threshold": ops.exp(mean + state["quantile"]),
             "sam_target_fraction": paced,
         }

@@ -111,7 +111,7 @@ def measure_sharpness(
     if not variables:
         raise ValueError("The model has no trainable weights: its sharpness is undefined.")
     mask = directions_module.perturb_mask(perturb_filter, [v.path for v in variables])
-    direction = directions_module.Direction(rho=rho, adaptive=adaptive)
+    direction = directions_module.SAM(rho=rho, adaptive=adaptive)
 
     @tf.function(reduce_retracing=True)
     def group_sharpness(gx, gy, gsw):

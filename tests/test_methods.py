@@ -36,8 +36,8 @@ ALL_POLICIES = [
     policies.Late(1 / 3), policies.ScheduledCoin(0.5), policies.Quantile(0.5),
 ]
 ALL_DIRECTIONS = [
-    directions.Direction(rho=0.05),
-    directions.Direction(rho=0.5, adaptive=True),
+    directions.SAM(rho=0.05),
+    directions.SAM(rho=0.5, adaptive=True),
     directions.LookSAM(alpha=0.5),
     directions.LookSAM(per_tensor=True),
     directions.ESAM(beta=0.5, gamma=0.5),

@@ -322,7 +322,7 @@ PART_PARAMETERS = {
     policies.Bernoulli: ["p", "seed"],
     policies.Periodic: ["k"],
     policies.Adaptive: ["lambda1", "lambda2", "delta", "target_sam_fraction"],
-    directions.Direction: ["rho", "adaptive"],
+    directions.SAM: ["rho", "adaptive"],
     directions.LookSAM: ["rho", "alpha", "per_tensor", "adaptive"],
     directions.ESAM: ["rho", "beta", "gamma", "seed", "adaptive"],
 }
