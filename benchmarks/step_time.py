@@ -43,9 +43,9 @@ from typing import Callable, Optional
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
-import keras  # noqa: E402
 
 import keras_aesam  # noqa: E402
 from keras_aesam import recipe  # noqa: E402

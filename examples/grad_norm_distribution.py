@@ -20,9 +20,8 @@ here is ERM (plain training), ``--method`` picks another.
 import argparse
 from pathlib import Path
 
-import numpy as np
-
 import _common
+import numpy as np
 
 
 def main(argv=None):

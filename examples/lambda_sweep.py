@@ -15,9 +15,8 @@ expected under a normal ‖g‖² (docs/algorithms.md) is printed alongside.
 import argparse
 from pathlib import Path
 
-import numpy as np
-
 import _common
+import numpy as np
 
 
 def main(argv=None):

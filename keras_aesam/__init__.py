@@ -14,7 +14,6 @@ if _sys.argv and _startup.is_console_script(_sys.argv[0]):  # the keras-aesam co
     _startup.quiet_tensorflow_import()
 
 from keras_aesam import directions, ops, policies
-from keras_aesam.sharpness import measure_sharpness
 from keras_aesam.methods import METHODS, build_method, method_parameters
 from keras_aesam.model import (
     AELookSAMModel,
@@ -30,6 +29,7 @@ from keras_aesam.model import (
     SSSAMModel,
     wrap,
 )
+from keras_aesam.sharpness import measure_sharpness
 
 __version__ = "0.1.0"
 

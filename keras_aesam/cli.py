@@ -189,7 +189,7 @@ def _int_list(text):
     try:
         return [int(part) for part in text.split(",") if part.strip()]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, 'auto' or 'none', got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, 'auto' or 'none', got {text!r}") from None
 
 
 def _format_duration(seconds):
@@ -414,7 +414,7 @@ def _resolve(args, network=None, chief=True):
         try:
             train_size = int(args.train_size)
         except ValueError:
-            raise BadInput(f"--train-size must be an integer >= 1 or 'all', got {args.train_size!r}")
+            raise BadInput(f"--train-size must be an integer >= 1 or 'all', got {args.train_size!r}") from None
         _check(train_size >= 1, f"--train-size must be >= 1 or 'all', got {train_size}")
     lr = _default_lr(model) if args.lr is None else args.lr
     _check(lr > 0 and math.isfinite(lr), f"--lr must be > 0, got {lr:g}")
@@ -441,7 +441,7 @@ def _resolve(args, network=None, chief=True):
     takes = _method_takes(method)
     hyperparameters = {}
     refused = []
-    for name, flag, kind, _ in HYPERPARAMETER_FLAGS:
+    for name, flag, _kind, _ in HYPERPARAMETER_FLAGS:
         value = getattr(args, _HYPERPARAMETER_DEST.get(name, name))
         if value is None:
             continue
@@ -461,7 +461,7 @@ def _resolve(args, network=None, chief=True):
     try:
         policy, direction = build_method(method, **hyperparameters)
     except (ValueError, TypeError) as err:
-        raise BadInput(f"invalid hyperparameter for {method}: {_one_line(err)}")
+        raise BadInput(f"invalid hyperparameter for {method}: {_one_line(err)}") from err
 
     plan = {
         "dataset": dataset,
@@ -675,7 +675,7 @@ def _load_backup(args, plan, model, data):
     try:
         meta = load_training_state(model, backup_file)
     except ValueError as err:
-        raise BadInput(f"--resume: {_one_line(err)}")
+        raise BadInput(f"--resume: {_one_line(err)}") from err
     _check(meta.get("steps_per_epoch") == data.steps_per_epoch,
            f"--resume: the backup has {meta.get('steps_per_epoch')} steps per epoch, this data {data.steps_per_epoch}")
     return meta
@@ -740,7 +740,7 @@ def _check_replaceable(path: Path, marker: str, legacy: Sequence[str], names: Se
     try:
         safety.check_ours(path, action)
     except safety.NotOurs as err:
-        raise BadInput(str(err))
+        raise BadInput(str(err)) from err
     ours = set(safety.written(path))
     clash = [n for n in names if (path / n).exists() and n not in ours]
     _check(not clash, f"{action} refuses to replace {', '.join(str(path / n) for n in clash)}: "
@@ -852,7 +852,7 @@ def _train(args, plan, network=None, dataset_kwargs=None):
     try:
         data = _load_data(args, plan, dataset_kwargs)
     except ValueError as err:
-        raise BadInput(_one_line(err))
+        raise BadInput(_one_line(err)) from err
     except (ConnectionError, ImportError, FileNotFoundError) as err:  # e.g. no Fashion-MNIST anywhere
         raise DataUnavailable(f"cannot load {plan['dataset']}: {_one_line(err)}") from err
     strategy = plan["strategy"]
@@ -1166,7 +1166,7 @@ def _plot(args):
     try:
         written = plot_run(run_dir, epochs=args.epochs, output_dir=args.output_dir)
     except (FileNotFoundError, safety.NotOurs) as err:
-        raise BadInput(_one_line(err))
+        raise BadInput(_one_line(err)) from err
     for path in written:
         print(path)
     return {"plots": [str(p) for p in written]}
@@ -1211,7 +1211,7 @@ def run(argv: Optional[Sequence[str]] = None, *, network: Optional[Callable] = N
         subparser.error(str(err))
     except (DataUnavailable, FileNotFoundError) as err:
         print(f"keras-aesam {args.command}: error: {_one_line(err)}", file=sys.stderr)
-        raise SystemExit(1)
+        raise SystemExit(1) from err
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -28,6 +28,7 @@ from typing import Callable, Optional
 
 import numpy as np
 import tensorflow as tf
+
 from keras_aesam.validation import canonical_name as _canonical
 
 logger = logging.getLogger("keras_aesam.data")
@@ -514,7 +515,8 @@ def _offline_hint(name: str) -> str:
 
 def _check_imagenet_manual_dir(builder, manual_dir) -> None:
     """ImageNet cannot be downloaded: name the files and the folder when they are missing."""
-    folder = os.fspath(manual_dir) if manual_dir else os.path.join(os.fspath(builder.data_dir_root), "downloads", "manual")
+    default_folder = os.path.join(os.fspath(builder.data_dir_root), "downloads", "manual")
+    folder = os.fspath(manual_dir) if manual_dir else default_folder
     missing = [f for f in IMAGENET_MANUAL_FILES if not os.path.isfile(os.path.join(folder, f))]
     if missing:
         raise FileNotFoundError(

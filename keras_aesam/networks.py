@@ -27,6 +27,7 @@ from typing import Callable, Sequence
 
 import keras
 from keras import layers, ops
+
 from keras_aesam.validation import canonical_name as _canonical
 
 __all__ = [

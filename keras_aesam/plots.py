@@ -243,7 +243,8 @@ def plot_grad_norm_steps(steps, path, title=None):
             ax.scatter(x[sam], loss[sam], s=dot, color=_SAM_COLOR, zorder=3, label="SAM step")
         ax.set_ylabel("training loss (per step)")
         ax.legend(loc="upper right", fontsize=8, markerscale=2)
-    ax.set_xlabel("step (faint lines: epoch starts)" if _has(steps, "epoch") and len(set(steps["epoch"])) > 1 else "step")
+    several_epochs = _has(steps, "epoch") and len(set(steps["epoch"])) > 1
+    ax.set_xlabel("step (faint lines: epoch starts)" if several_epochs else "step")
     ax.grid(alpha=0.3)
     _epoch_lines(axes, steps)
     share = 100.0 * steps["sam"][np.isfinite(steps["sam"])].sum() / max(

@@ -11,8 +11,7 @@ import numpy as np
 import tensorflow as tf
 from keras import ops
 
-from keras_aesam import directions as directions_module
-from keras_aesam import ops as sam_ops
+from keras_aesam import directions as directions_module, ops as sam_ops
 from keras_aesam.validation import check_bool, check_int, check_range
 
 
@@ -136,7 +135,8 @@ def measure_sharpness(
         bsw = batch[2] if len(batch) > 2 else None
         size = int(tf.shape(tf.nest.flatten(bx)[0])[0])
         for start, stop in sam_ops.group_bounds(size, group_size):
-            part = lambda t: None if t is None else tf.nest.map_structure(lambda a: a[start:stop], t)
+            part = lambda t: None if t is None else tf.nest.map_structure(  # noqa: B023 - used in this iteration
+                lambda a: a[start:stop], t)  # noqa: B023
             value = float(group_sharpness(part(bx), part(by), part(bsw)))
             total += value * (stop - start)
             count += stop - start

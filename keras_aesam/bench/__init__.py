@@ -58,7 +58,6 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Optional
 
 # The names below are re-exported: tests, the CLI and the evidence profile import them from here.
 from keras_aesam.bench.networks import (  # noqa: F401

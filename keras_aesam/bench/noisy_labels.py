@@ -188,8 +188,7 @@ def run_one(spec, stream=sys.stdout):
     """Train one spec and return its result (test accuracy, SAM steps, curve …)."""
     import keras
 
-    from keras_aesam import data as data_module
-    from keras_aesam import networks
+    from keras_aesam import data as data_module, networks
 
     keras.utils.clear_session()
     keras.utils.set_random_seed(spec["seed"])

@@ -279,8 +279,9 @@ def claims(summary, tests, setting, sam_label):
     if ae and sam:
         gap = 100 * (ae["acc_mean"] - sam["acc_mean"])
         holds = gap >= -0.3 and ae["sam_fraction"] <= 0.55
+        reading = "holds" if holds else "does not hold"
         lines.append(f"- *AE-SAM within 0.3 points of SAM with ≤ 55 % SAM steps*: AE-SAM − SAM = {gap:+.2f} "
-                     f"points at {100 * ae['sam_fraction']:.1f} % SAM steps → **{'holds' if holds else 'does not hold'}**.")
+                     f"points at {100 * ae['sam_fraction']:.1f} % SAM steps → **{reading}**.")
     t = _find(tests, setting, "ae_sam", "ss_sam@ae")
     if t:
         lines.append(f"- *AE-SAM better than SS-SAM at equal budget*: {_pts(t['mean_diff'])} points, 95 % CI "
@@ -356,7 +357,8 @@ def report_text(out, runs, summary, tests, rhos, plots):
         sam_label = _sam_label(rhos[setting])
         lines += ["", f"## {setting}: {int(setting[len('noise'):])} % of training labels flipped", ""]
         lines += _summary_table(summary, setting, sam_label)
-        lines += ["", "### The paper's claims, here", ""] + (claims(summary, tests, setting, sam_label) or ["- (runs missing)"])
+        found = claims(summary, tests, setting, sam_label) or ["- (runs missing)"]
+        lines += ["", "### The paper's claims, here", ""] + found
         lines += ["", "### Accuracy per gradient evaluation", ""] + _efficiency(summary, setting, sam_label)
         if any(r["setting"] == setting and r["label"].endswith(f"@{BUDGETS[0]:g}") for r in summary):
             lines += ["", "### Fixed budgets: realised SAM steps against the target", ""]

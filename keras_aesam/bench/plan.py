@@ -14,8 +14,7 @@ import json
 import math
 from pathlib import Path
 
-from keras_aesam import methods as _methods
-from keras_aesam import recipe
+from keras_aesam import methods as _methods, recipe
 from keras_aesam.bench.networks import BENCH_NETWORKS, _network_names
 from keras_aesam.validation import canonical_name as _canonical
 
@@ -243,7 +242,7 @@ def _parse_noise(text, default):
         try:
             value = float(part)
         except ValueError:
-            raise BadInput(f"--noise must be comma-separated numbers in [0, 1), got {text!r}")
+            raise BadInput(f"--noise must be comma-separated numbers in [0, 1), got {text!r}") from None
         if not 0.0 <= value < 1.0:
             raise BadInput(f"--noise rates must be in [0, 1), got {value:g}")
         if value not in values:
@@ -325,7 +324,7 @@ def _config(args, profile):
         try:
             train_size = int(train_size)
         except ValueError:
-            raise BadInput(f"--train-size must be an integer >= 1 or 'all', got {train_size!r}")
+            raise BadInput(f"--train-size must be an integer >= 1 or 'all', got {train_size!r}") from None
         if train_size < 1:
             raise BadInput(f"--train-size must be >= 1 or 'all', got {train_size}")
     config["train_size"] = train_size
@@ -384,7 +383,7 @@ def _method_runs(args, config, methods, noise, seeds):
                 try:
                     build_method(method, **hp)
                 except (ValueError, TypeError) as err:
-                    raise BadInput(f"invalid hyperparameter for {method}: {' '.join(str(err).split())}")
+                    raise BadInput(f"invalid hyperparameter for {method}: {' '.join(str(err).split())}") from err
                 runs.append(dict(run_id=f"{label}_s{seed}_{method}", kind="method", method=method,
                                  setting=label, noise=rate, seed=seed, hyperparameters=hp, **config))
     return runs

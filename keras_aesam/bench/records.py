@@ -7,7 +7,6 @@ import os
 import platform
 import subprocess
 from pathlib import Path
-from typing import List, Optional
 
 import numpy as np
 

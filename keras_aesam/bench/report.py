@@ -36,6 +36,10 @@ CSV_COLUMNS = (
     "hyperparameters", "framework", "loadavg_start", "loadavg_end", "finished_at",
 )
 
+#: Where each weight-decay mode acts, for the report's recipe line.
+_DECAY_WHERE = {"decoupled": ": Keras SGD(weight_decay=…), outside g",
+                "l2": ": L2 kernel regularizer of weight_decay/2, inside g"}
+
 
 def _fmt(value, digits=2, scale=1.0):
     if value is None:
@@ -143,7 +147,7 @@ def _what_ran(meta, rows):
     add(f"- Optimizer (every method): SGD momentum {config.get('momentum')}, lr {config.get('lr')} with a "
         f"cosine decay to 0 over {config.get('epochs')} epochs × {steps_per_epoch} steps, batch "
         f"{config.get('batch_size')}, weight decay {config.get('weight_decay')} "
-        f"({config.get('weight_decay_mode')}{': Keras SGD(weight_decay=…), outside g' if config.get('weight_decay_mode') == 'decoupled' else ': L2 kernel regularizer of weight_decay/2, inside g'}), "
+        f"({config.get('weight_decay_mode')}{_DECAY_WHERE.get(config.get('weight_decay_mode'), '')}), "
         "XLA off.")
     add(f"- Methods: {', '.join(_pretty(m) for m in meta.get('methods', []))}; seeds {meta.get('seeds')}; "
         f"label noise {meta.get('noise')}. ρ = {config.get('rho')} (not tuned). On noisy labels LookSAM k=2 and "

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from typing import Dict, List
 
 import numpy as np
 
