@@ -341,7 +341,8 @@ class SharpnessAwareModel(keras.Model):
                 "cross-replica cond it cannot run there. Use mixed_bfloat16 (no "
                 "loss scaling), float32, or one device."
             )
-        strategy = tf.distribute.get_strategy()
+        # The model's own strategy: fit() is often called outside strategy.scope().
+        strategy = self.distribute_strategy
         if strategy.num_replicas_in_sync > 1 and not self.policy.never_sam:
             synced = compat.synchronized_layers(self)
             if synced:

@@ -228,11 +228,5 @@ def test_synchronized_batchnorm_is_refused_under_several_replicas(sync_bn_runs):
     assert out["ae_sam/False/in scope"] == "trained", out
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "make_train_function looks for synchronized BatchNorm under "
-    "tf.distribute.get_strategy(), which is the default one-replica strategy "
-    "when fit() is called outside strategy.scope() (the usual Keras way): the "
-    "refusal is skipped and the step fails inside the SAM branch with "
-    "'merge_call called while defining a new graph'."))
 def test_synchronized_batchnorm_is_refused_when_fit_runs_outside_the_scope(sync_bn_runs):
     assert sync_bn_runs["ae_sam/True/out of scope"].startswith("refused: "), sync_bn_runs
