@@ -20,6 +20,16 @@ def loss_scale(optimizer):
     return None
 
 
+def gradient_units(optimizer):
+    """What ``optimizer.scale_loss`` multiplies the loss by, so gradients come out
+    that many times too large: a ``LossScaleOptimizer``'s dynamic scale, else the
+    optimizer's ``loss_scale_factor``; ``None`` when neither is set."""
+    scale = loss_scale(optimizer)
+    if scale is not None:
+        return scale
+    return getattr(optimizer, "loss_scale_factor", None)
+
+
 def replica_context():
     ctx = tf.distribute.get_replica_context()
     if ctx is None or ctx.num_replicas_in_sync == 1:

@@ -64,8 +64,9 @@ class _Replicas:
     def __init__(self, optimizer):
         self.ctx = distribution.replica_context()
         self.replicas = 1 if self.ctx is None else self.ctx.num_replicas_in_sync
-        self.scale = distribution.loss_scale(optimizer)
-        self.unscale = distribution.unscaler(self.scale)
+        self.scale = distribution.loss_scale(optimizer)  # dynamic: the optimizer skips and adapts
+        self.units = distribution.gradient_units(optimizer)  # the scale and/or loss_scale_factor
+        self.unscale = distribution.unscaler(self.units)
 
 
 class _InferTotalSteps(keras.callbacks.Callback):
@@ -683,7 +684,7 @@ class SharpnessAwareModel(keras.Model):
             lambda: self.direction.on_erm_step(g, direction_state),
         )
         d = [t / replicas for t in d] if replicas > 1 else d
-        return distribution.rescaled(d, run.scale), new_direction_state, direction_state
+        return distribution.rescaled(d, run.units), new_direction_state, direction_state
 
     @staticmethod
     def _all_finite(d, run):

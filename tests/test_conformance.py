@@ -491,11 +491,6 @@ def test_optimizers_train_exactly_like_keras(name):
     assert_sam_run_reports(history, method)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "train_step unscales ‖g‖² only for a LossScaleOptimizer's dynamic scale, "
-    "not for the optimizer's loss_scale_factor: grad_norm_sq, ema_mean, ema_std "
-    "and sam_threshold come out loss_scale_factor² times too large (the SAM "
-    "decisions and directions are scale-free and unaffected)."))
 def test_loss_scale_factor_leaves_the_reported_statistics_unscaled():
     x, y, sw = arrays("single")
     logs = []
