@@ -58,6 +58,7 @@ __all__ = [
     "StepRecorder",
     "load_training_state",
     "save_training_state",
+    "sam_step_values_from_means",
     "step_counts_from_fractions",
     "step_values_from_means",
 ]
@@ -77,6 +78,7 @@ STEP_COLUMNS = (
     "ema_mean",
     "ema_std",
     "sam_threshold",
+    "sharpness",
 )
 
 #: Columns of ``grad_norms.csv`` (the Fig. 3 samples).
@@ -105,6 +107,31 @@ def step_counts_from_fractions(batches, fractions):
         counts.append(max(count - previous, 0))
         previous = count
     return counts
+
+
+def sam_step_values_from_means(batches, fractions, means):
+    """Per-row values of a metric averaged over the epoch's SAM steps only (``sharpness``).
+
+    With ``n_k = round(fraction_k · (batch_k + 1))`` SAM steps up to row ``k`` and
+    the running mean ``m_k`` over them, the row's own value is the mean over its
+    new SAM steps, ``(n_k·m_k − n_{k−1}·m_{k−1}) / (n_k − n_{k−1})``; a row without
+    a SAM step, or with an unknown mean, gives None.
+    """
+    values = []
+    previous_count, previous_mean = 0, 0.0
+    for batch, fraction, mean in zip(batches, fractions, means):
+        if fraction is None or not math.isfinite(fraction):
+            values.append(None)
+            continue
+        count = int(round(float(fraction) * (int(batch) + 1)))
+        if count > previous_count and mean is not None and math.isfinite(mean) and previous_mean is not None:
+            values.append((count * float(mean) - previous_count * previous_mean) / (count - previous_count))
+        else:
+            values.append(None)
+        if count > previous_count:
+            previous_mean = None if mean is None or not math.isfinite(mean) else float(mean)
+        previous_count = count
+    return values
 
 
 def step_values_from_means(batches, means):
@@ -281,6 +308,7 @@ class StepRecorder(keras.callbacks.Callback):
         }
         for key in _STAT_KEYS:
             row[key] = _float_or_none(logs.get(key))
+        row["sharpness_mean"] = _float_or_none(logs.get("sharpness"))
         with self._lock:
             self._pending.append(row)
 
@@ -349,9 +377,12 @@ class StepRecorder(keras.callbacks.Callback):
         ]
         skipped = step_counts_from_fractions(batches, skipped_fractions)
         losses = step_values_from_means(batches, [r["loss"] for r in pending])
+        sharpness = sam_step_values_from_means(
+            batches, [r["sam_fraction"] for r in pending], [r["sharpness_mean"] for r in pending]
+        )
         new_rows = []
         previous_batch = -1
-        for row, n_sam, n_skipped, loss in zip(pending, sam, skipped, losses):
+        for row, n_sam, n_skipped, loss, sharp in zip(pending, sam, skipped, losses, sharpness):
             steps = row["batch"] - previous_batch
             previous_batch = row["batch"]
             self._next_step += steps
@@ -368,6 +399,7 @@ class StepRecorder(keras.callbacks.Callback):
             }
             for key in _STAT_KEYS:
                 out[key] = row[key]
+            out["sharpness"] = sharp
             new_rows.append(out)
         self.rows.extend(new_rows)
         self._write_rows(new_rows)

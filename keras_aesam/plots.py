@@ -215,10 +215,13 @@ def plot_grad_norm_steps(steps, path, title=None):
     x = steps["step"]
     sam = steps["sam"] > 0 if _has(steps, "sam") else np.zeros(len(x), dtype=bool)
     with_stats = _has(steps, "grad_norm_sq")
+    with_sharpness = _has(steps, "sharpness") and bool(np.isfinite(steps["sharpness"]).any())
     dot = 8 if sam.sum() < 200 else 4
-    panels = 2 if with_stats else 1
+    panels = 1 + int(with_stats) + int(with_sharpness)
     fig = _figure(10, 3.4 * panels + 0.4)
     axes = [fig.add_subplot(panels, 1, i + 1) for i in range(panels)]
+    if with_sharpness:
+        _sharpness_panel(axes[-2], x, steps["sharpness"], dot)
     if with_stats:
         ax = axes[0]
         g = steps["grad_norm_sq"]
@@ -257,6 +260,15 @@ def plot_grad_norm_steps(steps, path, title=None):
         heading = f"{title}\n{heading}"
     axes[0].set_title(heading, fontsize=10)
     return _save(fig, path)
+
+
+def _sharpness_panel(ax, x, sharpness, dot):
+    """``L(w + e) − L(w)`` at each SAM step: the sharpness the second pass measured."""
+    known = np.isfinite(sharpness)
+    ax.scatter(x[known], sharpness[known], s=dot, color=_SAM_COLOR, label="L(w + e) − L(w) on SAM steps")
+    ax.set_ylabel("sharpness")
+    ax.legend(loc="upper right", fontsize=8, markerscale=2)
+    ax.grid(alpha=0.3)
 
 
 def plot_sam_fraction(history, path, title=None, overall=None, expected=None):

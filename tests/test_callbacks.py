@@ -7,7 +7,13 @@ import math
 import numpy as np
 import pytest
 
-from keras_aesam.callbacks import STEP_COLUMNS, StepRecorder, step_counts_from_fractions, step_values_from_means
+from keras_aesam.callbacks import (
+    STEP_COLUMNS,
+    StepRecorder,
+    sam_step_values_from_means,
+    step_counts_from_fractions,
+    step_values_from_means,
+)
 
 
 def _step_losses(n):
@@ -51,6 +57,32 @@ def test_recorder_derives_sam_steps_from_the_running_fraction(tmp_path):
     assert list(table) == list(STEP_COLUMNS)
     assert table["sam"].tolist() == pattern + second
     assert np.isnan(table["grad_norm_sq"]).all()  # not an adaptive method: empty cells
+
+
+def test_sharpness_of_each_sam_step_is_recovered_from_its_mean_over_sam_steps():
+    pattern = [1, 0, 1, 1, 0, 0, 1]
+    own = [0.5, None, 0.2, 0.9, None, None, 0.4]  # L(w + e) - L(w) on the SAM steps
+    counts = np.cumsum(pattern)
+    fractions = counts / np.arange(1, len(pattern) + 1)
+    sums = np.cumsum([v or 0.0 for v in own])
+    means = [sums[i] / counts[i] for i in range(len(pattern))]
+    got = sam_step_values_from_means(range(len(pattern)), list(fractions), means)
+    assert [None if v is None else round(v, 12) for v in got] == own
+
+
+def test_recorder_writes_the_sharpness_of_sam_steps_only(tmp_path):
+    pattern = [1, 0, 1, 1]
+    own = [0.5, 0.0, 0.2, 0.9]
+    counts = np.cumsum(pattern)
+    fractions = list(counts / np.arange(1, 5))
+    means = list(np.cumsum(own) / counts)
+    recorder = StepRecorder(tmp_path / "steps.csv")
+    recorder.on_train_begin()
+    _feed(recorder, 0, range(4), fractions, stats={"sharpness": means})
+    recorder.on_train_end()
+    got = [r["sharpness"] for r in recorder.rows]
+    assert got[1] is None
+    np.testing.assert_allclose([got[0], got[2], got[3]], [0.5, 0.2, 0.9], rtol=1e-6)
 
 
 def test_recorder_with_steps_per_execution_and_out_of_order_batches():

@@ -330,7 +330,9 @@ def _synthetic_run(run_dir, adaptive=True, grad_norms=True, epochs=4, steps_per_
                 sam = int(g >= threshold)
                 count += sam
                 stats = [g, mu, sd, threshold] if adaptive else ["", "", "", ""]
-                w.writerow([step, e, b, 1, 1.0 / (step + 1), 1.0 / (b + 1), sam, count / (b + 1), 0, *stats])
+                sharpness = 0.05 * g if sam else ""  # measured on SAM steps only
+                w.writerow([step, e, b, 1, 1.0 / (step + 1), 1.0 / (b + 1), sam, count / (b + 1), 0, *stats,
+                            sharpness])
                 step += 1
     if grad_norms:
         with open(run_dir / "grad_norms.csv", "w", newline="") as f:
