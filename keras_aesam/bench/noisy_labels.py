@@ -159,36 +159,13 @@ def _curve_callback(test, every, stream):
     return Curve()
 
 
-def sharpness(inner, batches, rho):
-    """Mean over ``batches`` of ``L(w + e) - L(w)``, ``e = ρ·g/‖g‖``: the first-order
-    worst-case loss increase in a ρ-ball, at the trained weights (inference mode)."""
-    import keras
-    import tensorflow as tf
-
-    from keras_aesam import ops as sam_ops
-
-    loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
-    weights = inner.trainable_variables
-    rises = []
-    for x, y in batches:
-        with tf.GradientTape() as tape:
-            before = loss_fn(y, inner(x, training=False))
-        grads = tape.gradient(before, weights)
-        e = sam_ops.sam_perturbation(grads, rho)
-        for w, d in zip(weights, e):
-            w.assign_add(d)
-        after = loss_fn(y, inner(x, training=False))
-        for w, d in zip(weights, e):
-            w.assign_sub(d)
-        rises.append(float(after - before))
-    return float(np.mean(rises))
-
-
 def run_one(spec, stream=sys.stdout):
     """Train one spec and return its result (test accuracy, SAM steps, curve …)."""
     import keras
 
     from keras_aesam import data as data_module, networks
+    from keras_aesam.bench.worker import _sam_steps_per_epoch
+    from keras_aesam.sharpness import measure_sharpness
 
     keras.utils.clear_session()
     keras.utils.set_random_seed(spec["seed"])
@@ -207,7 +184,7 @@ def run_one(spec, stream=sys.stdout):
     test = model.evaluate(data.test, verbose=0, return_dict=True)
     val = model.evaluate(data.validation, verbose=0, return_dict=True)
     steps = int(model.policy_state["step"])
-    sam_steps = _count_sam_steps(history.history["sam_fraction"], data.steps_per_epoch)
+    sam_steps = int(sum(_sam_steps_per_epoch(history.history["sam_fraction"], data.steps_per_epoch)))
     return {
         "test_accuracy": float(test["accuracy"]), "test_loss": float(test["loss"]),
         "val_accuracy": float(val["accuracy"]), "val_loss": float(val["loss"]),
@@ -217,17 +194,15 @@ def run_one(spec, stream=sys.stdout):
         "grad_evals": steps + sam_steps,
         "skipped_steps": int(sum(history.history.get("skipped_steps", [0]))),
         "curve": curve.points,
-        "sharpness": sharpness(inner, data.train.take(SHARPNESS_BATCHES), SHARPNESS_RHO),
+        "sharpness": measure_sharpness(
+            inner, data.train.take(SHARPNESS_BATCHES), rho=SHARPNESS_RHO,
+            loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        ),
         "noise_rate_realised": data.noise_rate_realised,
         "num_classes": data.num_classes,
         "hyperparameters": model.hyperparameters,
         "fit_seconds": round(fit_seconds, 2),
     }
-
-
-def _count_sam_steps(fractions, steps_per_epoch):
-    """SAM steps from per-epoch SAM fractions (each a mean over full epochs)."""
-    return int(sum(round(f * steps_per_epoch) for f in fractions))
 
 
 # ---------------------------------------------------------------- the driver
