@@ -94,7 +94,8 @@ HYPERPARAMETER_FLAGS = (
     ("lambda2", "--lambda2", float, "c_t at the first step, λ2 (AE-SAM 1, AE-LookSAM 2)"),
     ("delta", "--delta", float, "forgetting rate δ of the ‖g‖² EMAs (default 0.9)"),
     ("target_sam_fraction", "--target-sam-fraction", float,
-     "choose λ1, λ2 so the expected SAM fraction is this (instead of --lambda1/--lambda2)"),
+     "share of SAM steps to aim for (late_sam, rst, quantile_sam, ss_sam; for AE-SAM and AE-LookSAM "
+     "it chooses λ1, λ2 instead of --lambda1/--lambda2)"),
     ("p", "--p", float, "SAM probability per step (default 0.5)"),
     ("k", "--k", int, "a SAM step every k steps (default 5; the paper uses 2 for label noise)"),
     ("alpha", "--alpha", float, "weight α of the reused g_v (default 0.7)"),
@@ -106,7 +107,7 @@ HYPERPARAMETER_FLAGS = (
     ("p_end", "--p-end", float, "the coin's SAM probability at the last step (with --p-start)"),
     ("schedule", "--coin-schedule", str,
      "shape of the coin's probability for --target-sam-fraction: linear or constant (default linear)"),
-    ("step_size", "--step-size", float, "rate at which the quantile threshold moves (default 0.1)"),
+    ("step_size", "--step-size", float, "rate at which the quantile threshold moves (default 0.3)"),
     ("spread", "--spread", float, "λ2 - λ1 of the c_t schedule behind the quantile's target (default 2)"),
 )
 
