@@ -53,7 +53,15 @@ import time
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
-from keras_aesam import safety
+from keras_aesam import devices, flags, safety
+from keras_aesam.flags import (  # noqa: F401  (BadInput and the table are part of this module's API)
+    HYPERPARAMETER_FLAGS,
+    BadInput,
+    check as _check,
+    method_takes as _method_takes,
+    one_line as _one_line,
+    write_json as _write_json,
+)
 from keras_aesam.validation import canonical_name as _canonical
 
 __all__ = ["DEFAULTS", "HYPERPARAMETER_FLAGS", "build_parser", "main", "run"]
@@ -65,7 +73,7 @@ __all__ = ["DEFAULTS", "HYPERPARAMETER_FLAGS", "build_parser", "main", "run"]
 #: shared with other jobs (load average 7-9). The small CNN took 5m42s for 86.5 %.
 DEFAULTS = {
     "dataset": "fashion_mnist",
-    "model": "mlp",
+    "network": "mlp",
     "method": "ae_sam",
     "epochs": 10,
     "batch_size": 128,
@@ -74,11 +82,11 @@ DEFAULTS = {
     "weight_decay": 1e-4,
     "weight_decay_mode": "l2",
     "schedule": "cosine",
-    "noise": 0.0,
+    "label_noise": 0.0,
     "seed": 0,
     "train_size": "all",
     "validation_fraction": 0.1,
-    "hist_batches": 32,
+    "grad_norm_batches": 32,
 }
 
 #: The paper's learning rate (§4.1, SGD for the CIFAR networks); the small CNN
@@ -86,38 +94,6 @@ DEFAULTS = {
 #: the best of 0.005 / 0.01 / 0.02 / 0.03 / 0.05 / 0.1 in the default setting.
 PAPER_LR = 0.1
 SMALL_CNN_LR = 0.02
-
-#: (name, flag, type, help) of every method hyperparameter; ``None`` type = a switch.
-HYPERPARAMETER_FLAGS = (
-    ("rho", "--rho", float, "perturbation radius ρ (default 0.05)"),
-    ("lambda1", "--lambda1", float, "c_t at the last step, λ1 (AE-SAM -1, AE-LookSAM 0)"),
-    ("lambda2", "--lambda2", float, "c_t at the first step, λ2 (AE-SAM 1, AE-LookSAM 2)"),
-    ("delta", "--delta", float, "forgetting rate δ of the ‖g‖² EMAs (default 0.9)"),
-    ("target_sam_fraction", "--target-sam-fraction", float,
-     "share of SAM steps to aim for (late_sam, rst, quantile_sam, ss_sam; for AE-SAM and AE-LookSAM "
-     "it chooses λ1, λ2 instead of --lambda1/--lambda2)"),
-    ("p", "--p", float, "SAM probability per step (default 0.5)"),
-    ("k", "--k", int, "a SAM step every k steps (default 5; the paper uses 2 for label noise)"),
-    ("alpha", "--alpha", float, "weight α of the reused g_v (default 0.7)"),
-    ("per_tensor", "--per-tensor", None, "LookSAM projection and norms per weight tensor (default: global)"),
-    ("adaptive", "--adaptive", None, "ASAM's scale-invariant perturbation (Kwon et al., 2021)"),
-    ("beta", "--beta", float, "ESAM: share of weight tensors perturbed, SWP (default 0.6)"),
-    ("gamma", "--gamma", float, "ESAM: share of the batch used for the SAM gradient, SDS (default 0.5)"),
-    ("p_start", "--p-start", float, "the coin's SAM probability at the first step (with --p-end)"),
-    ("p_end", "--p-end", float, "the coin's SAM probability at the last step (with --p-start)"),
-    ("schedule", "--coin-schedule", str,
-     "shape of the coin's probability for --target-sam-fraction: linear or constant (default linear)"),
-    ("step_size", "--step-size", float, "rate at which the quantile threshold moves (default 0.3)"),
-    ("spread", "--spread", float, "λ2 - λ1 of the c_t schedule behind the quantile's target (default 2)"),
-)
-
-#: Hyperparameters whose argparse ``dest`` differs from their name (``--schedule`` is the learning rate's).
-_HYPERPARAMETER_DEST = {"schedule": "coin_schedule"}
-
-#: Values of ``--strategy``.
-STRATEGIES = ("auto", "one", "mirrored", "multi-worker")
-
-_IGNORED_PARAMETERS = {"seed"}  # --seed seeds the whole run, and the method too
 
 #: The backup inside a run directory, and the CSV logs it keeps in step with.
 BACKUP_FILE = "backup/state.npz"
@@ -131,10 +107,6 @@ _LEGACY_EXPORT_FILES = ("saved_model.pb", "fingerprint.pb", "variables/*", "asse
 _RESUME_FREE = ("resume", "output", "overwrite", "quiet", "verbose", "no_plots", "backup_steps")
 
 logger = logging.getLogger("keras_aesam.cli")
-
-
-class BadInput(Exception):
-    """A user error found before training: reported as ``parser.error``."""
 
 
 class DataUnavailable(Exception):
@@ -153,19 +125,6 @@ def _resolve_name(kind, name, valid):
         if _canonical(key) == wanted:
             return key
     raise BadInput(f"unknown {kind} {name!r}; valid {kind}s: {', '.join(sorted(valid))}")
-
-
-def _method_takes(method):
-    """Hyperparameter names ``method`` takes (its policy's and direction's)."""
-    from keras_aesam import method_parameters
-
-    return [p for p in method_parameters(method) if p not in _IGNORED_PARAMETERS]
-
-
-def _methods_taking(name):
-    from keras_aesam import METHODS
-
-    return [m for m in METHODS if name in _method_takes(m)]
 
 
 def _default_export_root() -> Path:
@@ -202,10 +161,6 @@ def _format_duration(seconds):
         return f"{minutes}m{seconds:02d}s"
     hours, minutes = divmod(minutes, 60)
     return f"{hours}h{minutes:02d}m{seconds:02d}s"
-
-
-def _one_line(err):
-    return " ".join(str(err).split())
 
 
 # ----------------------------------------------------------------------- parser
@@ -277,8 +232,8 @@ def build_parser() -> argparse.ArgumentParser:
     g = t.add_argument_group("experiment")
     g.add_argument("--dataset", default=DEFAULTS["dataset"],
                    help=f"one of {', '.join(datasets)} (default %(default)s, offline)")
-    g.add_argument("--model", default=DEFAULTS["model"],
-                   help=f"one of {', '.join(networks)} (default %(default)s)")
+    flags.add_flag(g, "--network", default=DEFAULTS["network"],
+                   help=f"one of {', '.join(networks)} (default %(default)s; also --model)")
     g.add_argument("--method", default=DEFAULTS["method"],
                    help=f"one of {', '.join(methods)} (default %(default)s)")
     g.add_argument("--epochs", type=int, default=DEFAULTS["epochs"], help="default %(default)s")
@@ -286,7 +241,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--train-size", type=str, default=str(DEFAULTS["train_size"]),
                    help="training examples kept after the validation split, or 'all' "
                    "(default %(default)s)")
-    g.add_argument("--noise", type=float, default=DEFAULTS["noise"],
+    flags.add_flag(g, "--label-noise", type=float, default=DEFAULTS["label_noise"],
                    help="fraction of training labels flipped to another class, in [0, 1) "
                    "(paper §4.3; default %(default)s)")
     g.add_argument("--seed", type=int, default=DEFAULTS["seed"],
@@ -320,25 +275,10 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--steps-per-execution", type=int, default=1, help="default %(default)s")
 
     d = t.add_argument_group("devices (see 'several devices' below)")
-    d.add_argument("--strategy", choices=STRATEGIES, default="auto",
-                   help="auto (default): mirrored when more than one GPU (or --cpu-devices > 1) is "
-                   "visible, else one; one: a single device; mirrored: every local GPU, else the "
-                   "--cpu-devices; multi-worker: the cluster in TF_CONFIG")
-    d.add_argument("--cpu-devices", type=int, default=None,
-                   help="split the CPU into N logical devices, to try and test distribution without GPUs")
-    d.add_argument("--sync-perturbation", action=argparse.BooleanOptionalAction, default=True,
-                   help="perturb with the all-reduced gradient, as one device on the global batch "
-                   "(default on; off: each replica perturbs with its own shard's gradient)")
+    devices.add_strategy_flags(d)
 
     h = t.add_argument_group("method hyperparameters (only those the method takes; defaults are the paper's)")
-    for name, flag, kind, text in HYPERPARAMETER_FLAGS:
-        takers = _methods_taking(name)
-        text = f"{text} [{', '.join(takers)}]"
-        if kind is None:
-            h.add_argument(flag, dest=_HYPERPARAMETER_DEST.get(name, name), action="store_true", default=None,
-                           help=text)
-        else:
-            h.add_argument(flag, dest=_HYPERPARAMETER_DEST.get(name, name), type=kind, default=None, help=text)
+    flags.add_hyperparameter_flags(h)
     h.add_argument("--total-steps", type=int, default=None,
                    help="the schedule's T (default: epochs x steps per epoch) [all]")
 
@@ -355,11 +295,11 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--export-dir", default=None,
                    help=f"where the SavedModel goes, as <export-dir>/<run name> "
                    f"(default: {_default_export_root()})")
-    r.add_argument("--hist-epochs", type=_int_list, default=None,
+    flags.add_flag(r, "--grad-norm-epochs", type=_int_list, default=None,
                    help="completed epochs after which to sample ||g||^2 at fixed weights for the "
                    "Fig. 3 histogram, e.g. 1,50,200 (0 = before training; default 'auto' = first, "
                    "middle, last; 'none' to skip)")
-    r.add_argument("--hist-batches", type=int, default=DEFAULTS["hist_batches"],
+    flags.add_flag(r, "--grad-norm-batches", type=int, default=DEFAULTS["grad_norm_batches"],
                    help="mini-batches per sampled epoch (default %(default)s)")
     r.add_argument("--no-plots", action="store_true", help="do not draw the PNG plots")
     r.add_argument("--verbose", action="store_true",
@@ -386,11 +326,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # ------------------------------------------------------------------- validation
-
-
-def _check(condition, message):
-    if not condition:
-        raise BadInput(message)
 
 
 def _resolve(args, network=None, chief=True):
@@ -503,59 +438,6 @@ def _resolve(args, network=None, chief=True):
     _check_replaceable(run_dir, "config.json", _LEGACY_RUN_FILES, _RUN_FILES + tuple(PLOT_FILES.values()), action)
     _check_replaceable(export_path, "saved_model.pb", _LEGACY_EXPORT_FILES, (), action)
     return {**plan, "read_dir": run_dir, "run_dir": run_dir, "export_path": export_path}
-
-
-# ---------------------------------------------------------------------- devices
-
-
-def _split_cpu(count):
-    """Splits the CPU into ``count`` logical devices (before TensorFlow starts), else BadInput."""
-    import tensorflow as tf
-
-    cpu = tf.config.list_physical_devices("CPU")[0]
-    try:
-        tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * count)
-    except RuntimeError:  # TensorFlow already started in this process: fine if it has the same split
-        have = len(tf.config.list_logical_devices("CPU"))
-        _check(have == count, f"--cpu-devices {count}: TensorFlow already started in this process "
-               f"with {have} CPU device(s); pass it to a fresh process")
-
-
-def _is_chief(resolver):
-    """Keras's rule: the task ``chief``, else worker 0 of a cluster without one."""
-    task_type, task_id = resolver.task_type, resolver.task_id
-    if task_type in (None, "chief"):
-        return True
-    return task_type == "worker" and task_id == 0 and "chief" not in resolver.cluster_spec().as_dict()
-
-
-def _distribution(args):
-    """The ``tf.distribute`` strategy of ``--strategy``, and whether this process writes the run.
-
-    Made before anything else touches TensorFlow: the CPU split and the
-    multi-worker collectives can only be set up at its start.
-    """
-    import tensorflow as tf
-
-    _check(args.cpu_devices is None or args.cpu_devices >= 1,
-           f"--cpu-devices must be >= 1, got {args.cpu_devices}")
-    _check(args.cpu_devices is None or args.strategy != "multi-worker",
-           "--cpu-devices is for --strategy mirrored, one or auto (a worker uses its GPUs or its CPU)")
-    if args.cpu_devices:
-        _split_cpu(args.cpu_devices)
-    if args.strategy == "multi-worker":
-        _check(bool(os.environ.get("TF_CONFIG")),
-               "--strategy multi-worker reads the cluster from TF_CONFIG, which is not set")
-        try:
-            strategy = tf.distribute.MultiWorkerMirroredStrategy()
-        except (ValueError, RuntimeError) as err:
-            raise BadInput(f"--strategy multi-worker: {_one_line(err)}") from err
-        return strategy, _is_chief(strategy.cluster_resolver)
-    gpus = [d.name for d in tf.config.list_logical_devices("GPU")]
-    devices = gpus or [d.name for d in tf.config.list_logical_devices("CPU")]
-    if args.strategy == "mirrored" or (args.strategy == "auto" and len(devices) > 1):
-        return tf.distribute.MirroredStrategy(devices), True
-    return tf.distribute.get_strategy(), True
 
 
 # --------------------------------------------------------------------- training
@@ -820,14 +702,6 @@ def _resume_args(parser, argv, args):
     stored.resume, stored.overwrite, stored.output = True, False, args.output
     stored.argv = stored_argv
     return stored
-
-
-def _write_json(path, payload):
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(payload, f, indent=2, sort_keys=False, default=str)
-        f.write("\n")
-    os.replace(tmp, path)
 
 
 def _train(args, plan, network=None, dataset_kwargs=None):
@@ -1200,7 +1074,8 @@ def run(argv: Optional[Sequence[str]] = None, *, network: Optional[Callable] = N
             return _plot(args)
         if args.resume:
             args = _resume_args(parser, argv, args)
-        strategy, chief = _distribution(args)
+        # Before anything else touches TensorFlow: the CPU split and the collectives are set up at its start.
+        strategy, chief = devices.strategy_for(args.strategy, args.cpu_devices)
         plan = _resolve(args, network=network, chief=chief)
         plan.update(strategy=strategy, chief=chief)
         try:
@@ -1208,7 +1083,7 @@ def run(argv: Optional[Sequence[str]] = None, *, network: Optional[Callable] = N
         finally:
             if not chief:  # another worker: its files were only for the run's duration
                 shutil.rmtree(plan["run_dir"], ignore_errors=True)
-    except (BadInput, safety.NotOurs) as err:
+    except (BadInput, devices.DeviceError, safety.NotOurs) as err:
         subparser.error(str(err))
     except (DataUnavailable, FileNotFoundError) as err:
         print(f"keras-aesam {args.command}: error: {_one_line(err)}", file=sys.stderr)
