@@ -58,10 +58,11 @@ def _last_line(text):
     [
         (["--dataset", "mnist"],
          r"unknown dataset 'mnist'; valid datasets: cifar10, cifar100, fashion_mnist, imagenet2012"),
-        (["--model", "resnet1000"], r"unknown network 'resnet1000'; valid networks: .*resnet18.*small_cnn"),
+        (["--network", "resnet1000"], r"unknown network 'resnet1000'; valid networks: .*resnet18.*small_cnn"),
+        (["--model", "resnet1000"], r"unknown network 'resnet1000'"),
         (["--method", "adam"], r"unknown method 'adam'; valid methods: " + re.escape(", ".join(sorted(METHODS)))),
-        (["--noise", "1.0"], r"--noise must be in \[0, 1\), got 1"),
-        (["--noise", "-0.1"], r"--noise must be in \[0, 1\), got -0.1"),
+        (["--label-noise", "1.0"], r"--label-noise must be in \[0, 1\), got 1"),
+        (["--noise", "-0.1"], r"--label-noise must be in \[0, 1\), got -0.1"),
         (["--batch-size", "0"], r"--batch-size must be >= 1, got 0"),
         (["--epochs", "0"], r"--epochs must be >= 1"),
         (["--train-size", "0"], r"--train-size must be >= 1"),
@@ -72,7 +73,10 @@ def _last_line(text):
          r"invalid hyperparameter for ae_sam: lambda1 must be <= lambda2"),
         (["--method", "looksam", "--k", "0"], r"invalid hyperparameter for looksam: k must be an integer >= 1"),
         (["--method", "sam", "--rho", "0"], r"invalid hyperparameter for sam: rho"),
-        (["--hist-epochs", "99"], r"--hist-epochs must be in \[0, 10\]"),
+        (["--grad-norm-epochs", "99"], r"--grad-norm-epochs must be in \[0, 10\]"),
+        (["--grad-norm-batches", "0"], r"--grad-norm-batches must be >= 1, got 0"),
+        (["--momentum", "1"], r"--momentum must be in \[0, 1\), got 1"),
+        (["--backup-steps", "-1"], r"--backup-steps must be >= 0"),
         (["--manual-dir", "/x"], r"--manual-dir is for imagenet2012 only"),
     ],
 )
@@ -224,7 +228,7 @@ def tiny_run(tmp_path_factory):
     export_root = root / "saved"
     argv = [
         "train", "--train-size", "512", "--epochs", "1", "--output", str(run_dir),
-        "--export-dir", str(export_root), "--hist-epochs", "0,1", "--hist-batches", "3",
+        "--export-dir", str(export_root), "--grad-norm-epochs", "0,1", "--grad-norm-batches", "3",
         "--eval-batches", "8", "--quiet",
     ]
     out = io.StringIO()

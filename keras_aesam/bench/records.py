@@ -8,29 +8,8 @@ import platform
 import subprocess
 from pathlib import Path
 
-import numpy as np
-
 from keras_aesam.bench.plan import BadInput
-
-
-def _write_json(path, payload):
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(payload, f, indent=2, default=_json_default)
-        f.write("\n")
-    os.replace(tmp, path)
-
-
-def _json_default(value):
-    if isinstance(value, (np.floating, np.integer)):
-        return value.item()
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    if isinstance(value, Path):
-        return str(value)
-    return str(value)
+from keras_aesam.flags import json_default as _json_default, write_json as _write_json  # noqa: F401  (re-exported)
 
 
 def _result_path(out, spec):
