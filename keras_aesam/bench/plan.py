@@ -14,8 +14,9 @@ import json
 import math
 from pathlib import Path
 
-from keras_aesam import methods as _methods, recipe
+from keras_aesam import flags, methods as _methods, recipe
 from keras_aesam.bench.networks import BENCH_NETWORKS, _network_names
+from keras_aesam.flags import HYPERPARAMETER_FLAGS, BadInput  # noqa: F401  (re-exported: keras_aesam.bench's API)
 from keras_aesam.validation import canonical_name as _canonical
 
 #: The seven methods, in the paper's order of presentation.
@@ -70,19 +71,6 @@ NOISY_HYPERPARAMETERS = {
     "ae_looksam": {"lambda1": -1.0, "lambda2": 1.0},
 }
 
-#: (name, flag, type) of the method hyperparameters the bench passes through.
-HYPERPARAMETER_FLAGS = (
-    ("rho", "--rho", float),
-    ("lambda1", "--lambda1", float),
-    ("lambda2", "--lambda2", float),
-    ("delta", "--delta", float),
-    ("p", "--p", float),
-    ("k", "--k", int),
-    ("alpha", "--alpha", float),
-    ("beta", "--beta", float),
-    ("gamma", "--gamma", float),
-)
-
 #: Seconds per training step (ERM, batch 128) measured on the reference machine, an
 #: Intel Xeon @ 2.50GHz VM with 2 cores shared with other jobs (load average 4-6):
 #: the budget check's cost model. Other networks get a conservative guess.
@@ -101,11 +89,6 @@ PROCESS_OVERHEAD_SECONDS = 15.0
 #: A forward pass costs about a third of a forward-backward pass (the cost model
 #: behind ESAM's extra forward pass and the evaluation time).
 FORWARD_COST = 1.0 / 3.0
-
-
-class BadInput(Exception):
-    """A user error found before anything runs: reported like argparse errors."""
-
 
 
 #: The evidence profile (:mod:`keras_aesam.bench.noisy_labels`): its own plan, flags and report.
@@ -138,7 +121,7 @@ examples:
   keras-aesam bench                                   # quick, into bench_results/quick
   keras-aesam bench --profile standard --output docs/results/fashion_mnist_standard
   keras-aesam bench --profile standard --seeds 5 --epochs 10 --budget-minutes 0
-  keras-aesam bench --methods erm,sam,ae_sam --noise 0,0.4 --seeds 3 --output runs/bench
+  keras-aesam bench --methods erm,sam,ae_sam --label-noise 0,0.4 --seeds 3 --output runs/bench
 """
 
 
@@ -158,13 +141,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"comma-separated, or 'all' ({', '.join(ALL_METHODS)}); default: the profile's")
     g.add_argument("--seeds", type=int, default=None, help="number of seeds (default: the profile's)")
     g.add_argument("--first-seed", type=int, default=0, help="seeds are first-seed, first-seed+1, … (default 0)")
-    g.add_argument("--noise", default=None,
+    flags.add_flag(g, "--label-noise", dest="noise", default=None,
                    help="comma-separated label-noise rates in [0, 1), e.g. 0,0.4,0.8 (default: the profile's)")
     g.add_argument("--epochs", type=int, default=None, help="default: the profile's")
     g.add_argument("--train-size", default=None,
                    help="training examples kept after the validation split, or 'all' (default: the profile's)")
     g.add_argument("--dataset", default=None, help=f"default {COMMON['dataset']}")
-    g.add_argument("--network", default=None,
+    flags.add_flag(g, "--network", default=None,
                    help=f"default {COMMON['network']}; resnet8/14/20 are defined here (and in tf_keras "
                    "for the peer row), the others come from keras_aesam.networks")
     g.add_argument("--test-batches", type=int, default=None,
@@ -177,8 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--weight-decay-mode", choices=recipe.WEIGHT_DECAY_MODES, default=None,
                    help=f"default {COMMON['weight_decay_mode']} (see the module docstring)")
     h = parser.add_argument_group("method hyperparameters (to every method that takes them; paper defaults)")
-    for name, flag, kind in HYPERPARAMETER_FLAGS:
-        h.add_argument(flag, dest=name, type=kind, default=None)
+    flags.add_hyperparameter_flags(h)
     r = parser.add_argument_group("running")
     r.add_argument("--output", "-o", default=None, help="output directory (default bench_results/<profile>)")
     mode = r.add_mutually_exclusive_group()
@@ -232,7 +214,8 @@ def _parse_methods(text, default):
     return chosen
 
 
-def _parse_noise(text, default):
+def _parse_noise(text, default, flag="--label-noise"):
+    """The label-noise rates of ``flag`` (as the user spelled it, for the messages), without repeats."""
     if text is None:
         return list(default)
     values = []
@@ -242,13 +225,13 @@ def _parse_noise(text, default):
         try:
             value = float(part)
         except ValueError:
-            raise BadInput(f"--noise must be comma-separated numbers in [0, 1), got {text!r}") from None
+            raise BadInput(f"{flag} must be comma-separated numbers in [0, 1), got {text!r}") from None
         if not 0.0 <= value < 1.0:
-            raise BadInput(f"--noise rates must be in [0, 1), got {value:g}")
+            raise BadInput(f"{flag} rates must be in [0, 1), got {value:g}")
         if value not in values:
             values.append(value)
     if not values:
-        raise BadInput("--noise is empty; give at least one rate, e.g. 0 or 0,0.4,0.8")
+        raise BadInput(f"{flag} is empty; give at least one rate, e.g. 0 or 0,0.4,0.8")
     return values
 
 
@@ -270,7 +253,7 @@ def resolve(args) -> dict:
     """Checks every argument and returns the plan (no TensorFlow work, no files written)."""
     profile = PROFILES[args.profile]
     methods = _parse_methods(args.methods, profile["methods"])
-    noise = _parse_noise(args.noise, profile["noise"])
+    noise = _parse_noise(args.noise, profile["noise"], flags.spelled(args, "noise", "--label-noise"))
     seeds = _seeds(args, profile)
     config = _config(args, profile)
     _check_config(config)
@@ -318,16 +301,7 @@ def _config(args, profile):
             config[key] = value
     config["epochs"] = profile["epochs"] if args.epochs is None else args.epochs
     train_size = profile["train_size"] if args.train_size is None else args.train_size
-    if str(train_size).lower() in ("all", "none", "full"):
-        train_size = None
-    else:
-        try:
-            train_size = int(train_size)
-        except ValueError:
-            raise BadInput(f"--train-size must be an integer >= 1 or 'all', got {train_size!r}") from None
-        if train_size < 1:
-            raise BadInput(f"--train-size must be >= 1 or 'all', got {train_size}")
-    config["train_size"] = train_size
+    config["train_size"] = flags.parse_train_size(train_size)
     return config
 
 
@@ -362,10 +336,10 @@ def _method_runs(args, config, methods, noise, seeds):
     from keras_aesam import build_method, method_parameters
 
     # Method hyperparameters: the user's flags go to every method that takes them.
-    given = {name: getattr(args, name) for name, _, _ in HYPERPARAMETER_FLAGS if getattr(args, name) is not None}
+    given = flags.given_hyperparameters(args)
     config["rho"] = given.get("rho", COMMON["rho"])
     takers = {name: [m for m in methods if name in method_parameters(m)] for name in given}
-    unused = [flag for name, flag, _ in HYPERPARAMETER_FLAGS if name in given and not takers[name]]
+    unused = [hp.flag for hp in HYPERPARAMETER_FLAGS if hp.name in given and not takers[hp.name]]
     if unused:
         raise BadInput(f"{', '.join(unused)}: none of the methods {', '.join(methods)} takes it")
 
