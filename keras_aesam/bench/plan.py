@@ -153,7 +153,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--test-batches", type=int, default=None,
                    help="evaluate on the first N test batches only (default: the whole test set)")
     o = parser.add_argument_group("optimizer (the same for every method)")
-    o.add_argument("--batch-size", type=int, default=None, help=f"default {COMMON['batch_size']}")
+    o.add_argument("--batch-size", type=int, default=None,
+                   help=f"the global batch, split over the replicas (default {COMMON['batch_size']})")
     o.add_argument("--lr", type=float, default=None, help=f"initial learning rate (default {COMMON['lr']})")
     o.add_argument("--momentum", type=float, default=None, help=f"default {COMMON['momentum']}")
     o.add_argument("--weight-decay", type=float, default=None, help=f"default {COMMON['weight_decay']}")
@@ -161,6 +162,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"default {COMMON['weight_decay_mode']} (see the module docstring)")
     h = parser.add_argument_group("method hyperparameters (to every method that takes them; paper defaults)")
     flags.add_hyperparameter_flags(h)
+    from keras_aesam import devices
+
+    devices.add_strategy_flags(parser.add_argument_group(
+        "devices (every run the same; --strategy multi-worker is keras-aesam train's)"))
     r = parser.add_argument_group("running")
     r.add_argument("--output", "-o", default=None, help="output directory (default bench_results/<profile>)")
     mode = r.add_mutually_exclusive_group()
@@ -302,6 +307,7 @@ def _config(args, profile):
     config["epochs"] = profile["epochs"] if args.epochs is None else args.epochs
     train_size = profile["train_size"] if args.train_size is None else args.train_size
     config["train_size"] = flags.parse_train_size(train_size)
+    config.update(strategy=args.strategy, cpu_devices=args.cpu_devices, sync_perturbation=args.sync_perturbation)
     return config
 
 
@@ -329,6 +335,21 @@ def _check_config(config):
         raise BadInput(f"--weight-decay must be >= 0, got {config['weight_decay']:g}")
     if config["test_batches"] is not None and config["test_batches"] < 1:
         raise BadInput(f"--test-batches must be >= 1, got {config['test_batches']}")
+    _check_devices(config)
+
+
+def _check_devices(config):
+    """BadInput unless the device flags go together; a bench's runs are local processes, not a cluster."""
+    from keras_aesam import devices
+
+    try:
+        devices.check_flags(config["strategy"], config["cpu_devices"])
+    except devices.DeviceError as err:
+        raise BadInput(str(err)) from None
+    if config["strategy"] == "multi-worker":
+        raise BadInput("--strategy multi-worker is not offered by the bench (its runs are local processes, "
+                       "one after another): use keras-aesam train --strategy multi-worker on a cluster, or "
+                       "--strategy mirrored, one or auto here")
 
 
 def _method_runs(args, config, methods, noise, seeds):

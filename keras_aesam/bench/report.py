@@ -33,7 +33,8 @@ CSV_COLUMNS = (
     "epoch_seconds_after_first", "step_ms", "step_ms_first_epoch", "step_cpu_ms", "timed_steps", "ratio_to_erm",
     "cpu_ratio_to_erm",
     "fit_seconds", "run_seconds", "skipped_steps", "parameters", "train_examples", "noise_rate_realised",
-    "hyperparameters", "framework", "loadavg_start", "loadavg_end", "finished_at",
+    "hyperparameters", "framework", "strategy", "replicas", "sync_perturbation", "loadavg_start", "loadavg_end",
+    "finished_at",
 )
 
 #: Where each weight-decay mode acts, for the report's recipe line.

@@ -11,6 +11,7 @@ import time
 import traceback
 from pathlib import Path
 
+from keras_aesam import devices
 from keras_aesam.bench.plan import BadInput, estimate_seconds
 from keras_aesam.bench.progress import PROGRESS_MARK, Progress
 from keras_aesam.bench.records import (
@@ -47,7 +48,10 @@ def _describe(result):
         f"{step:.0f} ms/step" if step is not None else "n/a")
     frac = result.get("sam_fraction")
     sam = "n/a" if frac is None else f"{100 * frac:.1f} %"
-    return f"test acc {result['test_accuracy']:.4f}, SAM {sam}, {timing}"
+    replicas = result.get("replicas") or 1
+    batch = (result.get("spec") or {}).get("batch_size")
+    split = f", {devices.replicas_text(replicas, batch)}" if batch else ""
+    return f"test acc {result['test_accuracy']:.4f}, SAM {sam}, {timing}{split}"
 
 
 def _run_in_process(out, specs, progress):
@@ -150,7 +154,8 @@ def _bench_paths(out, plan):
     """Paths (relative to ``out``) this plan writes; init files only once they exist."""
     paths = list(_BENCH_TOP_FILES)
     for spec in plan["runs"]:
-        paths += [f"runs/{spec['run_id']}.json", f"runs/{spec['run_id']}.error.txt"]
+        paths += [f"runs/{spec['run_id']}.json", f"runs/{spec['run_id']}.error.txt",
+                  f"final/{spec['run_id']}.npz", f"final/{spec['run_id']}.npz.tmp"]
         paths += [p.relative_to(out).as_posix()
                   for p in (out / "init").glob(f"{spec['network']}_*_s{spec['seed']}.npz")]
     for key, _ in _groups(plan):
@@ -164,7 +169,7 @@ def _record_bench_files(out, plan):
 
     out.mkdir(parents=True, exist_ok=True)
     ours = set(safety.written(out))
-    new_dirs = [d for d in ("runs", "init", "logs") if not (out / d).exists()]
+    new_dirs = [d for d in ("runs", "init", "final", "logs") if not (out / d).exists()]
     for d in new_dirs:
         (out / d).mkdir()
     # A file already there that the manifest does not list stays someone else's.
@@ -255,9 +260,25 @@ def _run_groups(plan, done, progress, stream):
     return False
 
 
+def _split_cpu_here(plan):
+    """``--isolation none --cpu-devices N``: this process's CPU split, made now or refused (BadInput).
+
+    It must come before this process's first TensorFlow operation; the worker
+    processes of the other isolation modes start fresh and split it themselves.
+    """
+    count = plan["config"].get("cpu_devices")
+    if plan["isolation"] != "none" or not count:
+        return
+    try:
+        devices.split_cpu(count)
+    except devices.DeviceError as err:
+        raise BadInput(f"{err} (e.g. --isolation group: a fresh worker process)") from None
+
+
 def run_bench(plan, argv=None, *, fresh=False, stream=None, program="keras-aesam bench") -> int:
     """Runs the plan's unfinished runs and writes the report; returns the exit code (console: ``stream``)."""
     stream = stream or sys.stdout
+    _split_cpu_here(plan)
     out = plan["output"]
     if fresh and out.exists():
         _remove_previous_bench(out, plan, stream)

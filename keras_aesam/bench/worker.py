@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from keras_aesam import recipe
+from keras_aesam import devices, recipe
 from keras_aesam.bench.networks import build_network
 from keras_aesam.bench.plan import FORWARD_COST
 from keras_aesam.bench.progress import epoch_callback
@@ -99,6 +99,24 @@ def _init_path(out, spec, input_shape, num_classes):
     return Path(out) / "init" / f"{spec['network']}_{shape}_{num_classes}c_s{spec['seed']}.npz"
 
 
+def _save_npz(path, **arrays):
+    """Writes ``arrays`` to ``path`` whole or not at all (a temporary file, then renamed)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        np.savez(f, **arrays)
+    os.replace(tmp, path)
+
+
+def _weight_arrays(net):
+    return {f"w{i:04d}": w for i, w in enumerate(net.get_weights())}
+
+
+def final_weights_path(out, spec) -> Path:
+    """Where a method run's final network weights are kept (``w0000``, ``w0001``, … as in ``init/``)."""
+    return Path(out) / "final" / f"{spec['run_id']}.npz"
+
+
 def initial_weights(out, spec, data):
     """The seed's initial weights (built once, then loaded by every method) and a probe batch.
 
@@ -116,12 +134,7 @@ def initial_weights(out, spec, data):
                             weight_decay=spec["weight_decay"], weight_decay_mode=spec["weight_decay_mode"])
         probe_x = np.random.default_rng(spec["seed"]).normal(size=(16, *data.input_shape)).astype("float32")
         probe_logits = np.asarray(net(probe_x, training=False))
-        arrays = {f"w{i:04d}": w for i, w in enumerate(net.get_weights())}
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        with open(tmp, "wb") as f:
-            np.savez(f, probe_x=probe_x, probe_logits=probe_logits, **arrays)
-        os.replace(tmp, path)
+        _save_npz(path, probe_x=probe_x, probe_logits=probe_logits, **_weight_arrays(net))
     with np.load(path) as stored:
         names = sorted(k for k in stored.files if k.startswith("w"))
         return [stored[k] for k in names], stored["probe_x"], stored["probe_logits"]
@@ -145,15 +158,17 @@ def _build_inner(K, spec, data, weights):
     return inner
 
 
-def _fit_and_evaluate(K, model, spec, data, callbacks=()):
-    """Fits ``model`` (compiled) on ``train.repeat()`` with the step timer, then evaluates it.
+def _fit_and_evaluate(K, model, spec, data, callbacks=(), train=None):
+    """Fits ``model`` (compiled) on ``train`` (default ``data.train.repeat()``) with the step timer, then
+    evaluates it.
 
     Returns ``(history, fields)``: the result fields every run has, the peer's too.
     """
     timer = _make_timer(K)
     load_start = _loadavg()
     fit_start = time.perf_counter()
-    history = model.fit(data.train.repeat(), steps_per_epoch=data.steps_per_epoch, epochs=spec["epochs"],
+    train = data.train.repeat() if train is None else train
+    history = model.fit(train, steps_per_epoch=data.steps_per_epoch, epochs=spec["epochs"],
                         verbose=0, callbacks=[timer, *callbacks], shuffle=False)
     fit_seconds = time.perf_counter() - fit_start
     test = data.test if not spec["test_batches"] else data.test.take(spec["test_batches"])
@@ -184,25 +199,66 @@ def _passes(spec, hp, steps, sam_steps):
     return steps + sam_steps
 
 
+def _strategy(spec):
+    """The spec's ``tf.distribute`` strategy (made first: a CPU split needs TensorFlow not yet started).
+
+    ``--batch-size`` is the global batch: each of the replicas trains on its equal share.
+    """
+    strategy, _ = devices.strategy_for(spec.get("strategy", "one"), spec.get("cpu_devices"))
+    replicas = strategy.num_replicas_in_sync
+    if spec["batch_size"] % replicas:
+        raise ValueError(f"--batch-size (the global batch) must be a multiple of the {replicas} replicas, "
+                         f"got {spec['batch_size']}")
+    return strategy
+
+
+def _training_stream(strategy, data, steps):
+    """The training batches ``fit`` gets: ``data.train.repeat()``, the same batches on any devices.
+
+    Keras opens the training data of a distributed model twice (a batch to build
+    it, then to train), and a second iterator of the shuffled pipeline would start
+    at another shuffle than one device does; under a strategy ``fit`` therefore
+    reads a replayable view (``StreamView``) of one iterator, so every strategy
+    trains on the batches, in the order, of one device.
+    """
+    import tensorflow as tf
+
+    train = data.train.repeat()
+    if strategy is tf.distribute.get_strategy():  # the default strategy: Keras opens the data once
+        return train
+    from keras_aesam.training_loop import StreamView
+
+    view = StreamView(iter(train), steps)
+    return tf.data.Dataset.from_generator(view, output_signature=data.train.element_spec).prefetch(tf.data.AUTOTUNE)
+
+
 def _run_method(spec, out) -> dict:
-    """One keras_aesam run of the spec, trained with :mod:`keras_aesam.recipe`; its result fields."""
+    """One keras_aesam run of the spec, trained with :mod:`keras_aesam.recipe` on the spec's devices;
+    its result fields. The final network weights go to ``final_weights_path``.
+    """
     import keras
     import tensorflow as tf
 
     import keras_aesam
 
+    strategy = _strategy(spec)
     keras.utils.clear_session()
     keras.utils.set_random_seed(spec["seed"])
     data = _load_data(spec)  # a fresh pipeline under the same seeds: the same batch order for every method
     weights, _, _ = initial_weights(out, spec, data)
     keras.utils.clear_session()
     keras.utils.set_random_seed(spec["seed"])
-    inner = _build_inner(keras, spec, data, weights)
     total_steps = recipe.total_steps(spec["epochs"], data.steps_per_epoch)
-    model = keras_aesam.wrap(inner, method=spec["method"], total_steps=total_steps, **spec["hyperparameters"])
-    recipe.compile_model(model, _recipe(spec), total_steps, keras, jit_compile=False)
+    sync = spec.get("sync_perturbation", True)
+    with strategy.scope():  # the variables of network, optimizer and metrics are mirrored
+        inner = _build_inner(keras, spec, data, weights)
+        model = keras_aesam.wrap(inner, method=spec["method"], total_steps=total_steps, sync_perturbation=sync,
+                                 **spec["hyperparameters"])
+        recipe.compile_model(model, _recipe(spec), total_steps, keras, jit_compile=False)
     epochs = epoch_callback(keras, spec["run_id"], spec["epochs"])
-    history, fields = _fit_and_evaluate(keras, model, spec, data, [epochs])
+    train = _training_stream(strategy, data, total_steps)
+    history, fields = _fit_and_evaluate(keras, model, spec, data, [epochs], train)
+    _save_npz(final_weights_path(out, spec), **_weight_arrays(inner))
 
     fractions = [float(f) for f in history.history.get("sam_fraction", [])]
     state = model.policy_state
@@ -223,7 +279,14 @@ def _run_method(spec, out) -> dict:
         "expected_sam_fraction": model.policy.expected_sam_fraction(total_steps),
         "policy_state": state,
         "framework": f"keras {keras.__version__}, tensorflow {tf.__version__}",
+        "strategy": type(strategy).__name__,
+        "replicas": strategy.num_replicas_in_sync,
+        "sync_perturbation": bool(sync),
     }
+
+
+#: How a run that does not say otherwise was made: TensorFlow's default strategy, one device.
+_ONE_DEVICE = {"strategy": "_DefaultDistributionStrategy", "replicas": 1, "sync_perturbation": None}
 
 
 def run_spec(spec, out) -> dict:
@@ -235,6 +298,8 @@ def run_spec(spec, out) -> dict:
     )
 
     body = bench._run_peer(spec, out) if spec["kind"] == "peer" else bench._run_method(spec, out)
+    for key, value in _ONE_DEVICE.items():  # the peer (tf_keras) always trains on one device
+        body.setdefault(key, value)
     result = {
         "run_id": spec["run_id"],
         "spec_hash": spec["spec_hash"],
@@ -261,6 +326,9 @@ def _worker(job_path) -> int:
     """Worker process: runs the job's specs in order, each result written when it finishes."""
     job = json.loads(Path(job_path).read_text())
     out = job["out"]
+    cpu_devices = {spec.get("cpu_devices") for spec in job["specs"]} - {None}
+    for count in cpu_devices:  # the bench's one split, made before TensorFlow's runtime starts
+        devices.split_cpu(count)
     failures = 0
     for spec in job["specs"]:
         if finished_result(out, spec) is not None:
