@@ -1,0 +1,130 @@
+"""keras_aesam.flags: one flag vocabulary for ``keras-aesam train`` and ``keras-aesam bench``."""
+
+import json
+import warnings
+
+import numpy as np
+import pytest
+
+from keras_aesam import bench, cli, flags
+
+
+def _train_args(*argv):
+    return cli.build_parser().parse_args(["train", *argv])
+
+
+def _bench_args(*argv):
+    return bench.build_parser().parse_args(list(argv))
+
+
+def _value_for(hp):
+    """A value of the right type for each hyperparameter flag (switches take none)."""
+    if hp.type is None:
+        return []
+    return [{int: "3", float: "0.25", str: "constant"}[hp.type]]
+
+
+def test_train_and_bench_share_one_hyperparameter_table_and_one_bad_input():
+    assert cli.HYPERPARAMETER_FLAGS is flags.HYPERPARAMETER_FLAGS
+    assert bench.HYPERPARAMETER_FLAGS is flags.HYPERPARAMETER_FLAGS
+    assert cli.BadInput is flags.BadInput and bench.BadInput is flags.BadInput
+
+
+def test_every_hyperparameter_flag_parses_to_the_same_value_in_train_and_bench():
+    argv = [arg for hp in flags.HYPERPARAMETER_FLAGS for arg in (hp.flag, *_value_for(hp))]
+    from_train = flags.given_hyperparameters(_train_args(*argv))
+    from_bench = flags.given_hyperparameters(_bench_args(*argv))
+    assert from_train == from_bench
+    assert set(from_train) == {hp.name for hp in flags.HYPERPARAMETER_FLAGS}
+    assert from_train["k"] == 3 and from_train["rho"] == 0.25 and from_train["per_tensor"] is True
+    assert from_train["schedule"] == "constant"  # --coin-schedule: --schedule is the learning rate's
+
+
+def test_no_hyperparameter_flag_given_means_none():
+    assert flags.given_hyperparameters(_train_args()) == {}
+    assert flags.given_hyperparameters(_bench_args()) == {}
+
+
+def test_the_table_unpacks_as_name_flag_type_help():
+    for name, flag, kind, text in flags.HYPERPARAMETER_FLAGS:
+        assert flag.startswith("--") and text
+        assert kind in (None, int, float, str), name
+
+
+@pytest.mark.parametrize("old, new, value, dest, expected", [
+    ("--model", "--network", "resnet18", "network", "resnet18"),
+    ("--noise", "--label-noise", "0.4", "label_noise", 0.4),
+    ("--hist-epochs", "--grad-norm-epochs", "0,3", "grad_norm_epochs", [0, 3]),
+    ("--hist-batches", "--grad-norm-batches", "7", "grad_norm_batches", 7),
+])
+def test_train_keeps_the_old_spellings_as_aliases_of_the_same_value(old, new, value, dest, expected):
+    assert getattr(_train_args(new, value), dest) == expected
+    with pytest.warns(DeprecationWarning, match=f"{old} is deprecated: use {new}"):
+        assert getattr(_train_args(old, value), dest) == expected
+
+
+@pytest.mark.parametrize("old, new, value, dest", [
+    ("--model", "--network", "small_cnn", "network"),
+    ("--noise", "--label-noise", "0,0.4", "noise"),
+])
+def test_bench_keeps_the_old_spellings_as_aliases_of_the_same_value(old, new, value, dest):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        assert getattr(_bench_args(old, value), dest) == getattr(_bench_args(new, value), dest) == value
+
+
+def test_help_shows_the_chosen_names_only(capsys):
+    train_help = cli.build_parser().subcommands["train"].format_help()
+    bench_help = bench.build_parser().format_help()
+    for text in (train_help, bench_help):
+        assert "--network" in text and "--label-noise" in text
+        assert "--model" not in text and "--noise " not in text
+    assert "--grad-norm-epochs" in train_help and "--hist-" not in train_help
+
+
+def test_errors_name_the_spelling_the_user_typed(capsys, tmp_path):
+    with pytest.raises(SystemExit):
+        bench.main(["--label-noise", "2", "--output", str(tmp_path / "out")])
+    assert "--label-noise rates must be in [0, 1)" in capsys.readouterr().err
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        with pytest.raises(SystemExit):
+            bench.main(["--noise", "2", "--output", str(tmp_path / "out")])
+    assert "--noise rates must be in [0, 1)" in capsys.readouterr().err
+
+
+def test_resume_compares_an_old_spelling_with_the_new_one():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        old = cli._explicit_flags(["train", "--model", "mlp", "--noise", "0.2"])
+    assert old == cli._explicit_flags(["train", "--network", "mlp", "--label-noise", "0.2"])
+
+
+@pytest.mark.parametrize("value, expected", [("all", None), ("ALL", None), ("full", None), ("12", 12)])
+def test_train_size(value, expected):
+    assert flags.parse_train_size(value) == expected
+
+
+@pytest.mark.parametrize("value, message", [
+    ("x", "--train-size must be an integer >= 1 or 'all', got 'x'"),
+    ("0", "--train-size must be >= 1 or 'all', got 0"),
+])
+def test_bad_train_size(value, message):
+    with pytest.raises(flags.BadInput, match=message):
+        flags.parse_train_size(value)
+
+
+def test_write_json_writes_numpy_values_as_numbers_and_creates_the_folder(tmp_path):
+    path = flags.write_json(tmp_path / "a" / "b.json", {"x": np.float32(0.5), "n": np.int64(3),
+                                                         "v": np.arange(2), "p": tmp_path})
+    assert json.loads(path.read_text()) == {"x": 0.5, "n": 3, "v": [0, 1], "p": str(tmp_path)}
+    assert [p.name for p in path.parent.iterdir()] == ["b.json"]  # no .tmp left
+
+
+def test_write_json_leaves_the_old_file_whole_when_writing_fails(tmp_path):
+    path = flags.write_json(tmp_path / "c.json", {"ok": 1})
+    circular = {}
+    circular["self"] = circular
+    with pytest.raises(ValueError):
+        flags.write_json(path, circular)
+    assert json.loads(path.read_text()) == {"ok": 1}
