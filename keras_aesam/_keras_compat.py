@@ -5,7 +5,13 @@ entry says why no public API does the job; when Keras changes one of them,
 this module is the one to update. Public equivalents are used where they
 exist (``keras.utils.unpack_x_y_sample_weight``, ``keras.StatelessScope``,
 ``Model.compute_metrics``).
+
+The model also overrides ``Layer._post_build``, which Keras calls once a
+model's ``build`` has run (its weights exist) and before it locks the
+model's state; no public hook runs there.
 """
+
+import contextlib
 
 import keras
 import tensorflow as tf
@@ -26,6 +32,24 @@ def unscale_loss_for_distribution(loss):
     Keras's own ``train_step`` does (no public API).
     """
     return keras_loss_module.unscale_loss_for_distribution(loss)
+
+
+@contextlib.contextmanager
+def state_unlocked(layer):
+    """Let ``layer`` add variables although it is built.
+
+    Keras locks a layer's state tracker when its ``build`` returns; per-weight
+    state (LookSAM's ``g_v``) can only be shaped once the weights exist, which
+    for a subclass is after that. The lock is put back as it was (no public API).
+    """
+    tracker = layer._tracker
+    locked = tracker.locked
+    tracker.unlock()
+    try:
+        yield
+    finally:
+        if locked:
+            tracker.lock()
 
 
 def input_signature(model):

@@ -13,6 +13,7 @@ replica context, variable assignment). Each step:
 """
 
 import collections
+import contextlib
 import copy
 import inspect
 
@@ -197,8 +198,7 @@ class SharpnessAwareModel(keras.Model):
         self._direction_state = None
         if inner is not None and inner.built:
             self.built = True
-            self._ensure_direction_state()
-            self._resolve_perturb_mask()  # a pattern matching nothing fails here
+            self._prepare_weight_state()  # a pattern matching nothing fails here
 
     # ------------------------------------------------------------------
     # State
@@ -229,15 +229,44 @@ class SharpnessAwareModel(keras.Model):
         }
 
     def _ensure_direction_state(self):
-        """Create the direction's per-weight state (LookSAM's ``g_v``) once built."""
+        """Create the direction's per-weight state (LookSAM's ``g_v``), one slot
+        per trainable weight, as soon as those weights exist.
+
+        A wrapped built model has them at ``__init__``; a subclass (or an
+        unbuilt inner model) gets them when it is built: by a call, by
+        ``build``, by ``fit``'s symbolic build under a strategy (inside its
+        scope), or by the first traced step without one. Each of those paths
+        calls this; only the first with weights creates the state, inside the
+        model's strategy scope, so checkpoints restore it like any weight.
+        """
         if self._direction_state is not None or not self.direction.has_state:
             return
-        self._direction_state = [
-            self._state_weight(
-                f"direction_state_{i}", 0.0, dtype=v.dtype, shape=tuple(v.shape)
-            )
-            for i, v in enumerate(self.trainable_variables)
-        ]
+        variables = self.trainable_variables
+        if not variables:
+            return  # not built yet
+        strategy = self._distribute_strategy
+        scope = (
+            strategy.scope() if strategy is not None and not tf.distribute.has_strategy()
+            else contextlib.nullcontext()
+        )
+        with scope, compat.state_unlocked(self):
+            self._direction_state = [
+                self._state_weight(
+                    f"direction_state_{i}", 0.0, dtype=v.dtype, shape=tuple(v.shape)
+                )
+                for i, v in enumerate(variables)
+            ]
+
+    def _prepare_weight_state(self):
+        """The direction's state and the ``perturb_filter`` mask, once the weights exist."""
+        if self.trainable_variables:
+            self._ensure_direction_state()
+            self._resolve_perturb_mask()
+
+    def _post_build(self):
+        """Keras's hook after ``build`` (see ``_keras_compat``): the weights exist now."""
+        super()._post_build()
+        self._ensure_direction_state()
 
     def _resolve_perturb_mask(self):
         """One bool per trainable variable: does it get ``e``? (``None``: all do.)"""
@@ -322,8 +351,7 @@ class SharpnessAwareModel(keras.Model):
         distribution.claim_fresh_collective_keys(self.distribute_strategy)
         if self.train_function is not None and not force:
             return self.train_function
-        self._ensure_direction_state()
-        self._resolve_perturb_mask()
+        self._prepare_weight_state()  # else at the first traced step, which builds the model
         # gradient_accumulation_steps=n needs nothing here: every batch fit()
         # gives is a micro-batch that takes its own decision, e and d at the
         # weights of its window (they move only every n applies), and the
@@ -572,6 +600,7 @@ class SharpnessAwareModel(keras.Model):
         guarded, guarded_before = self._snapshot_guarded()
         with tf.control_dependencies(guarded_before):
             y_pred, loss, local_grads = self._xla(self._erm_pass)(x, y, sample_weight)
+        self._prepare_weight_state()  # a subclass unbuilt until now was built by that pass
         self._track_loss(loss, x)
         # 2. ‖g‖² and the decision, identical on every replica
         global_grads, perturb_from, grad_norm_sq = self._gradient_statistic(local_grads, run)
@@ -675,6 +704,14 @@ class SharpnessAwareModel(keras.Model):
         direction_state = [v.value for v in self._direction_state or []]
         if not self.direction.has_state:
             return pass_grads, direction_state, direction_state
+        if len(direction_state) != len(global_grads):
+            raise ValueError(
+                f"The {self.direction.name} direction keeps one state tensor per "
+                f"trainable weight: {len(direction_state)} were created when the "
+                f"model was built, but it now has {len(global_grads)} trainable "
+                "weights. Create every layer's weights when the model is built "
+                "(call the model on a batch, or define build()), not later."
+            )
         replicas = run.replicas
         reduced = distribution.all_reduce_sum(pass_grads) if replicas > 1 else pass_grads
         g, g_hat = run.unscale(global_grads), run.unscale(reduced)
