@@ -83,6 +83,51 @@ def test_subclass_form_trains():
     assert model.policy_state["step"] == 8
 
 
+class SubclassedLookSAMNet(keras_aesam.LookSAMModel):
+    def __init__(self, late_layer=False, **kwargs):
+        super().__init__(**kwargs)
+        self.hidden = keras.layers.Dense(8, activation="relu")
+        self.out = keras.layers.Dense(3)
+        self.late = keras.layers.Dense(3) if late_layer else None
+
+    def call(self, x, training=False):
+        y = self.out(self.hidden(x))
+        if training and self.late is not None:  # weights first made by a training call
+            y = y + self.late(x)
+        return y
+
+
+def direction_state_shapes(model):
+    return [tuple(v.shape) for v in model._direction_state or []]
+
+
+@pytest.mark.parametrize("built_by", ["a call", "fit"])
+def test_looksam_state_is_created_when_a_subclass_gets_its_weights(built_by):
+    """One g_v slot per trainable weight, shaped like it, made when the
+    subclass is built (not at __init__, when it has no weights yet)."""
+    model = compile_sgd(SubclassedLookSAMNet(k=2))
+    x, y = toy_data()
+    assert model._direction_state is None
+    if built_by == "a call":
+        model(x[:2])
+        assert direction_state_shapes(model) == [(6, 8), (8,), (8, 3), (3,)]
+        assert all(not np.any(v.numpy()) for v in model._direction_state)
+    history = model.fit(x, y, epochs=1, batch_size=16, verbose=0).history
+    assert direction_state_shapes(model) == [tuple(v.shape) for v in model.trainable_variables]
+    assert history["sam_fraction"] == [0.5]  # k=2: SAM on every other step, g_v reused between
+    assert any(np.any(v.numpy()) for v in model._direction_state)
+    own = {id(v) for v in model._direction_state}
+    assert own <= {id(v) for v in model.weights}  # saved with the model
+
+
+def test_looksam_subclass_whose_weights_appear_after_its_build_is_a_clear_error():
+    model = compile_sgd(SubclassedLookSAMNet(late_layer=True))
+    x, y = toy_data()
+    model(x[:2])  # inference: the late layer stays unbuilt, g_v has 4 slots
+    with pytest.raises(ValueError, match="one state tensor per trainable weight: 4 were"):
+        model.fit(x, y, epochs=1, batch_size=16, verbose=0)
+
+
 # --------------------------------------------------------------------------
 # Metrics
 # --------------------------------------------------------------------------
