@@ -10,6 +10,7 @@ one after another in one process family, and writes into an output directory::
     OUT/accuracy_vs_sam.png  test accuracy against %SAM, per method (error bars: std over seeds)
     OUT/time_per_epoch.png   seconds per epoch and the step-time ratio to ERM against (1 + ζ)
     OUT/init/                the initial weights of every seed (shared by all methods)
+    OUT/final/<run id>.npz   the network's weights at the end of every method run
     OUT/logs/                the worker processes' output
     OUT/framework_probe.md   with ``--framework-probe``: Keras 3 vs tf_keras step cost
 
@@ -36,6 +37,10 @@ threads; other jobs on a shared machine disturb it far less than wall time); the
 first epoch (tracing, cache filling) is reported separately and left out of the
 per-epoch and per-step means; ratios to ERM are taken within one (setting, seed)
 group, whose runs ran back to back, and their spread over seeds is reported.
+
+Devices. ``--strategy``, ``--cpu-devices`` and ``--sync-perturbation`` are
+``keras-aesam train``'s (:mod:`keras_aesam.devices`), the same for every run;
+``--batch-size`` is the global batch; the peer row stays on one device.
 
 Resume. A finished run's result is on disk before the next run starts; running the
 same command again (or with ``--resume``) skips every finished run, and ``--fresh``
