@@ -124,3 +124,14 @@ def test_a_cpu_split_this_process_cannot_make_is_refused_in_process(tmp_path, ca
     assert f"--cpu-devices {have + 1}: TensorFlow already started in this process" in err
     assert "--isolation group" in err
     assert not (tmp_path / "out").exists()
+
+
+@needs_data
+def test_a_global_batch_the_replicas_cannot_share_equally_fails_the_run_with_the_reason(tmp_path, capsys):
+    out = tmp_path / "out"
+    code = _bench(out, "--strategy", "mirrored", "--cpu-devices", "3", "--epochs", "1", "--train-size", "128")
+    assert code == 1
+    assert "FAILED clean_s0_ae_sam" in capsys.readouterr().out
+    (error,) = (out / "runs").glob("*.error.txt")
+    assert "--batch-size (the global batch) must be a multiple of the 3 replicas, got 64" in error.read_text()
+    assert not list((out / "runs").glob("*.json"))
