@@ -33,6 +33,13 @@ with exit code 2 and a one-line message, as argparse does.
 
 Programmatic use: :func:`run` takes the same arguments and returns the results
 as a dict (the examples use it); :func:`main` is the console script.
+
+This module parses and orchestrates: the flags become a checked
+:class:`~keras_aesam.train_spec.TrainSpec`, the output a
+:class:`~keras_aesam.run_directory.RunDirectory` (which does all of the writing),
+and :func:`keras_aesam.training.train` runs the one into the other. The flag
+names and the method-hyperparameter table are shared with ``keras-aesam bench``
+(:mod:`keras_aesam.flags`).
 """
 
 from __future__ import annotations

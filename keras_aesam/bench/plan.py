@@ -166,7 +166,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     devices.add_strategy_flags(parser.add_argument_group(
         "devices (every run the same; --strategy multi-worker is keras-aesam train's)"))
-    r = parser.add_argument_group("running")
+    _running_flags(parser.add_argument_group("running"))
+    return parser
+
+
+def _running_flags(r):
+    """Where results go, resuming, the peer row, isolation, the time budget and the other modes."""
     r.add_argument("--output", "-o", default=None, help="output directory (default bench_results/<profile>)")
     mode = r.add_mutually_exclusive_group()
     mode.add_argument("--resume", action="store_true",
@@ -189,8 +194,6 @@ def build_parser() -> argparse.ArgumentParser:
                    "process (why the peer's step costs what it does); writes OUT/framework_probe.md")
     r.add_argument("--probe-repeats", type=int, default=5, help="rounds of the framework probe (default 5)")
     r.add_argument("--worker", default=None, help=argparse.SUPPRESS)
-    return parser
-
 
 
 # ------------------------------------------------------------------ resolving
