@@ -24,8 +24,8 @@ from keras_aesam import cli
 STEPS_PER_EPOCH = 8
 EPOCHS = 2
 TRAIN_FLAGS = [
-    "--train-size", "1024", "--epochs", str(EPOCHS), "--eval-batches", "2", "--hist-epochs", "0,1,2",
-    "--hist-batches", "2", "--backup-steps", "3", "--no-plots",
+    "--train-size", "1024", "--epochs", str(EPOCHS), "--eval-batches", "2", "--grad-norm-epochs", "0,1,2",
+    "--grad-norm-batches", "2", "--backup-steps", "3", "--no-plots",
 ]
 
 
@@ -81,12 +81,14 @@ def runs(tmp_path_factory):
         return subprocess.Popen(_command(root / name, *TRAIN_FLAGS), stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, text=True, env=_env())
 
-    # Side by side: the uninterrupted reference; one run killed (SIGKILL) once a backup
-    # inside epoch 2 exists (steps 9, 12, 15 are backed up, 16 ends the epoch); one
-    # stopped (SIGTERM) once epoch 1 is backed up, so it stops inside epoch 2.
+    # Side by side: the uninterrupted reference; one run killed (SIGKILL) and one
+    # stopped (SIGTERM), each once a backup inside epoch 2 exists (steps 9, 12, 15 are
+    # backed up, 16 ends the epoch), so both stop strictly inside epoch 2. (Signalling
+    # once the end-of-epoch-1 backup at step 8 exists raced: a signal landing before
+    # step 9 began stopped the run at the epoch boundary.)
     procs = {name: start(name) for name in ("reference", "killed", "termed")}
-    triggers = {"killed": (signal.SIGKILL, lambda m: m["step"] >= 9),
-                "termed": (signal.SIGTERM, lambda m: m["step"] >= STEPS_PER_EPOCH)}
+    triggers = {"killed": (signal.SIGKILL, lambda m: m["step"] >= STEPS_PER_EPOCH + 1),
+                "termed": (signal.SIGTERM, lambda m: m["step"] >= STEPS_PER_EPOCH + 1)}
     deadline = time.monotonic() + 900
     while triggers and time.monotonic() < deadline:
         for name, (signum, when) in list(triggers.items()):
@@ -263,8 +265,8 @@ def test_a_run_killed_before_its_first_backup_starts_over_on_resume(tmp_path):
 
     if not _fashion_mnist_available():
         pytest.skip("Fashion-MNIST files not available offline")
-    flags = ["--train-size", "256", "--epochs", "1", "--eval-batches", "1", "--hist-epochs", "0",
-             "--hist-batches", "1", "--quiet", "--no-plots", "--export-dir", str(tmp_path / "saved")]
+    flags = ["--train-size", "256", "--epochs", "1", "--eval-batches", "1", "--grad-norm-epochs", "0",
+             "--grad-norm-batches", "1", "--quiet", "--no-plots", "--export-dir", str(tmp_path / "saved")]
     with contextlib.redirect_stdout(io.StringIO()):
         reference = cli.run(["train", *flags, "--output", str(tmp_path / "reference")])
     # What a kill inside the first epoch leaves: config.json without results, the
