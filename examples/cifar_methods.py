@@ -13,8 +13,8 @@ AE-SAM, ≈ 20 % for LookSAM and AE-LookSAM), not the paper's accuracy gaps.
 
     python examples/cifar_methods.py                      # small, offline
     python examples/cifar_methods.py --methods erm,sam,ae_sam --epochs 5
-    python examples/cifar_methods.py --paper --dataset cifar10 --model resnet18
-    python examples/cifar_methods.py --paper --dataset cifar100 --model pyramidnet110
+    python examples/cifar_methods.py --paper --dataset cifar10 --network resnet18
+    python examples/cifar_methods.py --paper --dataset cifar100 --network pyramidnet110
 
 ``--paper`` sets the paper's epochs (200, 300 for PyramidNet-110, 1200 for
 ViT-S/16), the full training set, lr 0.1 and seeds 0-4. ρ is grid-searched in
@@ -49,7 +49,7 @@ def main(argv=None):
         for seed in args.seeds:
             run_dir = Path(args.output) / f"{args.dataset}_{args.model}_{method}_seed{seed}"
             argv_run = _common.train_argv(args, run_dir, method=method, seed=seed, rho=args.rho,
-                                          hist_epochs="none")
+                                          grad_norm_epochs="none")
             results.append(_common.run_or_reuse(argv_run, run_dir, args.rerun))
         acc, acc_sd = _common.mean_std([r["test_accuracy"] for r in results])
         sam, sam_sd = _common.mean_std([r["sam_fraction"] for r in results])

@@ -3,14 +3,14 @@
 
 AE-SAM models the squared stochastic gradient norm as N(µ_t, σ_t²). This script
 trains once and, after chosen epochs, samples ``{‖∇L(B; w)‖² : B ∼ D}`` over
-many mini-batches at fixed weights (``keras-aesam train --hist-epochs``). It
+many mini-batches at fixed weights (``keras-aesam train --grad-norm-epochs``). It
 draws the histogram and the normal Q-Q plot per epoch
 (``grad_norm_distribution.png`` in the run directory) and prints per epoch the
 mean, std, skewness, the Q-Q correlation r (1 = exactly normal) and, with
 scipy, the Shapiro-Wilk p-value.
 
     python examples/grad_norm_distribution.py                  # small, offline
-    python examples/grad_norm_distribution.py --epochs 10 --hist-epochs 1,5,10 --batches 300
+    python examples/grad_norm_distribution.py --epochs 10 --grad-norm-epochs 1,5,10 --batches 300
     python examples/grad_norm_distribution.py --paper          # ResNet-18, CIFAR-100, 200 epochs
 
 The paper does not say which method trained the network of Fig. 3; the default
@@ -28,7 +28,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     _common.add_common_flags(parser, epochs=4, train_size=10000, output="runs/grad_norm_distribution")
     parser.add_argument("--method", default="erm")
-    parser.add_argument("--hist-epochs", default=None,
+    parser.add_argument("--grad-norm-epochs", "--hist-epochs", dest="hist_epochs", default=None,
                         help="completed epochs to sample at, e.g. 0,1,4 (default: 0, 1, middle, last)")
     parser.add_argument("--batches", type=int, default=200, help="mini-batches sampled per epoch (default %(default)s)")
     parser.add_argument("--paper", action="store_true", help="ResNet-18 on CIFAR-100, 200 epochs, lr 0.1")
@@ -41,7 +41,7 @@ def main(argv=None):
     seed = args.seeds[0]
     run_dir = Path(args.output) / f"{args.dataset}_{args.model}_{args.method}_seed{seed}"
     argv_run = _common.train_argv(args, run_dir, method=args.method, seed=seed,
-                                  hist_epochs=hist_epochs, hist_batches=args.batches)
+                                  grad_norm_epochs=hist_epochs, grad_norm_batches=args.batches)
     _common.run_or_reuse(argv_run, run_dir, args.rerun)
 
     from keras_aesam.plots import normal_qq, plot_run, read_csv

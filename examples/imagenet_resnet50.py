@@ -82,7 +82,7 @@ def main(argv=None):
             run_dir = Path(args.output) / f"resnet50_{method}_seed{seed}"
             argv_run = _common.train_argv(args, run_dir, method=method, seed=seed, rho=args.rho,
                                           manual_dir=args.manual_dir, data_dir=args.data_dir,
-                                          hist_epochs="none", eval_batches=args.eval_batches)
+                                          grad_norm_epochs="none", eval_batches=args.eval_batches)
             results.append(_common.run_or_reuse(argv_run, run_dir, args.rerun, network=resnet50,
                                                 dataset_kwargs={"image_size": args.image_size}))
         acc, acc_sd = _common.mean_std([r["test_accuracy"] for r in results])

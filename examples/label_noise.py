@@ -11,7 +11,7 @@ highest noise level, the paper's Fig. 4.
 
     python examples/label_noise.py                        # small, offline
     python examples/label_noise.py --noise-levels 0.8 --methods erm,sam,ae_looksam --epochs 10
-    python examples/label_noise.py --paper --dataset cifar10 --model resnet18
+    python examples/label_noise.py --paper --dataset cifar10 --network resnet18
 
 ``--paper``: noise 20/40/60/80 %, 200 epochs, full training set, lr 0.1,
 seeds 0-4 (CIFAR needs tensorflow-datasets' download: not possible offline).
@@ -72,7 +72,8 @@ def main(argv=None):
             for seed in args.seeds:
                 run_dir = Path(args.output) / f"noise{noise:g}_{method}_seed{seed}"
                 argv_run = _common.train_argv(args, run_dir, method=method, seed=seed, rho=args.rho,
-                                              noise=noise, hist_epochs="none", **NOISE_SETTINGS.get(method, {}))
+                                              label_noise=noise, grad_norm_epochs="none",
+                                              **NOISE_SETTINGS.get(method, {}))
                 results.append(_common.run_or_reuse(argv_run, run_dir, args.rerun))
                 if noise == max(args.noise_levels) and seed == args.seeds[0]:
                     curves[method] = read_csv(run_dir / "history.csv")

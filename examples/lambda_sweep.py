@@ -8,8 +8,8 @@ expected under a normal ‖g‖² (docs/algorithms.md) is printed alongside.
 
     python examples/lambda_sweep.py                       # small, offline
     python examples/lambda_sweep.py --values=-1,0,1 --epochs 3      # "=" because of the minus sign
-    python examples/lambda_sweep.py --method ae_looksam --noise 0.8    # appendix B.4
-    python examples/lambda_sweep.py --dataset cifar10 --model resnet18 --epochs 200 --train-size all --lr 0.1
+    python examples/lambda_sweep.py --method ae_looksam --label-noise 0.8    # appendix B.4
+    python examples/lambda_sweep.py --dataset cifar10 --network resnet18 --epochs 200 --train-size all --lr 0.1
 """
 
 import argparse
@@ -25,7 +25,8 @@ def main(argv=None):
     parser.add_argument("--values", type=_common.csv_list(float), default=[-2.0, -1.0, 0.0, 1.0, 2.0],
                         help="the λ grid, comma-separated, written --values=-1,0,1 (pairs with λ1 <= λ2 are trained)")
     parser.add_argument("--method", default="ae_sam", choices=["ae_sam", "ae_looksam"])
-    parser.add_argument("--noise", type=float, default=0.0, help="label noise (appendix B.4 uses it with ae_looksam)")
+    parser.add_argument("--label-noise", "--noise", dest="noise", type=float, default=0.0,
+                        help="label noise (appendix B.4 uses it with ae_looksam)")
     args = parser.parse_args(argv)
 
     from keras_aesam import build_method
@@ -44,8 +45,8 @@ def main(argv=None):
             for seed in args.seeds:
                 run_dir = Path(args.output) / f"{args.method}_lambda1_{lambda1:g}_lambda2_{lambda2:g}_seed{seed}"
                 argv_run = _common.train_argv(args, run_dir, method=args.method, seed=seed, rho=args.rho,
-                                              lambda1=lambda1, lambda2=lambda2, noise=args.noise or None,
-                                              hist_epochs="none")
+                                              lambda1=lambda1, lambda2=lambda2, label_noise=args.noise or None,
+                                              grad_norm_epochs="none")
                 seed_results.append(_common.run_or_reuse(argv_run, run_dir, args.rerun))
             sam[i, j], _ = _common.mean_std([r["sam_fraction"] for r in seed_results])
             accuracy[i, j], _ = _common.mean_std([r["test_accuracy"] for r in seed_results])

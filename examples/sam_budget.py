@@ -9,7 +9,7 @@ script trains once per target and prints the measured share next to it.
 
     python examples/sam_budget.py                              # 10, 25, 50, 75 %
     python examples/sam_budget.py --targets 0.2,0.5 --method ae_looksam
-    python examples/sam_budget.py --dataset cifar10 --model resnet18 --epochs 200 --train-size all --lr 0.1
+    python examples/sam_budget.py --dataset cifar10 --network resnet18 --epochs 200 --train-size all --lr 0.1
 """
 
 import argparse
@@ -32,7 +32,7 @@ def main(argv=None):
         for seed in args.seeds:
             run_dir = Path(args.output) / f"{args.method}_target{target:g}_seed{seed}"
             argv_run = _common.train_argv(args, run_dir, method=args.method, seed=seed, rho=args.rho,
-                                          target_sam_fraction=target, hist_epochs="none")
+                                          target_sam_fraction=target, grad_norm_epochs="none")
             results = _common.run_or_reuse(argv_run, run_dir, args.rerun)
             policy, _ = build_method(args.method, target_sam_fraction=target)
             rows.append({

@@ -115,8 +115,8 @@ def add_flag(group, flag: str, **kwargs) -> argparse.Action:
     action = group.add_argument(flag, **kwargs)
     for old, new in RENAMED_FLAGS.items():
         if new == flag:
-            group.add_argument(old, dest=action.dest, type=action.type, replacement=flag, action=_DeprecatedAlias,
-                               default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+            group.add_argument(old, dest=action.dest, type=action.type, nargs=action.nargs, replacement=flag,
+                               action=_DeprecatedAlias, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     return action
 
 

@@ -171,7 +171,7 @@ def trained(tmp_path_factory):
         pytest.skip("Fashion-MNIST files not available offline")
     root = tmp_path_factory.mktemp("safety")
     run_dir, export_root = root / "run", root / "saved"
-    argv = ["train", "--train-size", "256", "--epochs", "1", "--eval-batches", "1", "--hist-epochs", "none",
+    argv = ["train", "--train-size", "256", "--epochs", "1", "--eval-batches", "1", "--grad-norm-epochs", "none",
             "--quiet", "--output", str(run_dir), "--export-dir", str(export_root)]
     with contextlib.redirect_stdout(io.StringIO()):
         cli.run(argv)

@@ -19,7 +19,7 @@ TINY = ["--epochs", "1", "--train-size", "256", "--batch-size", "64"]
 # script -> its own arguments (the shared --output is added per test)
 SCRIPTS = {
     "examples/cifar_methods.py": [*TINY, "--methods", "erm,ae_sam"],
-    "examples/grad_norm_distribution.py": [*TINY, "--hist-epochs", "0,1", "--batches", "3"],
+    "examples/grad_norm_distribution.py": [*TINY, "--grad-norm-epochs", "0,1", "--batches", "3"],
     "examples/label_noise.py": [*TINY, "--noise-levels", "0.4", "--methods", "erm,ae_sam"],
     "examples/lambda_sweep.py": [*TINY, "--values=-1,1"],
     "examples/sam_budget.py": [*TINY, "--targets", "0.5"],

@@ -24,8 +24,8 @@ from keras_aesam import cli
 from test_distribute import free_ports
 
 FLAGS = [
-    "--model", "mlp", "--train-size", "512", "--batch-size", "64", "--epochs", "2", "--eval-batches", "2",
-    "--hist-batches", "2", "--backup-steps", "3", "--no-plots",
+    "--network", "mlp", "--train-size", "512", "--batch-size", "64", "--epochs", "2", "--eval-batches", "2",
+    "--grad-norm-batches", "2", "--backup-steps", "3", "--no-plots",
 ]
 STEPS = 16  # 2 epochs x 512 / 64
 TIMEOUT = 900

@@ -34,7 +34,9 @@ from pathlib import Path
 
 import numpy as np
 
+from keras_aesam import flags
 from keras_aesam.bench.progress import Progress, is_degenerate  # noqa: F401 - is_degenerate: the report's
+from keras_aesam.flags import write_json
 from keras_aesam.methods import PRETTY_NAMES
 
 #: The regime (a 2-core CPU runs one model in 15-40 s).
@@ -219,13 +221,6 @@ def finished(out, spec):
     return result if result.get("spec") == spec else None
 
 
-def _write_json(path, payload):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=1, sort_keys=True))
-    os.replace(tmp, path)
-
-
 def run_specs(out, specs, progress, stream):
     results = []
     for spec in specs:
@@ -238,7 +233,7 @@ def run_specs(out, specs, progress, stream):
             result = {"run_id": run_id(spec), "spec": spec, **body,
                       "run_seconds": round(time.perf_counter() - started, 2),
                       "finished_at": datetime.datetime.now().isoformat(timespec="seconds")}
-            _write_json(_result_path(out, spec), result)
+            write_json(_result_path(out, spec), result)
         progress.end(spec, result, time.perf_counter() - started, ran)
         results.append(result)
     return results
@@ -270,13 +265,13 @@ def run_profile(out, settings=SETTINGS, seeds=SEEDS, budget_seeds=SEEDS, stream=
     two processes can share the work.
     """
     out = Path(out)
-    _write_json(out / "profile.json", {"recipe": RECIPE, "settings": list(SETTINGS), "seeds": list(SEEDS),
+    write_json(out / "profile.json", {"recipe": RECIPE, "settings": list(SETTINGS), "seeds": list(SEEDS),
                                        "rho_grid": RHO_GRID, "rho_seeds": RHO_SEEDS, "budgets": BUDGETS,
                                        "main_noise": MAIN_NOISE})
     progress = Progress(planned_runs(settings, seeds, budget_seeds), stream, name=run_id)
     for noise in settings:
         rho = choose_rho(run_specs(out, rho_specs(noise), progress, stream))
-        _write_json(_rho_path(out, noise), {"rho": rho})
+        write_json(_rho_path(out, noise), {"rho": rho})
         print(f"{setting_name(noise)}: rho = {rho:g} (best validation accuracy)", file=stream, flush=True)
         for seed in seeds:
             first = run_specs(out, main_specs(noise, seed, rho), progress, stream)
@@ -331,18 +326,23 @@ def pretty(label):
     return text
 
 
-def main(argv=None, prog="keras-aesam bench --profile noisy-labels"):
+def build_parser(prog="keras-aesam bench --profile noisy-labels"):
+    """The profile's own flags (``--label-noise`` as in ``train`` and ``bench``; ``--noise`` still parses)."""
     import argparse
 
     parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n")[0])
     parser.add_argument("--output", required=True, help="folder of the profile's runs and report")
     parser.add_argument("--seeds", type=int, default=len(SEEDS), help="number of seeds (default 5)")
-    parser.add_argument("--noise", type=float, nargs="*", default=list(SETTINGS),
-                        help="label-noise settings of the main stage (default 0.4 0.0 0.6)")
+    flags.add_flag(parser, "--label-noise", dest="noise", type=float, nargs="*", default=list(SETTINGS),
+                   help="label-noise settings of the main stage (default 0.4 0.0 0.6)")
     parser.add_argument("--budget-seeds", type=int, nargs="*", default=None,
                         help="seeds of the fixed-budget stage on the 0.4 setting (default: all; none: skip)")
     parser.add_argument("--report-only", action="store_true", help="redraw the report from the stored runs")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv=None, prog="keras-aesam bench --profile noisy-labels"):
+    args = build_parser(prog).parse_args(argv)
     if args.report_only:
         from keras_aesam.bench import noisy_labels_report
 
