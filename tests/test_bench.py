@@ -331,6 +331,25 @@ def test_resume_refuses_results_of_another_configuration(tmp_path, monkeypatch):
         bench.run_bench(_plan(tmp_path, ["--lr", "0.05"]))
 
 
+def test_results_stored_before_the_device_flags_still_resume(tmp_path, monkeypatch):
+    """Runs stored before specs had strategy, cpu_devices and sync_perturbation
+    were all made on one device: at those flags' defaults they are the same runs."""
+    monkeypatch.setattr(bench, "_run_method", _fake_body)
+    assert bench.run_bench(_plan(tmp_path)) == 0
+    added = ("strategy", "cpu_devices", "sync_perturbation")
+    for path in (tmp_path / "out" / "runs").glob("*.json"):
+        result = json.loads(path.read_text())
+        old_spec = {k: v for k, v in result["spec"].items() if k not in (*added, "spec_hash")}
+        result["spec_hash"] = result["spec"]["spec_hash"] = bench._spec_hash(old_spec)
+        path.write_text(json.dumps(result))
+    calls = []
+    monkeypatch.setattr(bench, "_run_method", lambda spec, out: calls.append(spec) or _fake_body(spec, out))
+    assert bench.run_bench(_plan(tmp_path)) == 0
+    assert calls == []
+    with pytest.raises(bench.BadInput, match="another configuration .*differs in: .*sync_perturbation"):
+        bench.run_bench(_plan(tmp_path, ["--no-sync-perturbation"]))
+
+
 def test_a_failed_run_is_reported_and_the_others_still_run(tmp_path, monkeypatch):
     def fake(spec, out):
         if spec["run_id"] == "clean_s0_sam":

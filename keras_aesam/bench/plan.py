@@ -248,8 +248,14 @@ def setting_label(noise) -> str:
     return "clean" if noise == 0 else f"noise{100 * noise:g}".replace(".", "p")
 
 
+#: Spec keys added after results were first stored, with the value every earlier run had:
+#: left out of the hash at that value, so benches written before them still resume.
+_ADDED_SPEC_KEYS = {"strategy": "auto", "cpu_devices": None, "sync_perturbation": True}
+
+
 def _spec_hash(spec) -> str:
-    payload = {k: v for k, v in spec.items() if k not in ("run_id", "index")}
+    payload = {k: v for k, v in spec.items() if k not in ("run_id", "index")
+               and not (k in _ADDED_SPEC_KEYS and v == _ADDED_SPEC_KEYS[k])}
     return hashlib.sha1(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
