@@ -324,8 +324,10 @@ def _header(out, runs, rhos):
         "Command (two processes side by side, resumable):",
         "",
         "```bash",
-        "keras-aesam bench --profile noisy-labels --output docs/results/noisy_labels --label-noise 0.4 --budget-seeds 0 1",
-        "keras-aesam bench --profile noisy-labels --output docs/results/noisy_labels --label-noise 0.0 --budget-seeds 2",
+        "keras-aesam bench --profile noisy-labels --output docs/results/noisy_labels "
+        "--label-noise 0.4 --budget-seeds 0 1",
+        "keras-aesam bench --profile noisy-labels --output docs/results/noisy_labels "
+        "--label-noise 0.0 --budget-seeds 2",
         "```",
         "",
         f"- Recipe: {recipe}; seeds {list(SEEDS)}; every method of a seed starts from the same weights and "
