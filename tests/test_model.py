@@ -120,6 +120,33 @@ def test_looksam_state_is_created_when_a_subclass_gets_its_weights(built_by):
     assert own <= {id(v) for v in model.weights}  # saved with the model
 
 
+def test_looksam_subclass_resumed_from_a_backup_trains_like_the_uninterrupted_run(tmp_path):
+    """BackupAndRestore (which needs a built model) restores g_v with the
+    weights, momenta and step counter: epoch 2 after the restore repeats the
+    same float32 operations on the same batches, so the result is bit for bit."""
+    x, y = toy_data()
+
+    def fresh():
+        keras.utils.set_random_seed(0)
+        model = compile_sgd(SubclassedLookSAMNet(k=3))
+        model(x[:2])
+        return model
+
+    def fit(model, epochs):
+        backup = keras.callbacks.BackupAndRestore(str(tmp_path / "backup"), delete_checkpoint=False)
+        return model.fit(x, y, epochs=epochs, batch_size=16, shuffle=False, verbose=0,
+                         callbacks=[backup]).history
+
+    uninterrupted = fresh()
+    uninterrupted.fit(x, y, epochs=2, batch_size=16, shuffle=False, verbose=0)
+    fit(fresh(), epochs=1)
+    resumed = fresh()
+    assert len(fit(resumed, epochs=2)["loss"]) == 1  # restored epoch 1, trained epoch 2 only
+    assert resumed.policy_state["step"] == uninterrupted.policy_state["step"] == 8
+    for a, b in zip(resumed.weights, uninterrupted.weights):
+        np.testing.assert_array_equal(a.numpy(), b.numpy(), err_msg=a.path)
+
+
 def test_looksam_subclass_whose_weights_appear_after_its_build_is_a_clear_error():
     model = compile_sgd(SubclassedLookSAMNet(late_layer=True))
     x, y = toy_data()
