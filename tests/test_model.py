@@ -147,6 +147,16 @@ def test_looksam_subclass_resumed_from_a_backup_trains_like_the_uninterrupted_ru
         np.testing.assert_array_equal(a.numpy(), b.numpy(), err_msg=a.path)
 
 
+def test_perturb_filter_of_an_unbuilt_subclass_is_matched_once_fit_builds_it():
+    x, y = toy_data()
+    model = compile_sgd(SubclassedLookSAMNet(perturb_filter="dense_1/"))
+    model.fit(x, y, epochs=1, batch_size=16, verbose=0)
+    assert model._perturb_mask == [False, False, True, True]  # the output layer only
+    typo = compile_sgd(SubclassedLookSAMNet(perturb_filter="dnese"))
+    with pytest.raises(ValueError, match=r"\['dnese'\] match no trainable variable.*dense_\d+/kernel"):
+        typo.fit(x, y, epochs=1, batch_size=16, verbose=0)
+
+
 def test_looksam_subclass_whose_weights_appear_after_its_build_is_a_clear_error():
     model = compile_sgd(SubclassedLookSAMNet(late_layer=True))
     x, y = toy_data()
