@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import warnings
 from pathlib import Path
@@ -46,6 +47,16 @@ def check(condition, message):
     """BadInput(``message``) unless ``condition``."""
     if not condition:
         raise BadInput(message)
+
+
+def check_recipe(epochs, batch_size, lr, momentum, weight_decay) -> None:
+    """BadInput, naming the flag and its range, for a training recipe value out of range
+    (the checks ``train`` and ``bench`` share)."""
+    check(epochs >= 1, f"--epochs must be >= 1, got {epochs}")
+    check(batch_size >= 1, f"--batch-size must be >= 1, got {batch_size}")
+    check(lr > 0 and math.isfinite(lr), f"--lr must be > 0, got {lr:g}")
+    check(0.0 <= momentum < 1.0, f"--momentum must be in [0, 1), got {momentum:g}")
+    check(weight_decay >= 0 and math.isfinite(weight_decay), f"--weight-decay must be >= 0, got {weight_decay:g}")
 
 
 def one_line(err) -> str:

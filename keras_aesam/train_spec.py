@@ -12,7 +12,6 @@ the disk or builds a tensor; where the run is written is
 from __future__ import annotations
 
 import dataclasses
-import math
 import types
 from typing import Mapping, Optional, Tuple
 
@@ -20,6 +19,7 @@ from keras_aesam.flags import (
     HYPERPARAMETER_FLAGS,
     BadInput,
     check,
+    check_recipe,
     given_hyperparameters,
     method_takes,
     one_line,
@@ -135,8 +135,7 @@ class TrainSpec:
         object.__setattr__(self, name, value)  # frozen: only the constructor normalizes
 
     def _check_data(self):
-        check(self.epochs >= 1, f"--epochs must be >= 1, got {self.epochs}")
-        check(self.batch_size >= 1, f"--batch-size must be >= 1, got {self.batch_size}")
+        check_recipe(self.epochs, self.batch_size, self.lr, self.momentum, self.weight_decay)
         check(self.train_size is None or self.train_size >= 1,
               f"--train-size must be >= 1 or 'all', got {self.train_size}")
         check(0.0 <= self.label_noise < 1.0, f"--label-noise must be in [0, 1), got {self.label_noise:g}")
@@ -150,10 +149,6 @@ class TrainSpec:
     def _check_optimizer(self):
         from keras_aesam.recipe import SCHEDULES, WEIGHT_DECAY_MODES
 
-        check(self.lr > 0 and math.isfinite(self.lr), f"--lr must be > 0, got {self.lr:g}")
-        check(0.0 <= self.momentum < 1.0, f"--momentum must be in [0, 1), got {self.momentum:g}")
-        check(self.weight_decay >= 0 and math.isfinite(self.weight_decay),
-              f"--weight-decay must be >= 0, got {self.weight_decay:g}")
         check(self.weight_decay_mode in WEIGHT_DECAY_MODES,
               f"--weight-decay-mode must be one of {', '.join(WEIGHT_DECAY_MODES)}, got {self.weight_decay_mode!r}")
         check(self.schedule in SCHEDULES, f"--schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")

@@ -332,16 +332,8 @@ def _check_config(config):
     if not networks:
         raise BadInput(f"unknown network {config['network']!r}; valid networks: {', '.join(_network_names())}")
     config["network"] = networks[0]
-    if config["epochs"] < 1:
-        raise BadInput(f"--epochs must be >= 1, got {config['epochs']}")
-    if config["batch_size"] < 1:
-        raise BadInput(f"--batch-size must be >= 1, got {config['batch_size']}")
-    if not (config["lr"] > 0 and math.isfinite(config["lr"])):
-        raise BadInput(f"--lr must be > 0, got {config['lr']:g}")
-    if not 0.0 <= config["momentum"] < 1.0:
-        raise BadInput(f"--momentum must be in [0, 1), got {config['momentum']:g}")
-    if not (config["weight_decay"] >= 0 and math.isfinite(config["weight_decay"])):
-        raise BadInput(f"--weight-decay must be >= 0, got {config['weight_decay']:g}")
+    flags.check_recipe(config["epochs"], config["batch_size"], config["lr"], config["momentum"],
+                       config["weight_decay"])
     if config["test_batches"] is not None and config["test_batches"] < 1:
         raise BadInput(f"--test-batches must be >= 1, got {config['test_batches']}")
     _check_devices(config)
