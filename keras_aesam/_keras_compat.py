@@ -15,6 +15,7 @@ import contextlib
 
 import keras
 import tensorflow as tf
+from keras.src import backend as keras_backend
 from keras.src.export import export_utils
 from keras.src.losses import loss as keras_loss_module
 
@@ -100,6 +101,27 @@ def make_train_function_without_jit(model, make, force):
         return make(force=force)
     finally:
         model._jit_compile = jit
+
+
+def build_from_batch_shapes(model, x):
+    """Build an unbuilt ``model`` for a training call on ``x`` without running it.
+
+    The symbolic call (``backend.compute_output_spec``) is the one Keras's
+    ``Layer._maybe_build`` makes at a subclass's first call: every weight a
+    training call needs is created at its initial value, and nothing runs
+    or moves. No public API builds a subclass without running its ``call``.
+    When ``call`` cannot run symbolically the model is left unbuilt and
+    its first real call builds it, as Keras itself falls back.
+    """
+    spec = keras.tree.map_structure(
+        lambda v: None if v is None
+        else keras.KerasTensor(v.shape, keras.backend.standardize_dtype(v.dtype)),
+        x,
+    )
+    try:
+        keras_backend.compute_output_spec(model, spec, training=True)
+    except Exception:  # noqa: BLE001 -- Keras's own build-by-run falls back the same way
+        pass
 
 
 def symbolic_build_from_first_replica(model, iterator):

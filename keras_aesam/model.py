@@ -597,7 +597,7 @@ class SharpnessAwareModel(keras.Model):
         run = _Replicas(self.optimizer)
         # 1. the ERM gradient (scaled by 1/replicas and by the loss scale);
         # the forward pass moves BatchNorm statistics, kept only if the step applies
-        guarded, guarded_before = self._snapshot_guarded()
+        guarded, guarded_before = self._snapshot_guarded(x)
         with tf.control_dependencies(guarded_before):
             y_pred, loss, local_grads = self._xla(self._erm_pass)(x, y, sample_weight)
         self._prepare_weight_state()  # a subclass unbuilt until now was built by that pass
@@ -625,10 +625,18 @@ class SharpnessAwareModel(keras.Model):
         return distribution.per_replica_outputs(results)
 
     # Stages of train_step -------------------------------------------------
-    def _snapshot_guarded(self):
+    def _snapshot_guarded(self, x):
         """The non-trainable variables the forward pass may move (BatchNorm
         statistics), and their values before it, for the rollback of a
-        non-finite step."""
+        non-finite step.
+
+        An unbuilt model (a subclass, which Keras builds at its first call:
+        in the first traced step, or the first eager one) is built first
+        from ``x``'s shapes, so that the variables that pass creates are in
+        the list, at their initial values. A built model is untouched.
+        """
+        if not self.built:
+            compat.build_from_batch_shapes(self, x)
         own_state = {id(v) for v in self._own_state_variables()}
         guarded = [v for v in self.non_trainable_variables if id(v) not in own_state]
         return guarded, [tf.identity(v.value) for v in guarded]
