@@ -10,6 +10,7 @@ TensorFlow operation.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 
 #: Values of ``--strategy``.
@@ -60,12 +61,53 @@ def split_cpu(count: int) -> None:
                               f"with {have} CPU device(s); pass it to a fresh process") from None
 
 
-def is_chief(resolver) -> bool:
+def _chief_rule(task_type, task_id, cluster) -> bool:
     """Keras's rule: the task ``chief``, else worker 0 of a cluster without one."""
-    task_type, task_id = resolver.task_type, resolver.task_id
     if task_type in (None, "chief"):
         return True
-    return task_type == "worker" and task_id == 0 and "chief" not in resolver.cluster_spec().as_dict()
+    return task_type == "worker" and task_id == 0 and "chief" not in cluster
+
+
+def is_chief(resolver) -> bool:
+    """Whether the task of ``resolver`` writes the run's files (:func:`_chief_rule`)."""
+    return _chief_rule(resolver.task_type, resolver.task_id, resolver.cluster_spec().as_dict())
+
+
+def tf_config_is_chief() -> bool:
+    """Whether this process is the chief of the cluster in ``TF_CONFIG``, read without starting TensorFlow.
+
+    A bench's session decides this before its worker process joins the cluster
+    (the cluster's port for this task is then free for that process).
+    """
+    text = os.environ.get("TF_CONFIG")
+    if not text:
+        raise DeviceError("--strategy multi-worker reads the cluster from TF_CONFIG, which is not set")
+    try:
+        config = json.loads(text)
+        task, cluster = config.get("task") or {}, config["cluster"]
+        return _chief_rule(task.get("type"), int(task.get("index", 0)), cluster)
+    except (ValueError, KeyError, TypeError, AttributeError) as err:
+        raise DeviceError("--strategy multi-worker: TF_CONFIG must be JSON with a \"cluster\" and this "
+                          f"process's \"task\" (type and index), got {text!r} ({err})") from None
+
+
+def cluster_agrees(strategy, text: str) -> bool:
+    """Whether every worker of ``strategy``'s cluster passed the same ``text``; a collective: all must call it.
+
+    A digest of ``text`` (8 bytes) and its squares are summed over the replicas:
+    the sums equal replicas x this worker's values exactly (small integers in
+    float32) for every worker if and only if all digests are equal (Cauchy-Schwarz),
+    so a disagreement is seen by every worker alike, and none waits for the others.
+    """
+    import hashlib
+
+    import numpy as np
+    import tensorflow as tf
+
+    digest = np.frombuffer(hashlib.sha256(text.encode()).digest()[:8], np.uint8).astype("float32")
+    local = np.concatenate([digest, digest ** 2])
+    total = strategy.reduce("SUM", strategy.run(lambda: tf.constant(local)), axis=None)
+    return bool(np.array_equal(np.asarray(total), strategy.num_replicas_in_sync * local))
 
 
 def strategy_for(name: str, cpu_devices: int | None = None):

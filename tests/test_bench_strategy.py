@@ -1,21 +1,27 @@
-"""``keras-aesam bench --strategy``: the bench's runs on one device or mirrored over several.
+"""``keras-aesam bench --strategy``: the bench's runs on one device, mirrored over several, or on a cluster.
 
 The MLP (no BatchNorm, no Dropout: nothing is per replica) under AE-SAM on 512
 Fashion-MNIST examples, 2 epochs of 8 global batches of 64, benched on one
 device and mirrored over 2 logical CPU devices, each in a worker process of its
-own (``--isolation group``: the worker splits the CPU before its TensorFlow starts).
+own (``--isolation group``: the worker splits the CPU before its TensorFlow starts);
+and by two ``keras-aesam bench --strategy multi-worker`` processes on 127.0.0.1,
+each with its own ``TF_CONFIG``, run twice (the second time they resume).
 """
 
 import contextlib
 import csv
 import json
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pytest
 
 from keras_aesam import bench
 from keras_aesam.bench.worker import final_weights_path
-from test_strategy import _fashion_mnist_available, _max_rel_diff
+from test_distribute import free_ports
+from test_strategy import _env, _fashion_mnist_available, _max_rel_diff
 
 FLAGS = [
     "--network", "mlp", "--methods", "ae_sam", "--seeds", "1", "--epochs", "2", "--train-size", "512",
@@ -34,8 +40,12 @@ FLAGS = [
 # 5 for feedback through later steps and SAM's normalised perturbation: 1e-2. The
 # L2 weight decay (1e-4) adds w·1e-4 computed alike on every replica. A wrong step
 # (a batch skipped or seen twice, a missing 1/replicas, a per-replica
-# perturbation) moves the weights by O(lr·g)/|w| ≈ 1 relative.
+# perturbation) moves the weights by O(lr·g)/|w| ≈ 1 relative. Two workers of one
+# CPU device each split the global batch the same way (32 + 32, all-reduced over
+# the cluster), so the same bound holds for them.
 RTOL = 1e-2
+#: Bound on a cluster's bench (a hang is a failure, not a wait forever).
+TIMEOUT = 600
 
 needs_data = pytest.mark.skipif(not _fashion_mnist_available(), reason="Fashion-MNIST files not available offline")
 
@@ -54,16 +64,27 @@ def _final_weights(out, result):
         return [stored[k] for k in sorted(stored.files)]
 
 
+def _bench_captured(out, *extra):
+    """``(exit code, console)`` of a bench run in this process."""
+    capture = out.with_suffix(".console")
+    with open(capture, "w") as console, contextlib.redirect_stdout(console):
+        code = _bench(out, *extra)
+    return code, capture.read_text()
+
+
 @pytest.fixture(scope="module")
-def benches(tmp_path_factory):
+def one_device(tmp_path_factory):
+    """The one-device bench every other strategy is compared with: its folder and ``(code, console)``."""
+    out = tmp_path_factory.mktemp("bench_one") / "one"
+    return out, _bench_captured(out, "--strategy", "one")
+
+
+@pytest.fixture(scope="module")
+def benches(tmp_path_factory, one_device):
     root = tmp_path_factory.mktemp("bench_strategy")
-    outputs = {}
-    for name, extra in {"one": ["--strategy", "one"],
-                        "mirrored": ["--strategy", "mirrored", "--cpu-devices", "2"]}.items():
-        capture = root / f"{name}.console"
-        with open(capture, "w") as console, contextlib.redirect_stdout(console):
-            code = _bench(root / name, *extra)
-        outputs[name] = (code, capture.read_text())
+    outputs = {"mirrored": _bench_captured(root / "mirrored", "--strategy", "mirrored", "--cpu-devices", "2")}
+    (root / "one").symlink_to(one_device[0], target_is_directory=True)
+    outputs["one"] = one_device[1]
     return root, outputs
 
 
@@ -101,11 +122,12 @@ def test_every_run_of_the_plan_records_the_device_flags(tmp_path):
 
 @pytest.mark.parametrize("argv, message", [
     (["--cpu-devices", "0"], "--cpu-devices must be >= 1, got 0"),
-    (["--strategy", "multi-worker"], "use keras-aesam train --strategy multi-worker"),
+    (["--strategy", "multi-worker"], "TF_CONFIG, which is not set"),
     (["--strategy", "multi-worker", "--cpu-devices", "2"], "--cpu-devices is for --strategy mirrored"),
     (["--strategy", "two"], "argument --strategy: invalid choice: 'two'"),
 ])
-def test_bad_device_flags_are_refused_before_anything_runs(tmp_path, capsys, argv, message):
+def test_bad_device_flags_are_refused_before_anything_runs(tmp_path, capsys, monkeypatch, argv, message):
+    monkeypatch.delenv("TF_CONFIG", raising=False)
     with pytest.raises(SystemExit) as exit_info:
         _bench(tmp_path / "out", *argv)
     assert exit_info.value.code == 2
@@ -135,3 +157,97 @@ def test_a_global_batch_the_replicas_cannot_share_equally_fails_the_run_with_the
     (error,) = (out / "runs").glob("*.error.txt")
     assert "--batch-size (the global batch) must be a multiple of the 3 replicas, got 64" in error.read_text()
     assert not list((out / "runs").glob("*.json"))
+
+
+# ------------------------------------------------------------------ a cluster
+
+
+def _start_cluster(root):
+    """The two ``keras-aesam bench --strategy multi-worker`` processes of a cluster on 127.0.0.1.
+
+    Worker 0 is the chief; both name the same ``--output`` (shared storage) and
+    have their temporary folders in ``root/tmp``.
+    """
+    workers = [f"127.0.0.1:{p}" for p in free_ports(2)]
+    (root / "tmp").mkdir(parents=True, exist_ok=True)
+    argv = [sys.executable, "-m", "keras_aesam.cli", "bench", *FLAGS, "--strategy", "multi-worker",
+            "--output", str(root / "out")]
+    return [subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(
+        TMPDIR=str(root / "tmp"),
+        TF_CONFIG=json.dumps({"cluster": {"worker": workers}, "task": {"type": "worker", "index": i}})))
+        for i in range(2)]
+
+
+def _finish(procs):
+    """``[(code, stdout, stderr)]`` of the cluster's processes, all ended within one TIMEOUT."""
+    deadline = time.monotonic() + TIMEOUT
+    outputs = []
+    for proc in procs:
+        try:
+            outputs.append(proc.communicate(timeout=max(deadline - time.monotonic(), 1.0)))
+        except subprocess.TimeoutExpired:
+            for each in procs:
+                each.kill()
+            pytest.fail(f"the cluster's bench did not end within {TIMEOUT} s (a worker waiting for its peer?)")
+    return [(proc.returncode, out, err) for proc, (out, err) in zip(procs, outputs)]
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory, request):
+    """Both workers' bench, then the same two commands again; the one-device bench meanwhile."""
+    root = tmp_path_factory.mktemp("bench_cluster")
+    procs = _start_cluster(root)
+    request.getfixturevalue("one_device")
+    first = _finish(procs)
+    leftovers = sorted(p.name for p in (root / "tmp").iterdir())
+    stored = (root / "out" / "runs" / "clean_s0_ae_sam.json").read_bytes() if first[0][0] == 0 else None
+    second = _finish(_start_cluster(root))
+    return {"root": root, "first": first, "second": second, "leftovers": leftovers, "stored": stored}
+
+
+def _assert_ran(results):
+    for code, out, err in results:
+        assert code == 0, (out[-2000:], err[-3000:])
+
+
+@needs_data
+def test_two_workers_write_one_bench_folder_that_ends_like_one_device(cluster, one_device):
+    root = cluster["root"]
+    _assert_ran(cluster["first"])
+    assert sorted(p.name for p in root.iterdir()) == ["out", "tmp"]  # one bench folder
+    assert cluster["leftovers"] == []  # the other worker removed its temporary folder
+    for name in ("bench.json", "results.csv", "report.md", "final/clean_s0_ae_sam.npz"):
+        assert (root / "out" / name).is_file(), name
+    chief_console, worker_console = cluster["first"][0][1], cluster["first"][1][1]
+    assert "worker of a cluster" in worker_console and "report:" not in worker_console
+    result, reference = _result(root / "out"), _result(one_device[0])
+    assert (result["strategy"], result["replicas"]) == ("MultiWorkerMirroredStrategy", 2)
+    assert "2 replicas x 32" in chief_console
+    assert result["steps"] == reference["steps"] == 16  # --batch-size is the global batch
+    assert result["sam_fraction_per_epoch"] == reference["sam_fraction_per_epoch"]  # the same SAM steps
+    assert _max_rel_diff(_final_weights(root / "out", result), _final_weights(one_device[0], reference)) < RTOL
+
+
+@needs_data
+def test_both_workers_run_again_skip_the_runs_the_chief_finished(cluster):
+    root = cluster["root"]
+    _assert_ran(cluster["first"] + cluster["second"])
+    chief_console, worker_console = cluster["second"][0][1], cluster["second"][1][1]
+    assert "1 runs (1 already finished, skipped)" in chief_console
+    assert "1 runs (1 finished by the chief, skipped)" in worker_console
+    assert "clean_s0_ae_sam:" not in chief_console + worker_console  # trained by neither
+    assert (root / "out" / "runs" / "clean_s0_ae_sam.json").read_bytes() == cluster["stored"]
+    assert list((root / "tmp").iterdir()) == []
+    sessions = json.loads((root / "out" / "bench.json").read_text())["sessions"]
+    assert [s["skipped_finished_runs"] for s in sessions] == [0, 1]
+
+
+def test_a_multi_worker_plan_has_no_peer_row_and_says_why(monkeypatch):
+    monkeypatch.setenv("TF_CONFIG", json.dumps({"cluster": {"worker": ["127.0.0.1:1"]},
+                                                "task": {"type": "worker", "index": 0}}))
+    argv = [arg for arg in FLAGS if arg != "--no-peer"]
+    plan = bench.resolve(bench.build_parser().parse_args([*argv, "--strategy", "multi-worker"]))
+    assert [r["kind"] for r in plan["runs"]] == ["method"]
+    assert "cannot join a --strategy multi-worker cluster" in plan["peer_note"]
+    with pytest.raises(bench.BadInput, match="--peer/--peer-diagnostic: the tf_keras peer"):
+        bench.resolve(bench.build_parser().parse_args([*argv, "--strategy", "multi-worker", "--peer"]))

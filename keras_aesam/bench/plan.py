@@ -165,7 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
     from keras_aesam import devices
 
     devices.add_strategy_flags(parser.add_argument_group(
-        "devices (every run the same; --strategy multi-worker is keras-aesam train's)"))
+        "devices (every run the same; multi-worker: every worker runs the same command)"))
     _running_flags(parser.add_argument_group("running"))
     return parser
 
@@ -340,17 +340,22 @@ def _check_config(config):
 
 
 def _check_devices(config):
-    """BadInput unless the device flags go together; a bench's runs are local processes, not a cluster."""
+    """BadInput unless the device flags go together (and TF_CONFIG is set for multi-worker)."""
+    import os
+
     from keras_aesam import devices
 
     try:
         devices.check_flags(config["strategy"], config["cpu_devices"])
     except devices.DeviceError as err:
         raise BadInput(str(err)) from None
-    if config["strategy"] == "multi-worker":
-        raise BadInput("--strategy multi-worker is not offered by the bench (its runs are local processes, "
-                       "one after another): use keras-aesam train --strategy multi-worker on a cluster, or "
-                       "--strategy mirrored, one or auto here")
+    if config["strategy"] == "multi-worker" and not os.environ.get("TF_CONFIG"):
+        raise BadInput("--strategy multi-worker reads the cluster from TF_CONFIG, which is not set (every "
+                       "worker runs the same keras-aesam bench command with its own TF_CONFIG)")
+
+
+#: Why a multi-worker bench has no peer row.
+_PEER_NOT_IN_CLUSTER = "the tf_keras peer trains on one device and cannot join a --strategy multi-worker cluster"
 
 
 def _method_runs(args, config, methods, noise, seeds):
@@ -389,6 +394,10 @@ def _peer_runs(args, config, noise, seeds):
     """``(peer, note, runs)``: whether the peer row runs, why not if it does not, and its runs."""
     peer = args.peer
     peer_note = None
+    if config["strategy"] == "multi-worker":
+        if peer or getattr(args, "peer_diagnostic", False):
+            raise BadInput(f"--peer/--peer-diagnostic: {_PEER_NOT_IN_CLUSTER}; pass --no-peer")
+        return False, (_PEER_NOT_IN_CLUSTER if peer is None else None), []
     if peer is None:
         peer = _peer_available() and config["network"] in BENCH_NETWORKS
         if not _peer_available():

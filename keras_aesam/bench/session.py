@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import datetime
+import hashlib
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import traceback
 from pathlib import Path
@@ -24,7 +27,12 @@ from keras_aesam.bench.records import (
     finished_result,
 )
 from keras_aesam.bench.report import write_report
-from keras_aesam.bench.worker import run_spec
+from keras_aesam.bench.worker import DISAGREE_EXIT, join_cluster, run_spec
+
+#: Why a multi-worker session stops before running anything.
+_DISAGREE = ("the workers of the --strategy multi-worker cluster disagree on the plan or on which of its runs "
+             "are finished: every worker must run the same command, and --output must be storage every worker "
+             "reads (the chief's results there decide which runs are skipped); nothing was run")
 
 
 def _groups(plan):
@@ -54,8 +62,12 @@ def _describe(result):
     return f"test acc {result['test_accuracy']:.4f}, SAM {sam}, {timing}{split}"
 
 
-def _run_in_process(out, specs, progress):
-    """``--isolation none``: the group's runs in this process, one after another."""
+def _run_in_process(out, specs, progress, agreement=None):
+    """``--isolation none``: the group's runs in this process, one after another (a multi-worker bench's
+    after joining the cluster with ``agreement``).
+    """
+    if agreement is not None and not join_cluster(agreement):
+        raise BadInput(_DISAGREE)
     for spec in specs:
         if finished_result(out, spec) is not None:
             continue
@@ -111,12 +123,16 @@ def _watch(proc, out, specs, progress, relay):
             return
 
 
-def _run_group(out, key, specs, isolation, progress, stream=sys.stdout):
-    """Runs one group; returns the number of specs without a result afterwards."""
+def _run_group(out, key, specs, isolation, progress, stream=sys.stdout, agreement=None):
+    """Runs one group; returns the number of specs without a result afterwards.
+
+    ``agreement`` (multi-worker): the process joins the cluster and checks that
+    every worker runs the same specs first, BadInput if not.
+    """
     if isolation == "none":
-        return _run_in_process(out, specs, progress)
+        return _run_in_process(out, specs, progress, agreement)
     job = Path(out) / "logs" / f"{key}.job.json"
-    _write_json(job, {"out": str(out), "specs": specs})
+    _write_json(job, {"out": str(out), "specs": specs, "agreement": agreement})
     log_path = Path(out) / "logs" / f"{key}.log"
     env = os.environ.copy()
     env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -137,6 +153,8 @@ def _run_group(out, key, specs, isolation, progress, stream=sys.stdout):
                     proc.kill()
                     proc.wait()
             raise
+    if proc.returncode == DISAGREE_EXIT:
+        raise BadInput(_DISAGREE)
     missing = 0
     for spec in specs:
         if finished_result(out, spec) is None:
@@ -160,6 +178,8 @@ def _bench_paths(out, plan):
                   for p in (out / "init").glob(f"{spec['network']}_*_s{spec['seed']}.npz")]
     for key, _ in _groups(plan):
         paths += [f"logs/{key}.log", f"logs/{key}.job.json"]
+    if plan["config"].get("strategy") == "multi-worker":
+        paths += [f"logs/{CLUSTER_KEY}.log", f"logs/{CLUSTER_KEY}.job.json"]
     return paths
 
 
@@ -239,13 +259,34 @@ def _reporter(out, total, finished, failed, stream):
     return progress
 
 
+#: The one worker process of a multi-worker session (its log: ``logs/cluster.log``).
+CLUSTER_KEY = "cluster"
+
+
+def _agreement(plan, todo):
+    """What every worker of a cluster must bring: the plan (its specs) and the runs this session trains."""
+    text = "\n".join([*(s["spec_hash"] for s in plan["runs"]), "todo:", *(s["run_id"] for s in todo)])
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
 def _run_groups(plan, done, progress, stream):
-    """Runs every group with unfinished runs; returns whether it was interrupted (Ctrl-C or SIGTERM)."""
+    """Runs every group with unfinished runs; returns whether it was interrupted (Ctrl-C or SIGTERM).
+
+    Under multi-worker the session's runs go to one process (``CLUSTER_KEY``),
+    started even when none is left: it holds this task's port of the cluster for
+    the whole session, and its check that every worker runs the same specs is what
+    keeps a worker from waiting forever for a peer that skipped them.
+    """
     try:
         previous_handler = signal.signal(signal.SIGTERM, _raise_interrupt)
     except ValueError:  # not the main thread
         previous_handler = None
     try:
+        if plan["config"].get("strategy") == "multi-worker":
+            todo = [s for s in plan["runs"] if done[s["run_id"]] is None]
+            _run_group(plan["output"], CLUSTER_KEY, todo, plan["isolation"], progress, stream,
+                       agreement=_agreement(plan, todo))
+            return False
         for key, specs in _groups(plan):
             todo = [s for s in specs if done[s["run_id"]] is None]
             if todo:
@@ -275,10 +316,52 @@ def _split_cpu_here(plan):
         raise BadInput(f"{err} (e.g. --isolation group: a fresh worker process)") from None
 
 
+def _is_chief(plan):
+    """Whether this process writes the bench folder: always, but for a non-chief worker of a cluster."""
+    if plan["config"].get("strategy") != "multi-worker":
+        return True
+    try:
+        return devices.tf_config_is_chief()
+    except devices.DeviceError as err:
+        raise BadInput(str(err)) from None
+
+
+def _run_as_other_worker(plan, fresh, stream):
+    """A non-chief worker of a cluster: the chief's runs, in the chief's order, into a temporary folder.
+
+    What to skip is read from the chief's ``--output`` (storage every worker
+    reads), as ``keras-aesam train --resume`` reads the chief's backup; the folder
+    is removed at the end, whatever happens.
+    """
+    chief_out = plan["output"]
+    done = {s["run_id"]: None if fresh else finished_result(chief_out, s) for s in plan["runs"]}
+    finished = sum(r is not None for r in done.values())
+    scratch = Path(tempfile.mkdtemp(prefix="keras-aesam-worker-"))
+    try:
+        for folder in ("runs", "init", "final", "logs"):
+            (scratch / folder).mkdir()
+        print(f"keras-aesam bench: worker of a cluster, {len(plan['runs'])} runs ({finished} finished by the "
+              f"chief, skipped); the chief writes {chief_out}", file=stream, flush=True)
+        failed = []
+        progress = _reporter(scratch, len(plan["runs"]), finished, failed, stream)
+        interrupted = _run_groups({**plan, "output": scratch}, done, progress, stream)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    if interrupted:
+        return 130
+    return 1 if failed else 0
+
+
 def run_bench(plan, argv=None, *, fresh=False, stream=None, program="keras-aesam bench") -> int:
-    """Runs the plan's unfinished runs and writes the report; returns the exit code (console: ``stream``)."""
+    """Runs the plan's unfinished runs and writes the report; returns the exit code (console: ``stream``).
+
+    Under ``--strategy multi-worker`` every worker runs the same command; only the
+    chief writes ``--output``.
+    """
     stream = stream or sys.stdout
     _split_cpu_here(plan)
+    if not _is_chief(plan):
+        return _run_as_other_worker(plan, fresh, stream)
     out = plan["output"]
     if fresh and out.exists():
         _remove_previous_bench(out, plan, stream)

@@ -158,9 +158,9 @@ def _build_inner(K, spec, data, weights):
     return inner
 
 
-def _fit_and_evaluate(K, model, spec, data, callbacks=(), train=None):
+def _fit_and_evaluate(K, model, spec, data, callbacks=(), train=None, evaluate=None):
     """Fits ``model`` (compiled) on ``train`` (default ``data.train.repeat()``) with the step timer, then
-    evaluates it.
+    evaluates it (with ``evaluate(model, dataset)``, default Keras's ``model.evaluate``).
 
     Returns ``(history, fields)``: the result fields every run has, the peer's too.
     """
@@ -172,7 +172,10 @@ def _fit_and_evaluate(K, model, spec, data, callbacks=(), train=None):
                         verbose=0, callbacks=[timer, *callbacks], shuffle=False)
     fit_seconds = time.perf_counter() - fit_start
     test = data.test if not spec["test_batches"] else data.test.take(spec["test_batches"])
-    evaluation = model.evaluate(test, verbose=0, return_dict=True)
+    if evaluate is None:
+        evaluation = model.evaluate(test, verbose=0, return_dict=True)
+    else:
+        evaluation = evaluate(model, test)
     return history, {
         "test_accuracy": float(evaluation["accuracy"]),
         "test_loss": float(evaluation["loss"]),
@@ -199,12 +202,36 @@ def _passes(spec, hp, steps, sam_steps):
     return steps + sam_steps
 
 
+#: This process's ``MultiWorkerMirroredStrategy``: made once, it holds the task's port of the cluster.
+_CLUSTER = []
+
+
+def _cluster_strategy():
+    """The process's multi-worker strategy from ``TF_CONFIG``, made on first use (before other TensorFlow work)."""
+    if not _CLUSTER:
+        _CLUSTER.append(devices.strategy_for("multi-worker")[0])
+    return _CLUSTER[0]
+
+
+def join_cluster(agreement: str) -> bool:
+    """Joins the ``TF_CONFIG`` cluster; whether every worker brought the same ``agreement``.
+
+    ``agreement`` names the plan and the runs this session will train: the workers
+    must train the same runs in the same order, or each would wait for the
+    others in a collective that never comes.
+    """
+    return devices.cluster_agrees(_cluster_strategy(), agreement)
+
+
 def _strategy(spec):
     """The spec's ``tf.distribute`` strategy (made first: a CPU split needs TensorFlow not yet started).
 
     ``--batch-size`` is the global batch: each of the replicas trains on its equal share.
     """
-    strategy, _ = devices.strategy_for(spec.get("strategy", "one"), spec.get("cpu_devices"))
+    if spec.get("strategy") == "multi-worker":
+        strategy = _cluster_strategy()
+    else:
+        strategy, _ = devices.strategy_for(spec.get("strategy", "one"), spec.get("cpu_devices"))
     replicas = strategy.num_replicas_in_sync
     if spec["batch_size"] % replicas:
         raise ValueError(f"--batch-size (the global batch) must be a multiple of the {replicas} replicas, "
@@ -219,7 +246,8 @@ def _training_stream(strategy, data, steps):
     it, then to train), and a second iterator of the shuffled pipeline would start
     at another shuffle than one device does; under a strategy ``fit`` therefore
     reads a replayable view (``StreamView``) of one iterator, so every strategy
-    trains on the batches, in the order, of one device.
+    trains on the batches, in the order, of one device; under multi-worker each
+    worker reads the whole stream and takes its share of every global batch.
     """
     import tensorflow as tf
 
@@ -229,7 +257,10 @@ def _training_stream(strategy, data, steps):
     from keras_aesam.training_loop import StreamView
 
     view = StreamView(iter(train), steps)
-    return tf.data.Dataset.from_generator(view, output_signature=data.train.element_spec).prefetch(tf.data.AUTOTUNE)
+    options = tf.data.Options()
+    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
+    stream = tf.data.Dataset.from_generator(view, output_signature=data.train.element_spec)
+    return stream.prefetch(tf.data.AUTOTUNE).with_options(options)
 
 
 def _run_method(spec, out) -> dict:
@@ -257,7 +288,12 @@ def _run_method(spec, out) -> dict:
         recipe.compile_model(model, _recipe(spec), total_steps, keras, jit_compile=False)
     epochs = epoch_callback(keras, spec["run_id"], spec["epochs"])
     train = _training_stream(strategy, data, total_steps)
-    history, fields = _fit_and_evaluate(keras, model, spec, data, [epochs], train)
+    evaluate = None
+    cluster = isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy)
+    if cluster:
+        # Keras's evaluate fails under this strategy: every worker evaluates the same weights on its own.
+        from keras_aesam.training_loop import evaluate_locally as evaluate
+    history, fields = _fit_and_evaluate(keras, model, spec, data, [epochs], train, evaluate)
     _save_npz(final_weights_path(out, spec), **_weight_arrays(inner))
 
     fractions = [float(f) for f in history.history.get("sam_fraction", [])]
@@ -279,7 +315,7 @@ def _run_method(spec, out) -> dict:
         "expected_sam_fraction": model.policy.expected_sam_fraction(total_steps),
         "policy_state": state,
         "framework": f"keras {keras.__version__}, tensorflow {tf.__version__}",
-        "strategy": type(strategy).__name__,
+        "strategy": "MultiWorkerMirroredStrategy" if cluster else type(strategy).__name__,  # not its alias's name
         "replicas": strategy.num_replicas_in_sync,
         "sync_perturbation": bool(sync),
     }
@@ -322,10 +358,21 @@ def run_spec(spec, out) -> dict:
     return result
 
 
+#: A worker's exit code when the cluster's workers disagree on what to run (nothing ran).
+DISAGREE_EXIT = 3
+
+
 def _worker(job_path) -> int:
-    """Worker process: runs the job's specs in order, each result written when it finishes."""
+    """Worker process: runs the job's specs in order, each result written when it finishes.
+
+    A job of a multi-worker bench first joins the cluster and checks that every
+    worker brought the same plan and runs (``DISAGREE_EXIT`` otherwise).
+    """
     job = json.loads(Path(job_path).read_text())
     out = job["out"]
+    if job.get("agreement") is not None and not join_cluster(job["agreement"]):
+        print("the workers of the cluster disagree on the plan or on its finished runs", file=sys.stderr, flush=True)
+        return DISAGREE_EXIT
     cpu_devices = {spec.get("cpu_devices") for spec in job["specs"]} - {None}
     for count in cpu_devices:  # the bench's one split, made before TensorFlow's runtime starts
         devices.split_cpu(count)
