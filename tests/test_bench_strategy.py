@@ -162,20 +162,21 @@ def test_a_global_batch_the_replicas_cannot_share_equally_fails_the_run_with_the
 # ------------------------------------------------------------------ a cluster
 
 
-def _start_cluster(root):
+def _start_cluster(root, *extra_per_worker):
     """The two ``keras-aesam bench --strategy multi-worker`` processes of a cluster on 127.0.0.1.
 
     Worker 0 is the chief; both name the same ``--output`` (shared storage) and
-    have their temporary folders in ``root/tmp``.
+    have their temporary folders in ``root/tmp``; ``extra_per_worker``: more flags for each.
     """
     workers = [f"127.0.0.1:{p}" for p in free_ports(2)]
     (root / "tmp").mkdir(parents=True, exist_ok=True)
     argv = [sys.executable, "-m", "keras_aesam.cli", "bench", *FLAGS, "--strategy", "multi-worker",
             "--output", str(root / "out")]
-    return [subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(
-        TMPDIR=str(root / "tmp"),
-        TF_CONFIG=json.dumps({"cluster": {"worker": workers}, "task": {"type": "worker", "index": i}})))
-        for i in range(2)]
+    extra = extra_per_worker or ([], [])
+    return [subprocess.Popen([*argv, *extra[i]], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             env=_env(TMPDIR=str(root / "tmp"), TF_CONFIG=json.dumps(
+                                 {"cluster": {"worker": workers}, "task": {"type": "worker", "index": i}})))
+            for i in range(2)]
 
 
 def _finish(procs):
@@ -194,15 +195,20 @@ def _finish(procs):
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory, request):
-    """Both workers' bench, then the same two commands again; the one-device bench meanwhile."""
+    """Both workers' bench, then the same two commands again; meanwhile the one-device bench, and a
+    cluster whose workers run different plans (2 epochs on the chief, 1 on the other; in-process).
+    """
     root = tmp_path_factory.mktemp("bench_cluster")
     procs = _start_cluster(root)
+    mismatched = _start_cluster(root / "mismatched", ["--isolation", "none"],
+                                ["--isolation", "none", "--epochs", "1"])
     request.getfixturevalue("one_device")
     first = _finish(procs)
     leftovers = sorted(p.name for p in (root / "tmp").iterdir())
     stored = (root / "out" / "runs" / "clean_s0_ae_sam.json").read_bytes() if first[0][0] == 0 else None
     second = _finish(_start_cluster(root))
-    return {"root": root, "first": first, "second": second, "leftovers": leftovers, "stored": stored}
+    return {"root": root, "first": first, "second": second, "leftovers": leftovers, "stored": stored,
+            "mismatched": _finish(mismatched)}
 
 
 def _assert_ran(results):
@@ -214,7 +220,7 @@ def _assert_ran(results):
 def test_two_workers_write_one_bench_folder_that_ends_like_one_device(cluster, one_device):
     root = cluster["root"]
     _assert_ran(cluster["first"])
-    assert sorted(p.name for p in root.iterdir()) == ["out", "tmp"]  # one bench folder
+    assert sorted(p.name for p in root.iterdir()) == ["mismatched", "out", "tmp"]  # one bench folder
     assert cluster["leftovers"] == []  # the other worker removed its temporary folder
     for name in ("bench.json", "results.csv", "report.md", "final/clean_s0_ae_sam.npz"):
         assert (root / "out" / name).is_file(), name
@@ -251,3 +257,14 @@ def test_a_multi_worker_plan_has_no_peer_row_and_says_why(monkeypatch):
     assert "cannot join a --strategy multi-worker cluster" in plan["peer_note"]
     with pytest.raises(bench.BadInput, match="--peer/--peer-diagnostic: the tf_keras peer"):
         bench.resolve(bench.build_parser().parse_args([*argv, "--strategy", "multi-worker", "--peer"]))
+
+
+@needs_data
+def test_workers_with_different_plans_stop_with_the_reason_before_training(cluster):
+    root = cluster["root"] / "mismatched"
+    for code, out, err in cluster["mismatched"]:
+        assert code == 2, (out[-2000:], err[-3000:])
+        assert "the workers of the --strategy multi-worker cluster disagree on the plan" in err
+        assert "[1/1]" not in out  # nothing trained
+    assert not list((root / "out" / "runs").iterdir())
+    assert list((root / "tmp").iterdir()) == []
