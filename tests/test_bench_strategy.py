@@ -268,3 +268,25 @@ def test_workers_with_different_plans_stop_with_the_reason_before_training(clust
         assert "[1/1]" not in out  # nothing trained
     assert not list((root / "out" / "runs").iterdir())
     assert list((root / "tmp").iterdir()) == []
+
+
+@pytest.mark.parametrize("cluster_spec, task, chief", [
+    ({"worker": ["a:1", "b:1"]}, {"type": "worker", "index": 0}, True),  # worker 0 of a cluster without a chief
+    ({"worker": ["a:1", "b:1"]}, {"type": "worker", "index": 1}, False),
+    ({"chief": ["c:1"], "worker": ["a:1"]}, {"type": "worker", "index": 0}, False),
+    ({"chief": ["c:1"], "worker": ["a:1"]}, {"type": "chief", "index": 0}, True),
+])
+def test_the_chief_that_writes_the_bench_folder_is_keras_s(monkeypatch, cluster_spec, task, chief):
+    from keras_aesam import devices
+
+    monkeypatch.setenv("TF_CONFIG", json.dumps({"cluster": cluster_spec, "task": task}))
+    assert devices.tf_config_is_chief() is chief
+
+
+def test_a_tf_config_that_is_no_cluster_is_refused_naming_it(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("TF_CONFIG", "worker0")
+    with pytest.raises(SystemExit) as exit_info:
+        _bench(tmp_path / "out", "--strategy", "multi-worker")
+    assert exit_info.value.code == 2
+    assert "TF_CONFIG must be JSON with a \"cluster\"" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
