@@ -188,7 +188,7 @@ class SharpnessAwareModel(keras.Model):
         self._xla_passes = False
 
         self.sam_fraction_tracker = keras.metrics.Mean(name="sam_fraction")
-        self.skipped_steps_tracker = keras.metrics.Sum(name="skipped_steps")
+        self.skipped_steps_tracker = distribution.ReplicatedCount(name="skipped_steps")
         # L(w+e) - L(w), averaged over the epoch's SAM steps; ERM has none.
         self.sharpness_tracker = (
             None if self.policy.never_sam
