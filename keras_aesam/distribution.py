@@ -13,6 +13,7 @@ from keras import ops
 from keras_aesam import _keras_compat as compat
 
 
+@keras.saving.register_keras_serializable(package="keras_aesam")
 class ReplicatedCount(keras.metrics.Sum):
     """A ``Sum`` of a per-step value every replica computes alike (a skipped
     step is skipped on all of them), reported once, not once per replica.
