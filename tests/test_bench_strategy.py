@@ -290,3 +290,19 @@ def test_a_tf_config_that_is_no_cluster_is_refused_naming_it(tmp_path, capsys, m
     assert exit_info.value.code == 2
     assert "TF_CONFIG must be JSON with a \"cluster\"" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+@needs_data
+@pytest.mark.parametrize("index, writes", [(0, True), (1, False)])
+def test_only_the_chief_rewrites_the_report(cluster, tmp_path, monkeypatch, capsys, index, writes):
+    import shutil
+
+    out = tmp_path / "out"
+    shutil.copytree(cluster["root"] / "out", out)
+    (out / "report.md").unlink()
+    monkeypatch.setenv("TF_CONFIG", json.dumps({"cluster": {"worker": ["127.0.0.1:1", "127.0.0.1:2"]},
+                                                "task": {"type": "worker", "index": index}}))
+    assert bench.main(["--report-only", "--output", str(out), "--strategy", "multi-worker"]) == 0
+    assert (out / "report.md").is_file() is writes
+    if not writes:
+        assert "the chief writes the report" in capsys.readouterr().out

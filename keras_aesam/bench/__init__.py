@@ -64,6 +64,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from keras_aesam import devices
+
 # The names below are re-exported: tests, the CLI and the evidence profile import them from here.
 from keras_aesam.bench.networks import (  # noqa: F401
     BENCH_NETWORKS,
@@ -196,6 +198,9 @@ def main(argv: Sequence[str] | None = None, program: str = "keras-aesam bench") 
             return 0
         if args.report_only:
             out = Path(args.output) if args.output else Path("bench_results") / args.profile
+            if args.strategy == "multi-worker" and not devices.tf_config_is_chief():
+                print("--report-only: the chief writes the report (this worker is not the chief)")
+                return 0
             if not (out / "runs").is_dir():
                 raise BadInput(f"no results in {str(out)!r} (expected {str(out / 'runs')!r})")
             paths = write_report(out)
@@ -210,7 +215,7 @@ def main(argv: Sequence[str] | None = None, program: str = "keras-aesam bench") 
                 print(f"  {spec['run_id']}: {spec['hyperparameters']}")
             return 0
         return run_bench(plan, argv, fresh=args.fresh, program=program)
-    except BadInput as err:
+    except (BadInput, devices.DeviceError) as err:
         parser.error(str(err))
     except FileNotFoundError as err:
         print(f"keras-aesam bench: error: {err}", file=sys.stderr)
