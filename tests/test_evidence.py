@@ -142,6 +142,20 @@ def test_report_reads_the_runs_and_tests_the_claims(tmp_path):
         assert (tmp_path / name).is_file()
 
 
+def test_the_report_names_the_commands_that_filled_the_folder(tmp_path):
+    _fake_runs(tmp_path, np.random.default_rng(0))
+    noisy_labels_report.write_report(tmp_path)
+    assert f"`keras-aesam bench --profile noisy-labels --output {tmp_path}` (not recorded" in (
+        (tmp_path / "report.md").read_text())
+    noisy_labels.record_command(tmp_path, ["--output", str(tmp_path), "--label-noise", "0.4", "--budget-seeds"])
+    noisy_labels.record_command(tmp_path, ["--output", str(tmp_path), "--seeds", "2"])
+    noisy_labels_report.write_report(tmp_path)
+    text = (tmp_path / "report.md").read_text()
+    first = text.index(f"--profile noisy-labels --output {tmp_path} --label-noise 0.4 --budget-seeds  # 20")
+    assert first < text.index(f"--profile noisy-labels --output {tmp_path} --seeds 2  # 20")
+    assert "not recorded" not in text
+
+
 def test_pareto_front_keeps_only_runs_nobody_beats_on_cost_and_accuracy():
     rows = [{"evals_ratio": 1.0, "acc_mean": 0.70}, {"evals_ratio": 1.2, "acc_mean": 0.69},
             {"evals_ratio": 1.5, "acc_mean": 0.74}, {"evals_ratio": 2.0, "acc_mean": 0.73}]

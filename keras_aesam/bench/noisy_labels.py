@@ -28,6 +28,7 @@ import datetime
 import json
 import os
 import platform
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -341,7 +342,21 @@ def build_parser(prog="keras-aesam bench --profile noisy-labels"):
     return parser
 
 
+#: The invocations that filled an output folder, oldest first (the report prints them).
+COMMANDS_FILE = "commands.json"
+
+
+def record_command(out, argv, prog="keras-aesam bench --profile noisy-labels"):
+    """Appends this invocation (as typed, and when) to ``out/commands.json``."""
+    path = Path(out) / COMMANDS_FILE
+    recorded = json.loads(path.read_text()) if path.is_file() else []
+    started = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    recorded.append({"command": " ".join([prog, *(shlex.quote(a) for a in argv)]), "started": started})
+    write_json(path, recorded)
+
+
 def main(argv=None, prog="keras-aesam bench --profile noisy-labels"):
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser(prog).parse_args(argv)
     if args.report_only:
         from keras_aesam.bench import noisy_labels_report
@@ -351,6 +366,7 @@ def main(argv=None, prog="keras-aesam bench --profile noisy-labels"):
         return 0
     seeds = tuple(range(args.seeds))
     budget_seeds = seeds if args.budget_seeds is None else tuple(args.budget_seeds)
+    record_command(args.output, argv, prog)
     run_profile(args.output, settings=tuple(args.noise), seeds=seeds, budget_seeds=budget_seeds)
     return 0
 

@@ -17,6 +17,7 @@ import numpy as np
 from keras_aesam.bench.noisy_labels import (
     BUDGETED,
     BUDGETS,
+    COMMANDS_FILE,
     MAIN_NOISE,
     RECIPE,
     SEEDS,
@@ -310,6 +311,16 @@ def _efficiency(summary, setting, sam_label):
             for i, r in enumerate(ranked[:8])]
 
 
+def _commands(out):
+    """The commands that filled ``out``, as ``commands.json`` records them (each resumes the folder)."""
+    path = Path(out) / COMMANDS_FILE
+    recorded = json.loads(path.read_text()) if path.is_file() else []
+    if not recorded:
+        return [f"Command: `keras-aesam bench --profile noisy-labels --output {out}` (not recorded; resumable)."]
+    return ["Commands that filled this folder (each resumes it; started at the times given):", "", "```bash",
+            *(f"{c['command']}  # {c['started']}" for c in recorded), "```"]
+
+
 def _header(out, runs, rhos):
     seconds = sum(r.get("run_seconds", 0.0) for r in runs)
     stamps = sorted(r["finished_at"] for r in runs if r.get("finished_at"))
@@ -321,14 +332,7 @@ def _header(out, runs, rhos):
         "Written by `keras_aesam.bench.noisy_labels_report` from the run files in `runs/`; every number below is read "
         "from them.",
         "",
-        "Command (two processes side by side, resumable):",
-        "",
-        "```bash",
-        "keras-aesam bench --profile noisy-labels --output docs/results/noisy_labels "
-        "--label-noise 0.4 --budget-seeds 0 1",
-        "keras-aesam bench --profile noisy-labels --output docs/results/noisy_labels "
-        "--label-noise 0.0 --budget-seeds 2",
-        "```",
+        *_commands(out),
         "",
         f"- Recipe: {recipe}; seeds {list(SEEDS)}; every method of a seed starts from the same weights and "
         "sees the same noisy labels and batch order. Validation and test labels are clean.",
