@@ -13,7 +13,7 @@ import sys
 import threading
 import time
 
-__all__ = ["StreamView", "TrainingLoop", "evaluate_locally"]
+__all__ = ["StreamView", "TrainingLoop", "evaluate_locally", "replayable_dataset"]
 
 
 class StreamView:
@@ -54,6 +54,18 @@ class StreamView:
                     del self.taken[0]
                     self.dropped += 1
             yield batch
+
+
+def replayable_dataset(stream, count, element_spec):
+    """The next ``count`` batches of the iterator ``stream`` as a ``tf.data.Dataset`` that Keras may
+    open more than once (:class:`StreamView`); under multi-worker each worker takes its share of
+    every global batch (``AutoShardPolicy.DATA``)."""
+    import tensorflow as tf
+
+    part = tf.data.Dataset.from_generator(StreamView(stream, count), output_signature=element_spec)
+    options = tf.data.Options()
+    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
+    return part.prefetch(tf.data.AUTOTUNE).with_options(options)
 
 
 def evaluate_locally(model, dataset):
@@ -175,13 +187,7 @@ class TrainingLoop:
 
     def _stream_part(self, batches):
         """The next ``batches`` batches of the stream, bounded (about 0.7 ms per batch, measured)."""
-        import tensorflow as tf
-
-        train = self.session.data.train
-        part = tf.data.Dataset.from_generator(StreamView(self.stream, batches), output_signature=train.element_spec)
-        options = tf.data.Options()  # each worker takes its share of every global batch
-        options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
-        return part.prefetch(tf.data.AUTOTUNE).with_options(options)
+        return replayable_dataset(self.stream, batches, self.session.data.train.element_spec)
 
     def segments(self):
         """``(first epoch, end epoch, steps per epoch)`` of each fit: a resumed run first finishes its epoch."""

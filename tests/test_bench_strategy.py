@@ -13,14 +13,13 @@ import csv
 import json
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
 
 from keras_aesam import bench
 from keras_aesam.bench.worker import final_weights_path
-from test_distribute import free_ports
+from test_distribute import communicate_all, free_ports
 from test_strategy import _env, _fashion_mnist_available, _max_rel_diff
 
 FLAGS = [
@@ -181,16 +180,8 @@ def _start_cluster(root, *extra_per_worker):
 
 def _finish(procs):
     """``[(code, stdout, stderr)]`` of the cluster's processes, all ended within one TIMEOUT."""
-    deadline = time.monotonic() + TIMEOUT
-    outputs = []
-    for proc in procs:
-        try:
-            outputs.append(proc.communicate(timeout=max(deadline - time.monotonic(), 1.0)))
-        except subprocess.TimeoutExpired:
-            for each in procs:
-                each.kill()
-            pytest.fail(f"the cluster's bench did not end within {TIMEOUT} s (a worker waiting for its peer?)")
-    return [(proc.returncode, out, err) for proc, (out, err) in zip(procs, outputs)]
+    return communicate_all(procs, TIMEOUT,
+                           f"the cluster's bench did not end within {TIMEOUT} s (a worker waiting for its peer?)")
 
 
 @pytest.fixture(scope="module")

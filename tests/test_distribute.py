@@ -11,6 +11,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 
 import keras
 import numpy as np
@@ -60,17 +61,27 @@ def start_worker(*args, **env):
     )
 
 
-def finish_workers(procs, timeout=TIMEOUT):
-    """Wait for every process (bounded: a hang fails the test); their JSON results."""
+def communicate_all(procs, timeout, hang):
+    """``[(returncode, stdout, stderr)]`` of processes running side by side, all ended within
+    ``timeout`` seconds; otherwise every one is killed and the test fails with ``hang``."""
+    deadline = time.monotonic() + timeout
+    outputs = []
     try:
-        outputs = [proc.communicate(timeout=timeout) for proc in procs]
+        for proc in procs:
+            outputs.append(proc.communicate(timeout=max(deadline - time.monotonic(), 1.0)))
     except subprocess.TimeoutExpired:
         for proc in procs:
             proc.kill()
-        pytest.fail(f"distributed workers did not finish within {timeout} s (hang?)")
+        pytest.fail(hang)
+    return [(proc.returncode, out, err) for proc, (out, err) in zip(procs, outputs)]
+
+
+def finish_workers(procs, timeout=TIMEOUT):
+    """Wait for every process (bounded: a hang fails the test); their JSON results."""
+    outputs = communicate_all(procs, timeout, f"distributed workers did not finish within {timeout} s (hang?)")
     results = []
-    for proc, (stdout, stderr) in zip(procs, outputs):
-        assert proc.returncode == 0, stderr[-3000:]
+    for returncode, stdout, stderr in outputs:
+        assert returncode == 0, stderr[-3000:]
         results.append(json.loads(stdout.strip().splitlines()[-1]) if stdout.strip() else None)
     return results
 

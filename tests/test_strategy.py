@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 
 from keras_aesam import cli
-from test_distribute import free_ports
+from test_distribute import communicate_all, free_ports
 
 FLAGS = [
     "--network", "mlp", "--train-size", "512", "--batch-size", "64", "--epochs", "2", "--eval-batches", "2",
@@ -75,13 +75,7 @@ def _start(root, *extra, **env):
 
 def _finish(procs):
     """Waits for every process (bounded); their (returncode, stdout, stderr)."""
-    try:
-        outputs = [proc.communicate(timeout=TIMEOUT) for proc in procs]
-    except subprocess.TimeoutExpired:
-        for proc in procs:
-            proc.kill()
-        pytest.fail(f"keras-aesam train did not finish within {TIMEOUT} s (hang?)")
-    return [(proc.returncode, out, err) for proc, (out, err) in zip(procs, outputs)]
+    return communicate_all(procs, TIMEOUT, f"keras-aesam train did not finish within {TIMEOUT} s (hang?)")
 
 
 def _start_workers(root, *extra):

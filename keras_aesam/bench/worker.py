@@ -254,13 +254,9 @@ def _training_stream(strategy, data, steps):
     train = data.train.repeat()
     if strategy is tf.distribute.get_strategy():  # the default strategy: Keras opens the data once
         return train
-    from keras_aesam.training_loop import StreamView
+    from keras_aesam.training_loop import replayable_dataset
 
-    view = StreamView(iter(train), steps)
-    options = tf.data.Options()
-    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
-    stream = tf.data.Dataset.from_generator(view, output_signature=data.train.element_spec)
-    return stream.prefetch(tf.data.AUTOTUNE).with_options(options)
+    return replayable_dataset(iter(train), steps, data.train.element_spec)
 
 
 def _run_method(spec, out) -> dict:
