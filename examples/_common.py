@@ -108,7 +108,7 @@ def write_table(rows, columns, path_stem):
     An existing ``.md`` or ``.csv`` that keras-aesam did not write is not
     overwritten (keras_aesam.safety.NotOurs, before anything is written).
     """
-    from keras_aesam import safety
+    from keras_aesam.cli import safety
 
     path_stem = Path(path_stem)
     path_stem.parent.mkdir(parents=True, exist_ok=True)

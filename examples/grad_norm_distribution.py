@@ -44,7 +44,7 @@ def main(argv=None):
                                   grad_norm_epochs=hist_epochs, grad_norm_batches=args.batches)
     _common.run_or_reuse(argv_run, run_dir, args.rerun)
 
-    from keras_aesam.plots import normal_qq, plot_run, read_csv
+    from keras_aesam.cli.plots import normal_qq, plot_run, read_csv
 
     plot_run(run_dir)
     table = read_csv(run_dir / "grad_norms.csv")

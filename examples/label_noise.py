@@ -31,7 +31,7 @@ NOISE_SETTINGS = {"looksam": {"k": 2}, "ae_looksam": {"lambda1": -1.0, "lambda2"
 def plot_curves(histories, path, title):
     from matplotlib.ticker import MaxNLocator
 
-    from keras_aesam.plots import new_figure, save_figure
+    from keras_aesam.cli.plots import new_figure, save_figure
 
     fig = new_figure(10, 3.8)
     for i, (column, name) in enumerate((("accuracy", "train accuracy (noisy labels)"),
@@ -63,7 +63,7 @@ def main(argv=None):
         args.lr = 0.1 if args.lr is None else args.lr
         args.seeds = [0, 1, 2, 3, 4] if args.seeds == [0] else args.seeds
 
-    from keras_aesam.plots import read_csv
+    from keras_aesam.cli.plots import read_csv
 
     rows, curves = [], {}
     for noise in args.noise_levels:

@@ -30,7 +30,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
 
     from keras_aesam import build_method
-    from keras_aesam.plots import plot_heatmap
+    from keras_aesam.cli.plots import plot_heatmap
 
     values = sorted(set(args.values))
     n = len(values)

@@ -268,7 +268,7 @@ def test_workers_with_different_plans_stop_with_the_reason_before_training(clust
     ({"chief": ["c:1"], "worker": ["a:1"]}, {"type": "chief", "index": 0}, True),
 ])
 def test_the_chief_that_writes_the_bench_folder_is_keras_s(monkeypatch, cluster_spec, task, chief):
-    from keras_aesam import devices
+    from keras_aesam.cli import devices
 
     monkeypatch.setenv("TF_CONFIG", json.dumps({"cluster": cluster_spec, "task": task}))
     assert devices.tf_config_is_chief() is chief

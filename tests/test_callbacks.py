@@ -51,7 +51,7 @@ def test_recorder_derives_sam_steps_from_the_running_fraction(tmp_path):
     np.testing.assert_allclose([r["loss"] for r in recorder.rows], _step_losses(12) + _step_losses(3), rtol=1e-5)
     assert recorder.sam_steps == sum(pattern) + 2 and recorder.total_steps == 15
     assert math.isclose(recorder.sam_fraction, (sum(pattern) + 2) / 15)
-    from keras_aesam.plots import read_csv
+    from keras_aesam.cli.plots import read_csv
 
     table = read_csv(path)
     assert list(table) == list(STEP_COLUMNS)

@@ -351,7 +351,7 @@ def _synthetic_run(run_dir, adaptive=True, grad_norms=True, epochs=4, steps_per_
 
 
 def test_plot_run_from_synthetic_csvs(tmp_path):
-    from keras_aesam.plots import PLOT_FILES, plot_run
+    from keras_aesam.cli.plots import PLOT_FILES, plot_run
 
     run_dir = tmp_path / "run"
     _synthetic_run(run_dir)
@@ -365,7 +365,7 @@ def test_plot_run_from_synthetic_csvs(tmp_path):
 
 def test_plot_run_without_grad_norm_stats(tmp_path):
     """ERM-like runs log no ‖g‖²: loss panel only, and no distribution plot."""
-    from keras_aesam.plots import PLOT_FILES, plot_run
+    from keras_aesam.cli.plots import PLOT_FILES, plot_run
 
     run_dir = tmp_path / "run"
     _synthetic_run(run_dir, adaptive=False, grad_norms=False)
@@ -374,7 +374,7 @@ def test_plot_run_without_grad_norm_stats(tmp_path):
 
 
 def test_distribution_falls_back_to_per_step_values(tmp_path):
-    from keras_aesam.plots import PLOT_FILES, _grad_norm_samples, plot_run, read_csv
+    from keras_aesam.cli.plots import PLOT_FILES, _grad_norm_samples, plot_run, read_csv
 
     run_dir = tmp_path / "run"
     _synthetic_run(run_dir, grad_norms=False, epochs=6)
@@ -386,7 +386,7 @@ def test_distribution_falls_back_to_per_step_values(tmp_path):
 
 def test_normal_qq_matches_scipy_without_scipy(monkeypatch):
     stats = pytest.importorskip("scipy.stats")
-    from keras_aesam.plots import normal_qq
+    from keras_aesam.cli.plots import normal_qq
 
     x = np.random.default_rng(1).gamma(4.0, size=37)
     (osm, osr), (slope, intercept, r) = stats.probplot(x, dist="norm")
@@ -400,7 +400,7 @@ def test_normal_qq_matches_scipy_without_scipy(monkeypatch):
 
 
 def test_heatmap_leaves_nan_cells_blank(tmp_path):
-    from keras_aesam.plots import plot_heatmap
+    from keras_aesam.cli.plots import plot_heatmap
 
     values = np.array([[50.0, 30.0], [np.nan, 10.0]])
     path = plot_heatmap(values, [-1, 1], [-1, 1], tmp_path / "h.png", title="t", colorbar_label="% SAM")

@@ -6,7 +6,8 @@ import warnings
 import numpy as np
 import pytest
 
-from keras_aesam import bench, cli, flags
+from keras_aesam import bench, cli
+from keras_aesam.cli import flags
 
 
 def _train_args(*argv):

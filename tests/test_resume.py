@@ -261,7 +261,7 @@ def test_a_run_killed_before_its_first_backup_starts_over_on_resume(tmp_path):
 
     import keras
 
-    from keras_aesam import safety
+    from keras_aesam.cli import safety
 
     if not _fashion_mnist_available():
         pytest.skip("Fashion-MNIST files not available offline")

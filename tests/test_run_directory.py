@@ -6,9 +6,9 @@ import os
 import numpy as np
 import pytest
 
-from keras_aesam import safety
-from keras_aesam.flags import BadInput
-from keras_aesam.run_directory import BACKUP_FILE, CSV_FILES, RUN_FILES, RunDirectory
+from keras_aesam.cli import safety
+from keras_aesam.cli.flags import BadInput
+from keras_aesam.cli.run_directory import BACKUP_FILE, CSV_FILES, RUN_FILES, RunDirectory
 
 
 def _files(folder):

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from keras_aesam import bench, cli, safety
+from keras_aesam import bench, cli
+from keras_aesam.cli import safety
 
 FOREIGN = "a user's file, not ours"
 
@@ -206,7 +207,7 @@ def test_train_overwrite_refuses_a_users_file_under_a_name_the_run_writes(capsys
 
 
 def test_plot_regeneration_never_overwrites_a_picture_we_did_not_draw(trained, tmp_path, capsys):
-    from keras_aesam.plots import PLOT_FILES
+    from keras_aesam.cli.plots import PLOT_FILES
 
     run_dir = trained["run_dir"]
     code = cli.main(["plot", str(run_dir)])  # our own PNGs: drawn again

@@ -5,8 +5,8 @@ import dataclasses
 import pytest
 
 from keras_aesam import cli
-from keras_aesam.flags import BadInput
-from keras_aesam.train_spec import PAPER_LR, SMALL_CNN_LR, TrainSpec
+from keras_aesam.cli.flags import BadInput
+from keras_aesam.cli.train_spec import PAPER_LR, SMALL_CNN_LR, TrainSpec
 
 
 def _from_flags(*argv):

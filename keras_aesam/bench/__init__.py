@@ -64,8 +64,6 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from keras_aesam import devices
-
 # The names below are re-exported: tests, the CLI and the evidence profile import them from here.
 from keras_aesam.bench.networks import (  # noqa: F401
     BENCH_NETWORKS,
@@ -140,6 +138,7 @@ from keras_aesam.bench.worker import (  # noqa: F401
     initial_weights,
     run_spec,
 )
+from keras_aesam.cli import devices
 
 __all__ = [
     "ALL_METHODS",

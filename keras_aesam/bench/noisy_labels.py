@@ -35,9 +35,9 @@ from pathlib import Path
 
 import numpy as np
 
-from keras_aesam import flags
 from keras_aesam.bench.progress import Progress, is_degenerate  # noqa: F401 - is_degenerate: the report's
-from keras_aesam.flags import write_json
+from keras_aesam.cli import flags
+from keras_aesam.cli.flags import write_json
 from keras_aesam.methods import PRETTY_NAMES
 
 #: The regime (a 2-core CPU runs one model in 15-40 s).

@@ -14,9 +14,10 @@ import json
 import math
 from pathlib import Path
 
-from keras_aesam import flags, methods as _methods, recipe
+from keras_aesam import methods as _methods, recipe
 from keras_aesam.bench.networks import BENCH_NETWORKS, _network_names
-from keras_aesam.flags import HYPERPARAMETER_FLAGS, BadInput  # noqa: F401  (re-exported: keras_aesam.bench's API)
+from keras_aesam.cli import flags
+from keras_aesam.cli.flags import HYPERPARAMETER_FLAGS, BadInput  # noqa: F401  (re-exported: keras_aesam.bench's API)
 from keras_aesam.validation import canonical_name as _canonical
 
 #: The seven methods, in the paper's order of presentation.
@@ -162,7 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"default {COMMON['weight_decay_mode']} (see the module docstring)")
     h = parser.add_argument_group("method hyperparameters (to every method that takes them; paper defaults)")
     flags.add_hyperparameter_flags(h)
-    from keras_aesam import devices
+    from keras_aesam.cli import devices
 
     devices.add_strategy_flags(parser.add_argument_group(
         "devices (every run the same; multi-worker: every worker runs the same command)"))
@@ -343,7 +344,7 @@ def _check_devices(config):
     """BadInput unless the device flags go together (and TF_CONFIG is set for multi-worker)."""
     import os
 
-    from keras_aesam import devices
+    from keras_aesam.cli import devices
 
     try:
         devices.check_flags(config["strategy"], config["cpu_devices"])

@@ -9,7 +9,7 @@ import subprocess
 from pathlib import Path
 
 from keras_aesam.bench.plan import BadInput
-from keras_aesam.flags import json_default as _json_default, write_json as _write_json  # noqa: F401  (re-exported)
+from keras_aesam.cli.flags import json_default as _json_default, write_json as _write_json  # noqa: F401  (re-exported)
 
 
 def _result_path(out, spec):

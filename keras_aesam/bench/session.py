@@ -14,7 +14,6 @@ import time
 import traceback
 from pathlib import Path
 
-from keras_aesam import devices
 from keras_aesam.bench.plan import BadInput, estimate_seconds
 from keras_aesam.bench.progress import PROGRESS_MARK, Progress
 from keras_aesam.bench.records import (
@@ -28,6 +27,7 @@ from keras_aesam.bench.records import (
 )
 from keras_aesam.bench.report import write_report
 from keras_aesam.bench.worker import DISAGREE_EXIT, join_cluster, run_spec
+from keras_aesam.cli import devices
 
 #: Why a multi-worker session stops before running anything.
 _DISAGREE = ("the workers of the --strategy multi-worker cluster disagree on the plan or on which of its runs "
@@ -185,7 +185,7 @@ def _bench_paths(out, plan):
 
 def _record_bench_files(out, plan):
     """Lists in ``out``'s manifest (keras_aesam.safety) what this bench writes there."""
-    from keras_aesam import safety
+    from keras_aesam.cli import safety
 
     out.mkdir(parents=True, exist_ok=True)
     ours = set(safety.written(out))
@@ -200,7 +200,7 @@ def _record_bench_files(out, plan):
 
 def _remove_previous_bench(out, plan, stream):
     """``--fresh``: deletes the files a previous bench wrote in ``out``, and only those."""
-    from keras_aesam import safety
+    from keras_aesam.cli import safety
 
     previous = _read_bench_json(out)
     if previous.get("run_ids") and not safety.is_ours(out):  # written before the manifest existed

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from keras_aesam import devices, recipe
+from keras_aesam import recipe
 from keras_aesam.bench.networks import build_network
 from keras_aesam.bench.plan import FORWARD_COST
 from keras_aesam.bench.progress import epoch_callback
@@ -23,6 +23,7 @@ from keras_aesam.bench.records import (
     _write_json,
     finished_result,
 )
+from keras_aesam.cli import devices
 
 
 def _make_timer(K):
@@ -254,7 +255,7 @@ def _training_stream(strategy, data, steps):
     train = data.train.repeat()
     if strategy is tf.distribute.get_strategy():  # the default strategy: Keras opens the data once
         return train
-    from keras_aesam.training_loop import replayable_dataset
+    from keras_aesam.cli.training_loop import replayable_dataset
 
     return replayable_dataset(iter(train), steps, data.train.element_spec)
 
@@ -288,7 +289,7 @@ def _run_method(spec, out) -> dict:
     cluster = isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy)
     if cluster:
         # Keras's evaluate fails under this strategy: every worker evaluates the same weights on its own.
-        from keras_aesam.training_loop import evaluate_locally as evaluate
+        from keras_aesam.cli.training_loop import evaluate_locally as evaluate
     history, fields = _fit_and_evaluate(keras, model, spec, data, [epochs], train, evaluate)
     _save_npz(final_weights_path(out, spec), **_weight_arrays(inner))
 

@@ -20,8 +20,8 @@ import tempfile
 from pathlib import Path
 from typing import Optional, Sequence
 
-from keras_aesam import safety
-from keras_aesam.flags import BadInput, check, write_json
+from keras_aesam.cli import safety
+from keras_aesam.cli.flags import BadInput, check, write_json
 from keras_aesam.validation import canonical_name
 
 __all__ = ["BACKUP_FILE", "CSV_FILES", "RUN_FILES", "RunDirectory", "backup_meta", "read_config"]
@@ -139,7 +139,7 @@ class RunDirectory:
                   "--output")
             check(not export_path.exists(),
                   f"export directory {str(export_path)!r} exists; pass --overwrite or another --export-dir/--output")
-        from keras_aesam.plots import PLOT_FILES
+        from keras_aesam.cli.plots import PLOT_FILES
 
         action = "--resume" if resume else "--overwrite"
         _check_replaceable(run_dir, "config.json", LEGACY_RUN_FILES, RUN_FILES + tuple(PLOT_FILES.values()), action)

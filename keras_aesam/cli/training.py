@@ -18,9 +18,9 @@ import sys
 import time
 from typing import Optional
 
-from keras_aesam.flags import BadInput, check, one_line
-from keras_aesam.run_directory import BACKUP_FILE, RunDirectory, backup_meta
-from keras_aesam.training_loop import StreamView, TrainingLoop as _TrainingLoop
+from keras_aesam.cli.flags import BadInput, check, one_line
+from keras_aesam.cli.run_directory import BACKUP_FILE, RunDirectory, backup_meta
+from keras_aesam.cli.training_loop import StreamView, TrainingLoop as _TrainingLoop
 
 __all__ = ["DataUnavailable", "RunOptions", "StreamView", "format_duration", "train"]  # StreamView: re-exported
 
@@ -307,7 +307,7 @@ def _plots(session, config, results) -> list:
     if not session.options.plots or not session.run_dir.chief:
         return []
     try:
-        from keras_aesam.plots import plot_run
+        from keras_aesam.cli.plots import plot_run
 
         config["results"] = results  # the plots show the test accuracy and %SAM
         session.run_dir.write_config(config)

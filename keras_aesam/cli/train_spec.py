@@ -15,7 +15,7 @@ import dataclasses
 import types
 from typing import Mapping, Optional, Tuple
 
-from keras_aesam.flags import (
+from keras_aesam.cli.flags import (
     HYPERPARAMETER_FLAGS,
     BadInput,
     check,

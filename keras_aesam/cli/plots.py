@@ -82,7 +82,7 @@ def _figure(width, height):
 
 def _save(fig, path):
     """Writes the PNG; an existing file is replaced only if keras-aesam wrote it (keras_aesam.safety)."""
-    from keras_aesam import safety
+    from keras_aesam.cli import safety
 
     path = os.fspath(path)
     directory = os.path.dirname(path)

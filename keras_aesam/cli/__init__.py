@@ -50,15 +50,15 @@ import sys
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
-from keras_aesam import devices, flags, safety
-from keras_aesam.flags import (  # noqa: F401  (part of this module's API: BadInput, the table)
+from keras_aesam.cli import devices, flags, safety
+from keras_aesam.cli.flags import (  # noqa: F401  (part of this module's API: BadInput, the table)
     HYPERPARAMETER_FLAGS,
     BadInput,
     check as _check,
     method_takes as _method_takes,
     one_line as _one_line,
 )
-from keras_aesam.run_directory import (  # noqa: F401  (BACKUP_FILE, backup_meta: read by the tests)
+from keras_aesam.cli.run_directory import (  # noqa: F401  (BACKUP_FILE, backup_meta: read by the tests)
     BACKUP_FILE,
     LEGACY_RUN_FILES,
     RunDirectory,
@@ -67,8 +67,8 @@ from keras_aesam.run_directory import (  # noqa: F401  (BACKUP_FILE, backup_meta
     is_finished,
     read_config,
 )
-from keras_aesam.train_spec import DEFAULTS, PAPER_LR, SMALL_CNN_LR, TrainSpec
-from keras_aesam.training import DataUnavailable, RunOptions, train
+from keras_aesam.cli.train_spec import DEFAULTS, PAPER_LR, SMALL_CNN_LR, TrainSpec
+from keras_aesam.cli.training import DataUnavailable, RunOptions, train
 
 __all__ = ["DEFAULTS", "HYPERPARAMETER_FLAGS", "build_parser", "main", "run"]
 
@@ -300,7 +300,7 @@ def _resume_args(parser, argv, args):
 
 
 def _plot(args):
-    from keras_aesam.plots import plot_run
+    from keras_aesam.cli.plots import plot_run
 
     run_dir = Path(args.run_dir)
     if not run_dir.is_dir():
