@@ -182,9 +182,3 @@ def test_one_run_trains_and_records_what_the_report_needs(monkeypatch):
     assert [e for e, _ in result["curve"]] == [1, 2]
     assert 0.0 <= result["test_accuracy"] <= 1.0 and np.isfinite(result["sharpness"])
 
-
-def test_the_old_module_names_still_reach_the_profile_and_its_report():
-    from keras_aesam import evidence, evidence_report
-
-    assert evidence.main is noisy_labels.main and evidence.run_profile is noisy_labels.run_profile
-    assert evidence_report.write_report is noisy_labels_report.write_report
