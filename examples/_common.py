@@ -39,7 +39,7 @@ def add_common_flags(parser, *, epochs, train_size, output):
     """Flags every example shares; its own defaults are CPU-sized."""
     parser.add_argument("--dataset", default="fashion_mnist",
                         help="fashion_mnist (offline, default), cifar10, cifar100 (need tfds's download)")
-    parser.add_argument("--network", "--model", dest="model", default="small_cnn",
+    parser.add_argument("--network", dest="model", default="small_cnn",
                         help="small_cnn (default), resnet18, resnet32, wrn28_10, ...")
     parser.add_argument("--epochs", type=int, default=epochs, help="default %(default)s")
     parser.add_argument("--train-size", default=str(train_size), help="examples, or 'all' (default %(default)s)")

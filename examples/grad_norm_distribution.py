@@ -28,7 +28,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     _common.add_common_flags(parser, epochs=4, train_size=10000, output="runs/grad_norm_distribution")
     parser.add_argument("--method", default="erm")
-    parser.add_argument("--grad-norm-epochs", "--hist-epochs", dest="hist_epochs", default=None,
+    parser.add_argument("--grad-norm-epochs", dest="hist_epochs", default=None,
                         help="completed epochs to sample at, e.g. 0,1,4 (default: 0, 1, middle, last)")
     parser.add_argument("--batches", type=int, default=200, help="mini-batches sampled per epoch (default %(default)s)")
     parser.add_argument("--paper", action="store_true", help="ResNet-18 on CIFAR-100, 200 epochs, lr 0.1")

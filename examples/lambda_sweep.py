@@ -25,7 +25,7 @@ def main(argv=None):
     parser.add_argument("--values", type=_common.csv_list(float), default=[-2.0, -1.0, 0.0, 1.0, 2.0],
                         help="the λ grid, comma-separated, written --values=-1,0,1 (pairs with λ1 <= λ2 are trained)")
     parser.add_argument("--method", default="ae_sam", choices=["ae_sam", "ae_looksam"])
-    parser.add_argument("--label-noise", "--noise", dest="noise", type=float, default=0.0,
+    parser.add_argument("--label-noise", dest="noise", type=float, default=0.0,
                         help="label noise (appendix B.4 uses it with ae_looksam)")
     args = parser.parse_args(argv)
 

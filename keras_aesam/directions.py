@@ -89,11 +89,6 @@ class SAM(Direction):
         return {"rho": self.rho, "adaptive": self.adaptive}
 
 
-#: Class names that saved configs may carry for a rule now named otherwise:
-#: before ``Direction`` became abstract, plain SAM was saved as "Direction".
-SAVED_NAMES = {"Direction": SAM}
-
-
 class LookSAM(SAM):
     """LookSAM (Liu et al., 2022): reuse the SAM gradient's orthogonal part.
 

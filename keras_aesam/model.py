@@ -42,7 +42,7 @@ def _deserialize_part(config, module, base):
     if isinstance(config, base):
         return config
     name = config["class_name"]
-    cls = getattr(module, "SAVED_NAMES", {}).get(name) or getattr(module, name, None)
+    cls = getattr(module, name, None)
     if not (isinstance(cls, type) and issubclass(cls, base)) or inspect.isabstract(cls):
         raise ValueError(f"Unknown {base.__name__} {config['class_name']!r}.")
     return cls(**config["config"])
@@ -279,15 +279,6 @@ class SharpnessAwareModel(keras.Model):
     def _own_state_variables(self):
         return [self.applied_steps, self.sam_total_steps, *self._policy_state.values(),
                 *(self._direction_state or [])]
-
-    @property
-    def sam_step(self):
-        """Deprecated alias of ``applied_steps``, kept for one release.
-
-        The counter ``t`` counts every applied step (ERM and SAM alike, not
-        the skipped ones), which the old name did not say.
-        """
-        return self.applied_steps
 
     @property
     def policy_state(self):

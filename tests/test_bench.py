@@ -56,8 +56,8 @@ def test_budget_check_can_be_turned_off(tmp_path):
 @pytest.mark.parametrize(
     "argv, message",
     [
-        (["--noise", "0,1.2"], "--noise rates must be in [0, 1)"),
-        (["--noise", "a"], "--noise must be comma-separated numbers"),
+        (["--label-noise", "0,1.2"], "--label-noise rates must be in [0, 1)"),
+        (["--label-noise", "a"], "--label-noise must be comma-separated numbers"),
         (["--network", "resnet999"], "unknown network 'resnet999'"),
         (["--dataset", "mnist9"], "unknown dataset 'mnist9'"),
         (["--seeds", "0"], "--seeds must be >= 1"),

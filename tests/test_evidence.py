@@ -93,12 +93,9 @@ def test_bench_hands_the_noisy_labels_profile_its_own_arguments():
     assert bench._noisy_labels_argv(["--profile", "quick"]) is None
 
 
-def test_the_profile_takes_label_noise_settings_under_the_shared_name_and_the_old_one():
+def test_the_profile_takes_label_noise_settings_under_the_shared_name():
     parser = noisy_labels.build_parser()
-    new = parser.parse_args(["--output", "x", "--label-noise", "0.4", "0.0"])
-    with pytest.warns(DeprecationWarning, match="--noise is deprecated: use --label-noise"):
-        old = parser.parse_args(["--output", "x", "--noise", "0.4", "0.0"])
-    assert new.noise == old.noise == [0.4, 0.0]
+    assert parser.parse_args(["--output", "x", "--label-noise", "0.4", "0.0"]).noise == [0.4, 0.0]
     assert parser.parse_args(["--output", "x"]).noise == list(noisy_labels.SETTINGS)
     assert "--noise" not in parser.format_help()
 

@@ -1,7 +1,6 @@
 """keras_aesam.flags: one flag vocabulary for ``keras-aesam train`` and ``keras-aesam bench``."""
 
 import json
-import warnings
 
 import numpy as np
 import pytest
@@ -52,26 +51,15 @@ def test_the_table_unpacks_as_name_flag_type_help():
         assert kind in (None, int, float, str), name
 
 
-@pytest.mark.parametrize("old, new, value, dest, expected", [
-    ("--model", "--network", "resnet18", "network", "resnet18"),
-    ("--noise", "--label-noise", "0.4", "label_noise", 0.4),
-    ("--hist-epochs", "--grad-norm-epochs", "0,3", "grad_norm_epochs", [0, 3]),
-    ("--hist-batches", "--grad-norm-batches", "7", "grad_norm_batches", 7),
-])
-def test_train_keeps_the_old_spellings_as_aliases_of_the_same_value(old, new, value, dest, expected):
-    assert getattr(_train_args(new, value), dest) == expected
-    with pytest.warns(DeprecationWarning, match=f"{old} is deprecated: use {new}"):
-        assert getattr(_train_args(old, value), dest) == expected
-
-
-@pytest.mark.parametrize("old, new, value, dest", [
-    ("--model", "--network", "small_cnn", "network"),
-    ("--noise", "--label-noise", "0,0.4", "noise"),
-])
-def test_bench_keeps_the_old_spellings_as_aliases_of_the_same_value(old, new, value, dest):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)
-        assert getattr(_bench_args(old, value), dest) == getattr(_bench_args(new, value), dest) == value
+@pytest.mark.parametrize("old", ["--model", "--noise", "--hist-epochs", "--hist-batches"])
+def test_the_replaced_spellings_are_not_flags(old, capsys):
+    with pytest.raises(SystemExit) as train_exit:
+        _train_args(old, "1")
+    assert train_exit.value.code == 2 and f"unrecognized arguments: {old}" in capsys.readouterr().err
+    if old in ("--model", "--noise"):  # the bench's spellings of --network and --label-noise
+        with pytest.raises(SystemExit):
+            _bench_args(old, "1")
+        assert f"unrecognized arguments: {old}" in capsys.readouterr().err
 
 
 def test_help_shows_the_chosen_names_only(capsys):
@@ -83,22 +71,10 @@ def test_help_shows_the_chosen_names_only(capsys):
     assert "--grad-norm-epochs" in train_help and "--hist-" not in train_help
 
 
-def test_errors_name_the_spelling_the_user_typed(capsys, tmp_path):
+def test_errors_name_the_flag(capsys, tmp_path):
     with pytest.raises(SystemExit):
         bench.main(["--label-noise", "2", "--output", str(tmp_path / "out")])
     assert "--label-noise rates must be in [0, 1)" in capsys.readouterr().err
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)
-        with pytest.raises(SystemExit):
-            bench.main(["--noise", "2", "--output", str(tmp_path / "out")])
-    assert "--noise rates must be in [0, 1)" in capsys.readouterr().err
-
-
-def test_resume_compares_an_old_spelling_with_the_new_one():
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)
-        old = cli._explicit_flags(["train", "--model", "mlp", "--noise", "0.2"])
-    assert old == cli._explicit_flags(["train", "--network", "mlp", "--label-noise", "0.2"])
 
 
 @pytest.mark.parametrize("value, expected", [("all", None), ("ALL", None), ("full", None), ("12", 12)])

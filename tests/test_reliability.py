@@ -810,7 +810,7 @@ def export_artifacts(method, directory):
     for v in model.weights:
         if v.dtype == "float32":
             v.assign(np.abs(rng.normal(size=v.shape)).astype("float32") + 0.1)  # moving_variance > 0
-    model.sam_step.assign(17)
+    model.applied_steps.assign(17)
     model.sam_total_steps.assign(40 if model.policy.needs_total_steps else 0)
     expected = model.predict(x, verbose=0)
     base = os.path.join(str(directory), method)

@@ -81,23 +81,16 @@ def test_custom_policy_direction_pair_round_trip(tmp_path):
     assert isinstance(loaded.direction, directions.LookSAM) and loaded.direction.per_tensor
 
 
-def test_config_naming_the_old_direction_class_loads_as_plain_sam():
-    """Configs saved when plain SAM was the class ``Direction`` still load."""
+def test_config_naming_the_direction_interface_is_refused():
+    """``Direction`` is the abstract interface, not a rule: a config naming it does not load."""
     config = keras_aesam.SharpnessAwareModel(
         inner=small_net(), policy=policies.Always(), direction=directions.SAM(rho=0.2, adaptive=True)
     ).get_config()
     config["direction"]["class_name"] = "Direction"
-    loaded = keras_aesam.SharpnessAwareModel.from_config(config)
-    assert type(loaded.direction) is directions.SAM
-    assert loaded.direction.get_config() == {"rho": 0.2, "adaptive": True}
+    with pytest.raises(ValueError, match="Unknown Direction 'Direction'"):
+        keras_aesam.SharpnessAwareModel.from_config(config)
     with pytest.raises(TypeError):
         directions.Direction()  # the interface alone is no rule
-
-
-def test_sam_step_is_an_alias_of_applied_steps():
-    model, _, _ = trained("ae_sam")
-    assert model.sam_step is model.applied_steps
-    assert int(model.applied_steps.numpy()) == model.policy_state["step"]
 
 
 def test_loaded_model_continues_training(tmp_path):

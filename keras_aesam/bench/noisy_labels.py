@@ -36,7 +36,6 @@ from pathlib import Path
 import numpy as np
 
 from keras_aesam.bench.progress import Progress, is_degenerate  # noqa: F401 - is_degenerate: the report's
-from keras_aesam.cli import flags
 from keras_aesam.cli.flags import write_json
 from keras_aesam.methods import PRETTY_NAMES
 
@@ -334,8 +333,8 @@ def build_parser(prog="keras-aesam bench --profile noisy-labels"):
     parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n")[0])
     parser.add_argument("--output", required=True, help="folder of the profile's runs and report")
     parser.add_argument("--seeds", type=int, default=len(SEEDS), help="number of seeds (default 5)")
-    flags.add_flag(parser, "--label-noise", dest="noise", type=float, nargs="*", default=list(SETTINGS),
-                   help="label-noise settings of the main stage (default 0.4 0.0 0.6)")
+    parser.add_argument("--label-noise", dest="noise", type=float, nargs="*", default=list(SETTINGS),
+                        help="label-noise settings of the main stage (default 0.4 0.0 0.6)")
     parser.add_argument("--budget-seeds", type=int, nargs="*", default=None,
                         help="seeds of the fixed-budget stage on the 0.4 setting (default: all; none: skip)")
     parser.add_argument("--report-only", action="store_true", help="redraw the report from the stored runs")

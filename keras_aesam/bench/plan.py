@@ -142,13 +142,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"comma-separated, or 'all' ({', '.join(ALL_METHODS)}); default: the profile's")
     g.add_argument("--seeds", type=int, default=None, help="number of seeds (default: the profile's)")
     g.add_argument("--first-seed", type=int, default=0, help="seeds are first-seed, first-seed+1, … (default 0)")
-    flags.add_flag(g, "--label-noise", dest="noise", default=None,
+    g.add_argument("--label-noise", dest="noise", default=None,
                    help="comma-separated label-noise rates in [0, 1), e.g. 0,0.4,0.8 (default: the profile's)")
     g.add_argument("--epochs", type=int, default=None, help="default: the profile's")
     g.add_argument("--train-size", default=None,
                    help="training examples kept after the validation split, or 'all' (default: the profile's)")
     g.add_argument("--dataset", default=None, help=f"default {COMMON['dataset']}")
-    flags.add_flag(g, "--network", default=None,
+    g.add_argument("--network", default=None,
                    help=f"default {COMMON['network']}; resnet8/14/20 are defined here (and in tf_keras "
                    "for the peer row), the others come from keras_aesam.networks")
     g.add_argument("--test-batches", type=int, default=None,
@@ -268,7 +268,7 @@ def resolve(args) -> dict:
     """Checks every argument and returns the plan (no TensorFlow work, no files written)."""
     profile = PROFILES[args.profile]
     methods = _parse_methods(args.methods, profile["methods"])
-    noise = _parse_noise(args.noise, profile["noise"], flags.spelled(args, "noise", "--label-noise"))
+    noise = _parse_noise(args.noise, profile["noise"], "--label-noise")
     seeds = _seeds(args, profile)
     config = _config(args, profile)
     _check_config(config)

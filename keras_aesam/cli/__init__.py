@@ -187,7 +187,7 @@ def _experiment_flags(g):
     datasets, networks, methods = _names()
     g.add_argument("--dataset", default=DEFAULTS["dataset"],
                    help=f"one of {', '.join(datasets)} (default %(default)s, offline)")
-    flags.add_flag(g, "--network", default=DEFAULTS["network"],
+    g.add_argument("--network", default=DEFAULTS["network"],
                    help=f"one of {', '.join(networks)} (default %(default)s)")
     g.add_argument("--method", default=DEFAULTS["method"],
                    help=f"one of {', '.join(methods)} (default %(default)s)")
@@ -196,7 +196,7 @@ def _experiment_flags(g):
     g.add_argument("--train-size", type=str, default=str(DEFAULTS["train_size"]),
                    help="training examples kept after the validation split, or 'all' "
                    "(default %(default)s)")
-    flags.add_flag(g, "--label-noise", type=float, default=DEFAULTS["label_noise"],
+    g.add_argument("--label-noise", type=float, default=DEFAULTS["label_noise"],
                    help="fraction of training labels flipped to another class, in [0, 1) "
                    "(paper §4.3; default %(default)s)")
     g.add_argument("--seed", type=int, default=DEFAULTS["seed"],
@@ -245,11 +245,11 @@ def _output_flags(r):
     r.add_argument("--export-dir", default=None,
                    help=f"where the SavedModel goes, as <export-dir>/<run name> "
                    f"(default: {default_export_root()})")
-    flags.add_flag(r, "--grad-norm-epochs", type=_int_list, default=None,
+    r.add_argument("--grad-norm-epochs", type=_int_list, default=None,
                    help="completed epochs after which to sample ||g||^2 at fixed weights for the "
                    "Fig. 3 histogram, e.g. 1,50,200 (0 = before training; default 'auto' = first, "
                    "middle, last; 'none' to skip)")
-    flags.add_flag(r, "--grad-norm-batches", type=int, default=DEFAULTS["grad_norm_batches"],
+    r.add_argument("--grad-norm-batches", type=int, default=DEFAULTS["grad_norm_batches"],
                    help="mini-batches per sampled epoch (default %(default)s)")
     r.add_argument("--no-plots", action="store_true", help="do not draw the PNG plots")
     r.add_argument("--verbose", action="store_true",
@@ -264,7 +264,7 @@ def _explicit_flags(argv: Sequence[str]) -> dict:
         if action.dest != "help":
             action.default = argparse.SUPPRESS
     namespace = parser.parse_args(list(argv))
-    return {k: v for k, v in flags.explicit_values(namespace).items() if k != "command"}
+    return {k: v for k, v in vars(namespace).items() if k != "command"}
 
 
 def _resume_args(parser, argv, args):

@@ -6,27 +6,21 @@ their JSON files with :func:`write_json`, and spell the settings they share the
 same way: ``--network`` (the registry in :mod:`keras_aesam.networks`),
 ``--label-noise`` (``label_noise`` of :func:`keras_aesam.data.get_dataset`),
 ``--grad-norm-epochs`` / ``--grad-norm-batches`` (the ``grad_norm_*`` samples of
-:class:`keras_aesam.callbacks.StepRecorder`). The spellings these replaced
-(:data:`RENAMED_FLAGS`) still parse, to the same value, as hidden deprecated
-aliases, so older commands, scripts and stored ``config.json`` files keep working.
+:class:`keras_aesam.callbacks.StepRecorder`).
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
-import warnings
 from pathlib import Path
 from typing import Callable, NamedTuple, Optional
 
 __all__ = [
     "HYPERPARAMETER_FLAGS",
-    "RENAMED_FLAGS",
     "BadInput",
     "Hyperparameter",
-    "add_flag",
     "add_hyperparameter_flags",
     "check",
     "given_hyperparameters",
@@ -34,7 +28,6 @@ __all__ = [
     "methods_taking",
     "one_line",
     "parse_train_size",
-    "spelled",
     "write_json",
 ]
 
@@ -90,55 +83,6 @@ def write_json(path, payload) -> Path:
         f.write("\n")
     os.replace(tmp, path)
     return path
-
-
-# ------------------------------------------------------------- shared names
-
-#: Spellings that were replaced -> the flag that replaced them. They still parse, hidden from ``--help``.
-RENAMED_FLAGS = {
-    "--model": "--network",
-    "--noise": "--label-noise",
-    "--hist-epochs": "--grad-norm-epochs",
-    "--hist-batches": "--grad-norm-batches",
-}
-
-#: The namespace attribute recording which spelling the user gave for a destination, if an old one.
-_SPELLED = "_spelled_as"
-
-
-class _DeprecatedAlias(argparse.Action):
-    """Stores like the flag it was renamed to, remembers the spelling, and warns (DeprecationWarning)."""
-
-    def __init__(self, option_strings, dest, replacement, **kwargs):
-        super().__init__(option_strings, dest, **kwargs)
-        self.replacement = replacement
-
-    def __call__(self, parser, namespace, values, option_string=None):
-        setattr(namespace, self.dest, values)
-        spellings = dict(getattr(namespace, _SPELLED, {}))
-        spellings[self.dest] = option_string
-        setattr(namespace, _SPELLED, spellings)
-        warnings.warn(f"{option_string} is deprecated: use {self.replacement}", DeprecationWarning, stacklevel=2)
-
-
-def add_flag(group, flag: str, **kwargs) -> argparse.Action:
-    """``group.add_argument(flag, **kwargs)``, plus a hidden alias for each old spelling of ``flag``."""
-    action = group.add_argument(flag, **kwargs)
-    for old, new in RENAMED_FLAGS.items():
-        if new == flag:
-            group.add_argument(old, dest=action.dest, type=action.type, nargs=action.nargs, replacement=flag,
-                               action=_DeprecatedAlias, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
-    return action
-
-
-def spelled(args, dest: str, flag: str) -> str:
-    """The spelling the user gave for ``dest``: ``flag``, or the old alias they typed (for error messages)."""
-    return getattr(args, _SPELLED, {}).get(dest, flag)
-
-
-def explicit_values(namespace) -> dict:
-    """The parsed values of ``namespace`` without the bookkeeping of :func:`add_flag`."""
-    return {k: v for k, v in vars(namespace).items() if k != _SPELLED}
 
 
 # ------------------------------------------------------- method hyperparameters
