@@ -25,6 +25,7 @@ from keras_aesam import (
     _keras_compat as compat,
     directions as directions_module,
     distribution,
+    losses,
     ops as sam_ops,
     policies as policies_module,
 )
@@ -441,65 +442,9 @@ class SharpnessAwareModel(keras.Model):
         """
         return getattr(self.inner, "output_names", None)
 
-    @staticmethod
-    def _per_sample_values(values):
-        """A loss function's output reduced to one value per sample."""
-        values = ops.convert_to_tensor(values)
-        if values.shape.rank == 0:
-            raise ValueError(
-                "ESAM's data selection (gamma < 1) needs per-sample losses, "
-                "but the compiled loss returns a scalar. Use a loss with "
-                "per-sample output, or gamma=1.0."
-            )
-        if values.shape.rank > 1:
-            values = ops.mean(values, axis=tuple(range(1, values.shape.rank)))
-        return values
-
     def _per_sample_loss_fn(self):
-        """A function ``(y, y_pred) -> per-sample losses`` for ESAM's selection.
-
-        With one loss per output it is the ``loss_weights``-weighted sum of the
-        outputs' per-sample losses, resolved the way ``compile`` resolved them.
-        """
-        if keras.tree.is_nested(self.loss):
-            return self._per_sample_multi_output_loss_fn()
-        loss = self.loss
-        if isinstance(loss, str):
-            loss = keras.losses.get(loss)
-        fn = None
-        if isinstance(loss, keras.losses.Loss):
-            fn = loss.call
-        elif callable(loss):
-            fn = loss
-        if fn is None:
-            raise ValueError(
-                "ESAM's data selection (gamma < 1) needs per-sample losses: compile "
-                "with a keras.losses.Loss, a loss name or a function returning "
-                f"per-sample values (one, or one per output), got loss={self.loss!r}. "
-                "Use gamma=1.0 to turn selection off."
-            )
-        return lambda y, y_pred: self._per_sample_values(fn(y, y_pred))
-
-    def _per_sample_multi_output_loss_fn(self):
-        def per_sample(y, y_pred):
-            losses, keyed_by_name = compat.flat_losses(self)
-            names = self.output_names
-            if isinstance(y, dict) and not isinstance(y_pred, dict) and names:
-                y = [y[name] for name in names]
-            if keyed_by_name and not isinstance(y_pred, dict):
-                # compile keyed the losses by output name
-                y_pred = dict(zip(names, keras.tree.flatten(y_pred)))
-                y = dict(zip(names, keras.tree.flatten(y)))
-            total = 0.0
-            for path, loss_fn, weight, _ in losses:
-                y_t, y_p = y, y_pred
-                for key in path:
-                    y_t, y_p = y_t[key], y_p[key]
-                values = self._per_sample_values(loss_fn.call(y_t, y_p))
-                total = total + (values if weight is None else values * weight)
-            return total
-
-        return per_sample
+        """ESAM's ``(y, y_pred) -> per-sample losses`` from the compiled loss (:mod:`keras_aesam.losses`)."""
+        return losses.per_sample_loss_fn(self.loss, lambda: compat.flat_losses(self), self.output_names)
 
     def _forward_loss(self, x, y, sample_weight, values=None):
         """Forward pass and compiled loss (with regularizers) in training mode.
