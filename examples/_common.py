@@ -6,7 +6,7 @@ history.csv, steps.csv, plots, model.keras) and the summary line. A run whose
 directory already holds finished results is reused, so an interrupted sweep
 can be started again and only the missing runs train. Training again
 (``--rerun``) and rewriting the tables replace only files keras-aesam wrote
-(``keras_aesam.safety``): anything else in ``--output`` is left alone.
+(``keras_aesam.cli.safety``): anything else in ``--output`` is left alone.
 """
 
 from __future__ import annotations
@@ -106,7 +106,7 @@ def write_table(rows, columns, path_stem):
     """Prints ``rows`` (dicts) as a Markdown table and writes ``.md`` and ``.csv``.
 
     An existing ``.md`` or ``.csv`` that keras-aesam did not write is not
-    overwritten (keras_aesam.safety.NotOurs, before anything is written).
+    overwritten (keras_aesam.cli.safety.NotOurs, before anything is written).
     """
     from keras_aesam.cli import safety
 

@@ -1,7 +1,7 @@
 """Callbacks that record what a sharpness-aware model did, step by step.
 
 :class:`StepRecorder` keeps the per-step series behind the plots of
-:mod:`keras_aesam.plots` (and ``keras-aesam train``'s ``steps.csv``):
+:mod:`keras_aesam.cli.plots` (and ``keras-aesam train``'s ``steps.csv``):
 
 * the step's ``loss``: Keras reports the running mean over the epoch
   (``loss_mean``, kept too), so the step's own value is recovered as

@@ -1,4 +1,4 @@
-"""keras_aesam.flags: one flag vocabulary for ``keras-aesam train`` and ``keras-aesam bench``."""
+"""keras_aesam.cli.flags: one flag vocabulary for ``keras-aesam train`` and ``keras-aesam bench``."""
 
 import json
 

@@ -1,4 +1,4 @@
-"""keras_aesam.run_directory: a run's folder is checked before training and written only through RunDirectory."""
+"""keras_aesam.cli.run_directory: a run's folder is checked before training and written only through RunDirectory."""
 
 import json
 import os

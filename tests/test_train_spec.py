@@ -1,4 +1,4 @@
-"""keras_aesam.train_spec: a ``keras-aesam train`` run's settings, checked when the spec is made."""
+"""keras_aesam.cli.train_spec: a ``keras-aesam train`` run's settings, checked when the spec is made."""
 
 import dataclasses
 

@@ -39,7 +39,7 @@ per-epoch and per-step means; ratios to ERM are taken within one (setting, seed)
 group, whose runs ran back to back, and their spread over seeds is reported.
 
 Devices. ``--strategy``, ``--cpu-devices`` and ``--sync-perturbation`` are
-``keras-aesam train``'s (:mod:`keras_aesam.devices`), the same for every run;
+``keras-aesam train``'s (:mod:`keras_aesam.cli.devices`), the same for every run;
 ``--batch-size`` is the global batch; the peer row stays on one device.
 
 Resume. A finished run's result is on disk before the next run starts; running the

@@ -184,7 +184,7 @@ def _bench_paths(out, plan):
 
 
 def _record_bench_files(out, plan):
-    """Lists in ``out``'s manifest (keras_aesam.safety) what this bench writes there."""
+    """Lists in ``out``'s manifest (keras_aesam.cli.safety) what this bench writes there."""
     from keras_aesam.cli import safety
 
     out.mkdir(parents=True, exist_ok=True)

@@ -8,10 +8,10 @@ cosine schedule, Keras progress bars, and a run directory::
     RUN_DIR/history.csv          per-epoch logs (keras.callbacks.CSVLogger)
     RUN_DIR/steps.csv            per-step logs (keras_aesam.callbacks.StepRecorder)
     RUN_DIR/grad_norms.csv       ‖g‖² samples at chosen epochs (Fig. 3)
-    RUN_DIR/*.png                the plots of keras_aesam.plots
+    RUN_DIR/*.png                the plots of keras_aesam.cli.plots
     RUN_DIR/model.keras          the trained sharpness-aware model
     RUN_DIR/backup/state.npz     the run's full state while it trains (see below)
-    RUN_DIR/.keras-aesam-files   the manifest of the files above (keras_aesam.safety)
+    RUN_DIR/.keras-aesam-files   the manifest of the files above (keras_aesam.cli.safety)
     EXPORT_DIR/<run name>/       the exported SavedModel (inference only)
 
 and ends with one summary line (test accuracy, %SAM, wall time).
@@ -24,7 +24,7 @@ every N steps; SIGINT and SIGTERM write it at the next step boundary and exit
 with the command to continue. ``keras-aesam train --resume --output RUN_DIR``
 continues from it with the flags in ``config.json`` and ends exactly where an
 uninterrupted run ends. ``--overwrite`` and every other removal delete only the
-files the manifest lists (:mod:`keras_aesam.safety`).
+files the manifest lists (:mod:`keras_aesam.cli.safety`).
 
 Bad input (unknown names, out-of-range numbers, a hyperparameter the method
 does not take, an existing output directory without ``--overwrite``, labels
@@ -35,11 +35,11 @@ Programmatic use: :func:`run` takes the same arguments and returns the results
 as a dict (the examples use it); :func:`main` is the console script.
 
 This module parses and orchestrates: the flags become a checked
-:class:`~keras_aesam.train_spec.TrainSpec`, the output a
-:class:`~keras_aesam.run_directory.RunDirectory` (which does all of the writing),
-and :func:`keras_aesam.training.train` runs the one into the other. The flag
+:class:`~keras_aesam.cli.train_spec.TrainSpec`, the output a
+:class:`~keras_aesam.cli.run_directory.RunDirectory` (which does all of the writing),
+and :func:`keras_aesam.cli.training.train` runs the one into the other. The flag
 names and the method-hyperparameter table are shared with ``keras-aesam bench``
-(:mod:`keras_aesam.flags`).
+(:mod:`keras_aesam.cli.flags`).
 """
 
 from __future__ import annotations

@@ -16,7 +16,7 @@ and ``grad_norms.csv`` from :class:`keras_aesam.callbacks.StepRecorder`):
 
 ``plot_run(run_dir)`` draws all of them; ``keras-aesam plot RUN_DIR`` calls it.
 Every PNG written here is listed in its folder's manifest and an existing PNG
-is replaced only if it is listed there (:mod:`keras_aesam.safety`): drawing
+is replaced only if it is listed there (:mod:`keras_aesam.cli.safety`): drawing
 again never overwrites a picture keras-aesam did not make.
 The figures are drawn on a private Agg canvas: importing this module does not
 change pyplot's backend. The Q-Q plot uses ``scipy.stats.probplot`` when scipy
@@ -72,7 +72,7 @@ def _figure(width, height):
         from matplotlib.figure import Figure
     except ImportError as err:  # pragma: no cover - depends on the environment
         raise ImportError(
-            "keras_aesam.plots needs matplotlib: pip install matplotlib "
+            "keras_aesam.cli.plots needs matplotlib: pip install matplotlib "
             "(or the package's 'plots' extra)."
         ) from err
     fig = Figure(figsize=(width, height), dpi=110)
@@ -81,7 +81,7 @@ def _figure(width, height):
 
 
 def _save(fig, path):
-    """Writes the PNG; an existing file is replaced only if keras-aesam wrote it (keras_aesam.safety)."""
+    """Writes the PNG; an existing file is replaced only if keras-aesam wrote it (keras_aesam.cli.safety)."""
     from keras_aesam.cli import safety
 
     path = os.fspath(path)
@@ -102,7 +102,7 @@ def new_figure(width, height):
 def save_figure(fig, path):
     """Lays out ``fig`` and writes it as a PNG (creating folders); returns the path.
 
-    Raises keras_aesam.safety.NotOurs rather than overwrite a file keras-aesam did not write.
+    Raises keras_aesam.cli.safety.NotOurs rather than overwrite a file keras-aesam did not write.
     """
     return _save(fig, path)
 

@@ -5,7 +5,7 @@ A run directory holds ``config.json``, the CSV logs (``history.csv``,
 ``backup/state.npz`` while the run trains, and the plots; the exported
 SavedModel goes to a folder of its own. Every file is listed in the folder's
 manifest as it is created, and removal deletes only what the manifest lists
-(:mod:`keras_aesam.safety`). In a multi-worker cluster only the chief writes
+(:mod:`keras_aesam.cli.safety`). In a multi-worker cluster only the chief writes
 the run directory: another worker writes to a temporary folder, removed by
 :meth:`RunDirectory.close`, and reads the chief's backup to resume.
 """
@@ -29,7 +29,7 @@ __all__ = ["BACKUP_FILE", "CSV_FILES", "RUN_FILES", "RunDirectory", "backup_meta
 #: The backup inside a run directory, and the CSV logs it keeps in step with.
 BACKUP_FILE = "backup/state.npz"
 CSV_FILES = ("history.csv", "steps.csv", "grad_norms.csv")
-#: Files a run directory gets (the PNGs are claimed by keras_aesam.plots).
+#: Files a run directory gets (the PNGs are claimed by keras_aesam.cli.plots).
 RUN_FILES = ("config.json", "config.json.tmp", *CSV_FILES, "model.keras", BACKUP_FILE, BACKUP_FILE + ".tmp")
 #: What run directories and exports written before the manifest existed hold.
 LEGACY_RUN_FILES = ("config.json", *CSV_FILES, "model.keras", "*.png")
@@ -79,7 +79,7 @@ def unfinished(run_dir) -> Optional[str]:
 
 
 def _check_replaceable(path: Path, marker: str, legacy: Sequence[str], names: Sequence[str], action: str):
-    """BadInput unless the files of ours in ``path`` may be replaced (keras_aesam.safety).
+    """BadInput unless the files of ours in ``path`` may be replaced (keras_aesam.cli.safety).
 
     A folder written before manifests existed is recognised by ``marker`` and its
     ``legacy`` files adopted. A file a user put there under one of ``names`` (which

@@ -4,9 +4,9 @@ A spec is built from the parsed flags (:meth:`TrainSpec.from_args`) or directly,
 and checks itself at construction: names are looked up in the registries
 (case, ``-`` and ``_`` ignored), numbers must lie in their ranges, and the
 method must take every hyperparameter given. Each error names the flag and
-what it accepts (:class:`keras_aesam.flags.BadInput`). Nothing here touches
+what it accepts (:class:`keras_aesam.cli.flags.BadInput`). Nothing here touches
 the disk or builds a tensor; where the run is written is
-:mod:`keras_aesam.run_directory`'s business, how it trains :mod:`keras_aesam.training`'s.
+:mod:`keras_aesam.cli.run_directory`'s business, how it trains :mod:`keras_aesam.cli.training`'s.
 """
 
 from __future__ import annotations

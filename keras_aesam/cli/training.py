@@ -1,10 +1,10 @@
-"""One ``keras-aesam train`` run: a :class:`~keras_aesam.train_spec.TrainSpec` trained into a RunDirectory.
+"""One ``keras-aesam train`` run: a :class:`~keras_aesam.cli.train_spec.TrainSpec` trained into a RunDirectory.
 
 :func:`train` loads the data, builds the network wrapped by the method and
 compiled with the recipe, trains it with ``fit`` over one seeded stream of
 batches (so that a resumed run sees exactly the batches an uninterrupted one
 would), evaluates, saves, exports and plots. What it writes goes through the
-:class:`~keras_aesam.run_directory.RunDirectory`; what it computes is the spec's;
+:class:`~keras_aesam.cli.run_directory.RunDirectory`; what it computes is the spec's;
 :class:`RunOptions` holds what only changes how the run is shown and backed up.
 """
 
