@@ -51,6 +51,7 @@ from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 from keras_aesam import devices, flags, safety
+from keras_aesam.callbacks import DamagedBackup
 from keras_aesam.flags import (  # noqa: F401  (part of this module's API: BadInput, the table)
     HYPERPARAMETER_FLAGS,
     BadInput,
@@ -60,13 +61,17 @@ from keras_aesam.flags import (  # noqa: F401  (part of this module's API: BadIn
 )
 from keras_aesam.run_directory import (  # noqa: F401  (BACKUP_FILE, backup_meta: read by the tests)
     BACKUP_FILE,
+    DISK_FULL_EXIT,
     LEGACY_RUN_FILES,
     RunDirectory,
     backup_meta as _backup_meta,
     default_export_root,
+    disk_full_message,
+    is_disk_full,
     is_finished,
     read_config,
 )
+from keras_aesam.run_lock import LOCKED_EXIT, Locked
 from keras_aesam.train_spec import DEFAULTS, PAPER_LR, SMALL_CNN_LR, TrainSpec
 from keras_aesam.training import DataUnavailable, RunOptions, train
 
@@ -283,6 +288,12 @@ def _resume_args(parser, argv, args):
            f"--resume: {str(run_dir / 'config.json')!r} does not record the command's flags")
     stored = parser.parse_args(stored_argv)
     given = _explicit_flags(argv)
+    # The export goes where the run's own would have gone, from any working directory.
+    recorded = config.get("export_dir")
+    if isinstance(recorded, str) and Path(recorded).is_absolute():
+        stored.export_dir = str(Path(recorded).parent)
+        if "export_dir" in given and Path(given["export_dir"]).absolute() == Path(stored.export_dir):
+            del given["export_dir"]
     differ = []
     for dest, value in given.items():
         if dest not in _RESUME_FREE and getattr(stored, dest, None) != value:
@@ -356,9 +367,23 @@ def run(argv: Optional[Sequence[str]] = None, *, network: Optional[Callable] = N
             run_dir.close()  # another worker: its files were only for the run's duration
     except (BadInput, devices.DeviceError, safety.NotOurs) as err:
         subparser.error(str(err))
-    except (DataUnavailable, FileNotFoundError) as err:
-        print(f"keras-aesam {args.command}: error: {_one_line(err)}", file=sys.stderr)
-        raise SystemExit(1) from err
+    except Locked as err:
+        _fail(args.command, err, LOCKED_EXIT)
+    except (DataUnavailable, FileNotFoundError, DamagedBackup) as err:
+        _fail(args.command, err, 1)
+    except Exception as err:
+        if not is_disk_full(err):
+            raise
+        output = getattr(args, "output", None)
+        again = f"; free space, then continue with: keras-aesam train --resume --output {output}" \
+            if args.command == "train" and output else ""
+        _fail(args.command, disk_full_message(err, output or ".") + again, DISK_FULL_EXIT)
+
+
+def _fail(command, err, code):
+    """One line on stderr, ``keras-aesam <command>: error: ...``, and exit ``code``."""
+    print(f"keras-aesam {command}: error: {_one_line(err)}", file=sys.stderr, flush=True)
+    raise SystemExit(code) from (err if isinstance(err, BaseException) else None)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

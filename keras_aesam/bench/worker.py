@@ -23,6 +23,7 @@ from keras_aesam.bench.records import (
     _write_json,
     finished_result,
 )
+from keras_aesam.run_directory import DISK_FULL_EXIT, disk_full_message, is_disk_full
 
 
 def _make_timer(K):
@@ -356,6 +357,8 @@ def run_spec(spec, out) -> dict:
 
 #: A worker's exit code when the cluster's workers disagree on what to run (nothing ran).
 DISAGREE_EXIT = 3
+#: How the bench's error lines start (the session finds a worker's in its log).
+ERROR_PREFIX = "keras-aesam bench: error: "
 
 
 def _worker(job_path) -> int:
@@ -381,7 +384,10 @@ def _worker(job_path) -> int:
             print(f"finished {spec['run_id']}: test accuracy {result['test_accuracy']:.4f}", flush=True)
         except KeyboardInterrupt:
             raise
-        except Exception:  # noqa: BLE001 - recorded, the next run still runs
+        except Exception as err:  # noqa: BLE001 - recorded, the next run still runs
+            if is_disk_full(err):  # no run can finish: one line for the session, which stops
+                print(f"{ERROR_PREFIX}{disk_full_message(err, out)}", file=sys.stderr, flush=True)
+                return DISK_FULL_EXIT
             failures += 1
             text = traceback.format_exc()
             print(text, file=sys.stderr, flush=True)
