@@ -29,7 +29,11 @@ files the manifest lists (:mod:`keras_aesam.safety`).
 Bad input (unknown names, out-of-range numbers, a hyperparameter the method
 does not take, an existing output directory without ``--overwrite``, labels
 that do not fit the number of classes) stops the command before any training,
-with exit code 2 and a one-line message, as argparse does.
+with exit code 2 and a one-line message, as argparse does. Other ends, each
+one line: 1 for data that cannot be loaded or no backup that reads back whole,
+74 (``run_directory.DISK_FULL_EXIT``) for a full disk, naming the file, 75
+(``run_lock.LOCKED_EXIT``) for a run directory another process holds, naming
+its pid and host; 130 and 143 for SIGINT and SIGTERM.
 
 Programmatic use: :func:`run` takes the same arguments and returns the results
 as a dict (the examples use it); :func:`main` is the console script.
