@@ -67,6 +67,7 @@ __all__ = [
     "sam_step_values_from_means",
     "step_counts_from_fractions",
     "step_values_from_means",
+    "writing",
 ]
 
 #: Columns of ``steps.csv``, in order.
@@ -180,8 +181,9 @@ def _float_or_none(value):
 
 
 @contextlib.contextmanager
-def _writing(path):
-    """An OSError while writing ``path`` names it (a failed ``write`` or ``close`` carries no file name)."""
+def writing(path):
+    """An OSError while writing ``path`` names it (a failed ``write`` or ``close`` carries no file name),
+    so that a full disk can be reported with the file it stopped."""
     try:
         yield
     except OSError as err:
@@ -435,7 +437,7 @@ class StepRecorder(keras.callbacks.Callback):
         if self.append and os.path.isfile(self.path) and os.path.getsize(self.path) > 0:
             self._wrote_header = True
             return
-        with _writing(self.path), open(self.path, "w", newline="") as f:
+        with writing(self.path), open(self.path, "w", newline="") as f:
             csv.writer(f).writerow(STEP_COLUMNS)
         self._wrote_header = True
 
@@ -443,7 +445,7 @@ class StepRecorder(keras.callbacks.Callback):
         if self.path is None:
             return
         self._open_file()
-        with _writing(self.path), open(self.path, "a", newline="") as f:
+        with writing(self.path), open(self.path, "a", newline="") as f:
             writer = csv.writer(f)
             for row in rows:
                 writer.writerow([_format(row.get(c)) for c in STEP_COLUMNS])
@@ -493,7 +495,7 @@ class StepRecorder(keras.callbacks.Callback):
                 and os.path.isfile(self.grad_norm_path)
                 and os.path.getsize(self.grad_norm_path) > 0
             )
-            with _writing(self.grad_norm_path), open(self.grad_norm_path, "w" if new else "a", newline="") as f:
+            with writing(self.grad_norm_path), open(self.grad_norm_path, "w" if new else "a", newline="") as f:
                 writer = csv.writer(f)
                 if new:
                     writer.writerow(GRAD_NORM_COLUMNS)
@@ -507,11 +509,11 @@ class CSVLogger(keras.callbacks.CSVLogger):
     """``keras.callbacks.CSVLogger`` whose write errors name its file (a full disk says where)."""
 
     def on_epoch_end(self, epoch, logs=None):
-        with _writing(self.filename):
+        with writing(self.filename):
             super().on_epoch_end(epoch, logs)
 
     def on_train_begin(self, logs=None):
-        with _writing(self.filename):
+        with writing(self.filename):
             super().on_train_begin(logs)
 
 
@@ -571,7 +573,7 @@ def save_training_state(model, path, meta: dict) -> None:
     np.savez(buffer, **arrays)
     tmp = path + ".tmp"
     try:
-        with _writing(tmp), open(tmp, "wb") as f:
+        with writing(tmp), open(tmp, "wb") as f:
             f.write(buffer.getvalue())
             f.flush()
             os.fsync(f.fileno())

@@ -319,3 +319,46 @@ def test_two_benches_on_one_folder_the_second_is_refused(tmp_path, holder, monke
         in capsys.readouterr().err
     assert not (tmp_path / "out" / "runs").exists()
 
+
+
+def test_resume_without_an_intact_backup_ends_with_one_line_naming_each_file(tmp_path, capsys):
+    if not _fashion_mnist_available():
+        pytest.skip("Fashion-MNIST files not available offline")
+    run_dir = tmp_path / "run"
+    (run_dir / "backup").mkdir(parents=True)
+    argv = ["train", "--train-size", "256", "--epochs", "1", "--eval-batches", "1", "--no-plots", "--output", "x",
+            "--export-dir", str(tmp_path / "saved")]
+    (run_dir / "config.json").write_text(json.dumps({"command": "keras-aesam train", "argv": argv}))
+    (run_dir / BACKUP_FILES[0]).write_bytes(b"PK\x03\x04 cut short")
+    (run_dir / BACKUP_FILES[1]).write_bytes(b"")
+    safety.record(run_dir, run_dir / "config.json", run_dir / "backup", *(run_dir / n for n in BACKUP_FILES))
+    with pytest.raises(SystemExit) as info:
+        cli.main(["train", "--resume", "--output", str(run_dir)])
+    assert info.value.code == 1
+    errors = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
+    assert errors == [
+        f"keras-aesam train: error: --resume: no intact backup in {run_dir / 'backup'}: backup "
+        f"'{run_dir / BACKUP_FILES[0]}' is damaged (File is not a zip file); backup '{run_dir / BACKUP_FILES[1]}' "
+        "is damaged (No data left in file); start the run again with --overwrite"]
+
+
+def test_a_bench_whose_disk_is_full_stops_with_one_line_naming_the_file(tmp_path, monkeypatch, capsys):
+    """End to end with a worker process: a 160 kB tmpfs holds the session's files, not the initial weights."""
+    if not _fashion_mnist_available():
+        pytest.skip("Fashion-MNIST files not available offline")
+    if not _mount_tmpfs(tmp_path / "bench", "160k"):
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    try:
+        monkeypatch.chdir(tmp_path)
+        code = bench.main(["--methods", "erm", "--seeds", "1", "--train-size", "256", "--epochs", "1",
+                           "--test-batches", "2", "--no-peer", "--output", "bench"])
+        assert code == DISK_FULL_EXIT
+        errors = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+        init = next((tmp_path / "bench" / "init").glob("*"), None)
+        assert init is None  # the partial file was removed
+        assert len(errors) == 1 and errors[0].startswith(
+            "keras-aesam bench: error: the disk is full (writing bench/init/resnet8_28x28x1_10c_s0.npz.tmp: No "
+            "space left on device); the finished runs are kept: free space, then run the same command again")
+        assert not (tmp_path / "bench" / run_lock.LOCK_FILE).exists()
+    finally:
+        subprocess.run(["umount", "-l", str(tmp_path / "bench")], capture_output=True, timeout=60)

@@ -302,3 +302,18 @@ def test_an_earlier_entry_that_names_a_file_of_the_folder_is_taken_as_it_stands(
     _put(out / "runs" / "a.json", "ours")
     (out / safety.MANIFEST).write_text("runs/a.json\n")
     assert safety.written(out) == ["runs/a.json"]
+
+
+def test_example_tables_given_relative_are_ours_from_any_working_directory(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parent.parent / "examples"))
+    import _common
+
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    with contextlib.redirect_stdout(io.StringIO()):
+        monkeypatch.chdir(tmp_path / "a")
+        _common.write_table([{"a": 1}], ["a"], "out/summary")
+        monkeypatch.chdir(tmp_path / "b")
+        _common.write_table([{"a": 2}], ["a"], "../a/out/summary")  # the rerun: ours, rewritten
+    assert (tmp_path / "a/out/summary.csv").read_text().splitlines() == ["a", "2"]
+    assert safety.written(tmp_path / "a/out") == ["summary.md", "summary.csv"]

@@ -23,6 +23,7 @@ from keras_aesam.bench.records import (
     _write_json,
     finished_result,
 )
+from keras_aesam.callbacks import writing
 from keras_aesam.run_directory import DISK_FULL_EXIT, disk_full_message, is_disk_full
 
 
@@ -104,8 +105,12 @@ def _save_npz(path, **arrays):
     """Writes ``arrays`` to ``path`` whole or not at all (a temporary file, then renamed)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        np.savez(f, **arrays)
+    try:
+        with writing(tmp), open(tmp, "wb") as f:
+            np.savez(f, **arrays)
+    except OSError:
+        tmp.unlink(missing_ok=True)  # a partial file would only hold on to the space
+        raise
     os.replace(tmp, path)
 
 
@@ -385,8 +390,11 @@ def _worker(job_path) -> int:
         except KeyboardInterrupt:
             raise
         except Exception as err:  # noqa: BLE001 - recorded, the next run still runs
-            if is_disk_full(err):  # no run can finish: one line for the session, which stops
-                print(f"{ERROR_PREFIX}{disk_full_message(err, out)}", file=sys.stderr, flush=True)
+            if is_disk_full(err):  # no run can finish: one line for the session (if the log takes it), which stops
+                try:
+                    print(f"{ERROR_PREFIX}{disk_full_message(err, out)}", file=sys.stderr, flush=True)
+                except OSError:
+                    pass
                 return DISK_FULL_EXIT
             failures += 1
             text = traceback.format_exc()
