@@ -37,6 +37,7 @@ at those epochs only, outside the train step.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
@@ -51,16 +52,22 @@ import numpy as np
 from keras_aesam import ops as sam_ops
 
 __all__ = [
+    "BACKUP_GENERATIONS",
+    "CSVLogger",
+    "DamagedBackup",
     "GRAD_NORM_COLUMNS",
     "RunBackup",
     "RunInterrupted",
     "STEP_COLUMNS",
     "StepRecorder",
+    "backup_generations",
     "load_training_state",
+    "read_training_state",
     "save_training_state",
     "sam_step_values_from_means",
     "step_counts_from_fractions",
     "step_values_from_means",
+    "writing",
 ]
 
 #: Columns of ``steps.csv``, in order.
@@ -171,6 +178,23 @@ def _float_or_none(value):
         except (TypeError, ValueError):
             return None
     return value
+
+
+@contextlib.contextmanager
+def writing(path):
+    """An OSError while writing ``path`` names it (a failed ``write`` or ``close`` carries no file name),
+    so that a full disk can be reported with the file it stopped."""
+    try:
+        yield
+    except OSError as err:
+        raise _named(err, path) from err
+
+
+def _named(err: OSError, path) -> OSError:
+    """``err`` with ``path`` as its file name, when it has none."""
+    if err.filename is None and err.errno is not None:
+        return type(err)(err.errno, err.strerror or os.strerror(err.errno), os.fspath(path))
+    return err
 
 
 def _format(value):
@@ -413,7 +437,7 @@ class StepRecorder(keras.callbacks.Callback):
         if self.append and os.path.isfile(self.path) and os.path.getsize(self.path) > 0:
             self._wrote_header = True
             return
-        with open(self.path, "w", newline="") as f:
+        with writing(self.path), open(self.path, "w", newline="") as f:
             csv.writer(f).writerow(STEP_COLUMNS)
         self._wrote_header = True
 
@@ -421,7 +445,7 @@ class StepRecorder(keras.callbacks.Callback):
         if self.path is None:
             return
         self._open_file()
-        with open(self.path, "a", newline="") as f:
+        with writing(self.path), open(self.path, "a", newline="") as f:
             writer = csv.writer(f)
             for row in rows:
                 writer.writerow([_format(row.get(c)) for c in STEP_COLUMNS])
@@ -471,7 +495,7 @@ class StepRecorder(keras.callbacks.Callback):
                 and os.path.isfile(self.grad_norm_path)
                 and os.path.getsize(self.grad_norm_path) > 0
             )
-            with open(self.grad_norm_path, "w" if new else "a", newline="") as f:
+            with writing(self.grad_norm_path), open(self.grad_norm_path, "w" if new else "a", newline="") as f:
                 writer = csv.writer(f)
                 if new:
                     writer.writerow(GRAD_NORM_COLUMNS)
@@ -479,6 +503,18 @@ class StepRecorder(keras.callbacks.Callback):
                     writer.writerow([epoch, i, repr(float(value))])
             self._grad_norm_header = True
         return values
+
+
+class CSVLogger(keras.callbacks.CSVLogger):
+    """``keras.callbacks.CSVLogger`` whose write errors name its file (a full disk says where)."""
+
+    def on_epoch_end(self, epoch, logs=None):
+        with writing(self.filename):
+            super().on_epoch_end(epoch, logs)
+
+    def on_train_begin(self, logs=None):
+        with writing(self.filename):
+            super().on_train_begin(logs)
 
 
 # ---------------------------------------------------------------------- backups
@@ -503,11 +539,30 @@ def _state_variables(model):
     return out
 
 
-def save_training_state(model, path, meta: dict) -> None:
-    """Writes all of :func:`_state_variables` and ``meta`` to ``path`` (one .npz), atomically.
+#: Backup generations kept (like ``tf.train.CheckpointManager(max_to_keep=2)``): the newest
+#: and the one before it, so a damaged newest file costs one backup interval, not the run.
+BACKUP_GENERATIONS = 2
 
-    The file is written next to ``path`` first and then renamed over it, so a
-    process killed while writing leaves the previous backup intact.
+
+class DamagedBackup(ValueError):
+    """A backup file cannot be read back (truncated, corrupted, not a backup)."""
+
+
+def backup_generations(path) -> list:
+    """The files of a backup's generations, newest first: ``state.npz``, ``state.1.npz``."""
+    path = os.fspath(path)
+    root, ext = os.path.splitext(path)
+    return [path] + [f"{root}.{i}{ext}" for i in range(1, BACKUP_GENERATIONS)]
+
+
+def save_training_state(model, path, meta: dict) -> None:
+    """Writes all of :func:`_state_variables` and ``meta`` to ``path`` (one .npz), then rotates.
+
+    The new backup is written whole to ``<path>.tmp`` and synced first; only then
+    does the previous backup become ``state.1.npz`` (the oldest generation is
+    dropped) and the new one take its name. A process killed, or a disk that
+    fills up, while writing leaves every earlier generation intact (the partial
+    file is removed); an OSError names the file that could not be written.
     """
     variables = _state_variables(model)
     arrays = {f"v{i}": np.asarray(v.numpy()) for i, v in enumerate(variables)}
@@ -517,11 +572,40 @@ def save_training_state(model, path, meta: dict) -> None:
     buffer = io.BytesIO()
     np.savez(buffer, **arrays)
     tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
-        f.write(buffer.getvalue())
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        with writing(tmp), open(tmp, "wb") as f:
+            f.write(buffer.getvalue())
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError:
+        try:
+            os.remove(tmp)  # a partial file would only hold on to the space
+        except OSError:
+            pass
+        raise
+    generations = backup_generations(path)
+    for newer, older in reversed(list(zip(generations, generations[1:]))):
+        if os.path.exists(newer):
+            os.replace(newer, older)
     os.replace(tmp, path)
+
+
+def read_training_state(path):
+    """``(meta, arrays)`` of a :func:`save_training_state` file; DamagedBackup when it cannot be read whole.
+
+    Every array is read, so a truncated file or a failed CRC check shows up here,
+    before anything is assigned.
+    """
+    import zipfile
+
+    try:
+        with np.load(os.fspath(path)) as data:
+            meta = json.loads(bytes(data["meta"]).decode("utf-8"))
+            values = [data[f"v{i}"] for i in range(len(meta["paths"]))]
+    except (OSError, EOFError, KeyError, ValueError, TypeError, zipfile.BadZipFile) as err:
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise DamagedBackup(f"backup {os.fspath(path)!r} is damaged ({reason})") from err
+    return meta, values
 
 
 def load_training_state(model, path, *, assign: bool = True) -> dict:
@@ -529,11 +613,10 @@ def load_training_state(model, path, *, assign: bool = True) -> dict:
     is False) and returns its ``meta`` with ``metric_values`` (the metrics' values,
     to be put back after Keras resets them at the start of the epoch).
 
-    Raises ValueError when the file was written by another model or optimizer.
+    Raises DamagedBackup when the file cannot be read whole, ValueError when it
+    was written by another model or optimizer.
     """
-    with np.load(os.fspath(path)) as data:
-        meta = json.loads(bytes(data["meta"]).decode("utf-8"))
-        values = [data[f"v{i}"] for i in range(len(meta["paths"]))]
+    meta, values = read_training_state(path)
     variables = _state_variables(model)
     # Shapes in order, not names: Keras numbers the names of a process's second model.
     mine = [(v.path, tuple(v.shape)) for v in variables]

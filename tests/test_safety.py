@@ -36,7 +36,7 @@ def test_remove_written_deletes_the_listed_files_and_keeps_the_rest(tmp_path):
     folder = tmp_path / "out"
     for name in ("report.md", "runs/a.json", "runs/b.json"):
         _put(folder / name, "ours")
-    safety.record(folder, folder / "report.md", folder / "runs/a.json", "runs/b.json", folder / "runs")
+    safety.record(folder, folder / "report.md", folder / "runs/a.json", folder / "runs/b.json", folder / "runs")
     mine = _put(folder / "runs" / "my_training_run.txt")
     notes = _put(folder / "notes.txt")
     left = safety.remove_written(folder)
@@ -263,3 +263,58 @@ def test_a_resumed_run_cuts_only_csv_files_it_wrote(tmp_path, capsys):
     assert exit_.value.code == 2
     assert f"--resume refuses to replace {theirs}: keras-aesam did not write it" in capsys.readouterr().err
     assert _intact(theirs)
+
+
+# ------------------------------------------------------- the manifest's form
+
+
+def test_manifest_entries_are_relative_to_their_folder_whatever_the_working_directory(tmp_path, monkeypatch):
+    (tmp_path / "project").mkdir()
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "project")
+    safety.claim("runs/e/config.json", "runs/e")  # first claimed, then written
+    _put("runs/e/config.json", "ours")
+    Path("runs/e/backup").mkdir()
+    safety.record("runs/e", "runs/e/backup")
+    assert (tmp_path / "project/runs/e" / safety.MANIFEST).read_text() == "./config.json\n./backup/\n"
+    for cwd, folder in ((tmp_path / "elsewhere", "../project/runs/e"), (tmp_path, tmp_path / "project/runs/e")):
+        monkeypatch.chdir(cwd)
+        assert safety.written(folder) == ["config.json", "backup/"]
+        assert safety.claim(Path(folder) / "config.json", folder)  # ours: may be replaced from here too
+
+
+def test_a_manifest_of_an_earlier_version_is_read_from_any_working_directory(tmp_path, monkeypatch):
+    """Earlier manifests held paths relative to the writer's working directory (runs/e/config.json)."""
+    run = tmp_path / "project" / "runs" / "e"
+    for name in ("config.json", "backup/state.npz"):
+        _put(run / name, "ours")
+    (run / safety.MANIFEST).write_text("runs/e/config.json\nruns/e/backup/\nruns/e/backup/state.npz\n")
+    notes = _put(run / "notes.txt")
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    assert safety.written("../project/runs/e") == ["config.json", "backup/", "backup/state.npz"]
+    assert safety.remove_written("../project/runs/e") == ["notes.txt"]
+    assert _intact(notes) and not (run / "config.json").exists() and not (run / "backup").exists()
+
+
+def test_an_earlier_entry_that_names_a_file_of_the_folder_is_taken_as_it_stands(tmp_path):
+    """A bench folder named ``runs`` given by its absolute path held ``runs/a.json``: its own file."""
+    out = tmp_path / "runs"
+    _put(out / "runs" / "a.json", "ours")
+    (out / safety.MANIFEST).write_text("runs/a.json\n")
+    assert safety.written(out) == ["runs/a.json"]
+
+
+def test_example_tables_given_relative_are_ours_from_any_working_directory(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parent.parent / "examples"))
+    import _common
+
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    with contextlib.redirect_stdout(io.StringIO()):
+        monkeypatch.chdir(tmp_path / "a")
+        _common.write_table([{"a": 1}], ["a"], "out/summary")
+        monkeypatch.chdir(tmp_path / "b")
+        _common.write_table([{"a": 2}], ["a"], "../a/out/summary")  # the rerun: ours, rewritten
+    assert (tmp_path / "a/out/summary.csv").read_text().splitlines() == ["a", "2"]
+    assert safety.written(tmp_path / "a/out") == ["summary.md", "summary.csv"]

@@ -25,10 +25,9 @@ def finished_result(out, spec) -> dict | None:
     path = _result_path(out, spec)
     if not path.is_file():
         return None
-    try:
-        result = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None  # a torn file: run again
+    result, _ = _read_result(path)
+    if result is None:
+        return None  # a damaged file: run again (damaged_result says why)
     if result.get("spec_hash") != spec["spec_hash"]:
         old = result.get("spec", {})
         diff = sorted(k for k in set(old) | set(spec) if k not in ("index", "spec_hash")
@@ -38,6 +37,29 @@ def finished_result(out, spec) -> dict | None:
             f"(differs in: {', '.join(diff) or 'unknown'}); use another --output, or --fresh to discard it"
         )
     return result
+
+
+def _read_result(path):
+    """``(result, None)``, or ``(None, why)`` for a file that does not read back as a run's result."""
+    try:
+        result = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as err:  # UnicodeDecodeError is a ValueError
+        return None, " ".join(str(err).split())
+    if not isinstance(result, dict) or "spec_hash" not in result:
+        return None, "not a run's result"
+    return result, None
+
+
+def damaged_result(out, spec) -> str | None:
+    """Why the stored result of ``spec`` is damaged (truncated, garbled), or None (intact, or none yet).
+
+    A damaged result counts as not finished: the run is done again.
+    """
+    path = _result_path(out, spec)
+    if not path.is_file():
+        return None
+    why = _read_result(path)[1]
+    return None if why is None else f"damaged result file {path} ({why})"
 
 
 def _machine():

@@ -23,11 +23,14 @@ from keras_aesam.bench.records import (
     _result_path,
     _versions,
     _write_json,
+    damaged_result,
     finished_result,
 )
 from keras_aesam.bench.report import write_report
-from keras_aesam.bench.worker import DISAGREE_EXIT, join_cluster, run_spec
+from keras_aesam.bench.worker import DISAGREE_EXIT, ERROR_PREFIX, join_cluster, run_spec
 from keras_aesam.cli import devices
+from keras_aesam.cli.run_directory import DISK_FULL_EXIT, disk_full_message, is_disk_full
+from keras_aesam.cli.run_lock import LOCK_FILE, LOCKED_EXIT, Locked, RunLock
 
 #: Why a multi-worker session stops before running anything.
 _DISAGREE = ("the workers of the --strategy multi-worker cluster disagree on the plan or on which of its runs "
@@ -74,7 +77,9 @@ def _run_in_process(out, specs, progress, agreement=None):
         try:
             result = run_spec(spec, out)
             progress(spec, result)
-        except Exception:  # noqa: BLE001
+        except Exception as err:  # noqa: BLE001
+            if is_disk_full(err):
+                raise  # not this run's failure: the session stops (run_bench)
             text = traceback.format_exc()
             _result_path(out, spec).with_suffix(".error.txt").write_text(text)
             progress(spec, None)
@@ -155,12 +160,29 @@ def _run_group(out, key, specs, isolation, progress, stream=sys.stdout, agreemen
             raise
     if proc.returncode == DISAGREE_EXIT:
         raise BadInput(_DISAGREE)
+    if proc.returncode == DISK_FULL_EXIT:
+        raise _WorkerDiskFull(_last_error_line(log_path) or f"the disk is full (writing into {out}: "
+                              "No space left on device)")
     missing = 0
     for spec in specs:
         if finished_result(out, spec) is None:
             missing += 1
             progress(spec, None)
     return missing
+
+
+class _WorkerDiskFull(Exception):
+    """A worker stopped on a full disk; the message is its error line."""
+
+
+def _last_error_line(log_path):
+    """The worker's ``keras-aesam bench: error:`` line from its log (without the prefix), or None."""
+    try:
+        lines = Path(log_path).read_text(errors="replace").splitlines()
+    except OSError:
+        return None
+    found = [line.split(ERROR_PREFIX, 1)[1] for line in lines if ERROR_PREFIX in line]
+    return found[-1] if found else None
 
 
 #: What a bench writes at the top of its output folder (besides runs/, init/, logs/).
@@ -195,7 +217,7 @@ def _record_bench_files(out, plan):
     # A file already there that the manifest does not list stays someone else's.
     fresh = [p for p in _bench_paths(out, plan)
              if p not in ours and (not (out / p).exists() or p.startswith("init/"))]
-    safety.record(out, *fresh, *(out / d for d in new_dirs))
+    safety.record(out, *(out / p for p in fresh), *(out / d for d in new_dirs))
 
 
 def _remove_previous_bench(out, plan, stream):
@@ -207,7 +229,7 @@ def _remove_previous_bench(out, plan, stream):
         safety.adopt(out, "bench.json", [*_BENCH_TOP_FILES, "init/*.npz", "logs/*.log", "logs/*.job.json",
                                          *(f"runs/{r}.json" for r in previous["run_ids"]),
                                          *(f"runs/{r}.error.txt" for r in previous["run_ids"])])
-    if any(out.iterdir()) and "bench.json" not in safety.written(out):
+    if any(p.name != LOCK_FILE for p in out.iterdir()) and "bench.json" not in safety.written(out):
         raise BadInput(f"--fresh refuses to delete anything in {str(out)!r}: it holds no keras-aesam bench "
                        f"(no bench.json listed in {safety.MANIFEST}); check --output")
     if (out / "init").is_dir():
@@ -356,24 +378,52 @@ def run_bench(plan, argv=None, *, fresh=False, stream=None, program="keras-aesam
     """Runs the plan's unfinished runs and writes the report; returns the exit code (console: ``stream``).
 
     Under ``--strategy multi-worker`` every worker runs the same command; only the
-    chief writes ``--output``.
+    chief writes ``--output``, holding its lock (keras_aesam.cli.run_lock) for the
+    whole session: a second bench on the folder exits with ``LOCKED_EXIT``. A
+    full disk stops the session with one line on stderr and ``DISK_FULL_EXIT``;
+    the finished runs stay, and the same command continues once there is space.
     """
     stream = stream or sys.stdout
     _split_cpu_here(plan)
     if not _is_chief(plan):
         return _run_as_other_worker(plan, fresh, stream)
     out = plan["output"]
-    if fresh and out.exists():
+    try:
+        lock = RunLock.acquire(out, "keras-aesam bench", stream=stream)
+    except Locked as err:
+        print(f"{ERROR_PREFIX}{err}", file=sys.stderr, flush=True)
+        return LOCKED_EXIT
+    try:
+        return _run_chief(plan, argv, fresh, stream, program)
+    except Exception as err:
+        if not is_disk_full(err):
+            raise
+        line = str(err) if isinstance(err, _WorkerDiskFull) else disk_full_message(err, out)
+        print(f"{ERROR_PREFIX}{' '.join(line.split())}; the finished runs are kept: free space, then run the "
+              "same command again", file=sys.stderr, flush=True)
+        return DISK_FULL_EXIT
+    finally:
+        lock.release()
+
+
+def _run_chief(plan, argv, fresh, stream, program):
+    """:func:`run_bench` in the folder it holds."""
+    out = plan["output"]
+    if fresh:
         _remove_previous_bench(out, plan, stream)
     done = {spec["run_id"]: finished_result(out, spec) for spec in plan["runs"]}  # BadInput on mismatch
+    damaged = {s["run_id"]: why for s in plan["runs"] if (why := damaged_result(out, s)) is not None}
     finished = sum(r is not None for r in done.values())
     _record_bench_files(out, plan)
     estimate = estimate_seconds([s for s in plan["runs"] if done[s["run_id"]] is None], plan["isolation"])
     meta = _session_meta(plan, argv, program, _read_bench_json(out), finished, estimate)
+    meta["sessions"][-1]["redone_damaged_results"] = sorted(damaged)
     _write_json(out / "bench.json", meta)
     total = len(plan["runs"])
     print(f"keras-aesam bench: {total} runs ({finished} already finished, skipped), profile {plan['profile']}, "
           f"estimated {estimate / 60:.0f} min on the reference machine -> {out}", file=stream, flush=True)
+    for run_id, why in damaged.items():
+        print(f"  note: {why}: run {run_id} is run again", file=stream, flush=True)
     if plan["peer_note"]:
         print(f"  no peer row: {plan['peer_note']}", file=stream, flush=True)
     failed = []

@@ -23,7 +23,9 @@ from keras_aesam.bench.records import (
     _write_json,
     finished_result,
 )
+from keras_aesam.callbacks import writing
 from keras_aesam.cli import devices
+from keras_aesam.cli.run_directory import DISK_FULL_EXIT, disk_full_message, is_disk_full
 
 
 def _make_timer(K):
@@ -104,8 +106,12 @@ def _save_npz(path, **arrays):
     """Writes ``arrays`` to ``path`` whole or not at all (a temporary file, then renamed)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        np.savez(f, **arrays)
+    try:
+        with writing(tmp), open(tmp, "wb") as f:
+            np.savez(f, **arrays)
+    except OSError:
+        tmp.unlink(missing_ok=True)  # a partial file would only hold on to the space
+        raise
     os.replace(tmp, path)
 
 
@@ -357,6 +363,8 @@ def run_spec(spec, out) -> dict:
 
 #: A worker's exit code when the cluster's workers disagree on what to run (nothing ran).
 DISAGREE_EXIT = 3
+#: How the bench's error lines start (the session finds a worker's in its log).
+ERROR_PREFIX = "keras-aesam bench: error: "
 
 
 def _worker(job_path) -> int:
@@ -382,7 +390,13 @@ def _worker(job_path) -> int:
             print(f"finished {spec['run_id']}: test accuracy {result['test_accuracy']:.4f}", flush=True)
         except KeyboardInterrupt:
             raise
-        except Exception:  # noqa: BLE001 - recorded, the next run still runs
+        except Exception as err:  # noqa: BLE001 - recorded, the next run still runs
+            if is_disk_full(err):  # no run can finish: one line for the session (if the log takes it), which stops
+                try:
+                    print(f"{ERROR_PREFIX}{disk_full_message(err, out)}", file=sys.stderr, flush=True)
+                except OSError:
+                    pass
+                return DISK_FULL_EXIT
             failures += 1
             text = traceback.format_exc()
             print(text, file=sys.stderr, flush=True)

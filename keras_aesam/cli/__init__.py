@@ -29,7 +29,11 @@ files the manifest lists (:mod:`keras_aesam.cli.safety`).
 Bad input (unknown names, out-of-range numbers, a hyperparameter the method
 does not take, an existing output directory without ``--overwrite``, labels
 that do not fit the number of classes) stops the command before any training,
-with exit code 2 and a one-line message, as argparse does.
+with exit code 2 and a one-line message, as argparse does. Other ends, each
+one line: 1 for data that cannot be loaded or no backup that reads back whole,
+74 (``run_directory.DISK_FULL_EXIT``) for a full disk, naming the file, 75
+(``run_lock.LOCKED_EXIT``) for a run directory another process holds, naming
+its pid and host; 130 and 143 for SIGINT and SIGTERM.
 
 Programmatic use: :func:`run` takes the same arguments and returns the results
 as a dict (the examples use it); :func:`main` is the console script.
@@ -50,6 +54,7 @@ import sys
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
+from keras_aesam.callbacks import DamagedBackup
 from keras_aesam.cli import devices, flags, safety
 from keras_aesam.cli.flags import (  # noqa: F401  (part of this module's API: BadInput, the table)
     HYPERPARAMETER_FLAGS,
@@ -60,13 +65,17 @@ from keras_aesam.cli.flags import (  # noqa: F401  (part of this module's API: B
 )
 from keras_aesam.cli.run_directory import (  # noqa: F401  (BACKUP_FILE, backup_meta: read by the tests)
     BACKUP_FILE,
+    DISK_FULL_EXIT,
     LEGACY_RUN_FILES,
     RunDirectory,
     backup_meta as _backup_meta,
     default_export_root,
+    disk_full_message,
+    is_disk_full,
     is_finished,
     read_config,
 )
+from keras_aesam.cli.run_lock import LOCKED_EXIT, Locked
 from keras_aesam.cli.train_spec import DEFAULTS, PAPER_LR, SMALL_CNN_LR, TrainSpec
 from keras_aesam.cli.training import DataUnavailable, RunOptions, train
 
@@ -283,6 +292,12 @@ def _resume_args(parser, argv, args):
            f"--resume: {str(run_dir / 'config.json')!r} does not record the command's flags")
     stored = parser.parse_args(stored_argv)
     given = _explicit_flags(argv)
+    # The export goes where the run's own would have gone, from any working directory.
+    recorded = config.get("export_dir")
+    if isinstance(recorded, str) and Path(recorded).is_absolute():
+        stored.export_dir = str(Path(recorded).parent)
+        if "export_dir" in given and Path(given["export_dir"]).absolute() == Path(stored.export_dir):
+            del given["export_dir"]
     differ = []
     for dest, value in given.items():
         if dest not in _RESUME_FREE and getattr(stored, dest, None) != value:
@@ -356,9 +371,23 @@ def run(argv: Optional[Sequence[str]] = None, *, network: Optional[Callable] = N
             run_dir.close()  # another worker: its files were only for the run's duration
     except (BadInput, devices.DeviceError, safety.NotOurs) as err:
         subparser.error(str(err))
-    except (DataUnavailable, FileNotFoundError) as err:
-        print(f"keras-aesam {args.command}: error: {_one_line(err)}", file=sys.stderr)
-        raise SystemExit(1) from err
+    except Locked as err:
+        _fail(args.command, err, LOCKED_EXIT)
+    except (DataUnavailable, FileNotFoundError, DamagedBackup) as err:
+        _fail(args.command, err, 1)
+    except Exception as err:
+        if not is_disk_full(err):
+            raise
+        output = getattr(args, "output", None)
+        again = f"; free space, then continue with: keras-aesam train --resume --output {output}" \
+            if args.command == "train" and output else ""
+        _fail(args.command, disk_full_message(err, output or ".") + again, DISK_FULL_EXIT)
+
+
+def _fail(command, err, code):
+    """One line on stderr, ``keras-aesam <command>: error: ...``, and exit ``code``."""
+    print(f"keras-aesam {command}: error: {_one_line(err)}", file=sys.stderr, flush=True)
+    raise SystemExit(code) from (err if isinstance(err, BaseException) else None)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -3,9 +3,14 @@
 Every command of the project that writes into a folder (a ``keras-aesam train``
 run directory, its exported SavedModel, a ``keras-aesam bench`` output, the
 plots, an example's tables) lists each file it creates in that folder's
-manifest, ``.keras-aesam-files`` (one path per line, relative to the folder,
-appended as the file is created, so worker processes can add to it). Every
-operation that removes or overwrites files asks this module first:
+manifest, ``.keras-aesam-files`` (one path per line, relative to the folder
+that holds the manifest and written ``./name``, appended as the file is
+created, so worker processes can add to it). Entries do not depend on the
+working directory: a run written as ``runs/e`` is the same run read from
+anywhere. Manifests of earlier versions held bare paths relative to the
+working directory of the writer (``runs/e/config.json``); they are read too
+(:func:`_old_entry`). Every operation that removes or overwrites files asks
+this module first:
 
 * :func:`claim` before writing a file: refused (:class:`NotOurs`) when the file
   exists and the manifest does not list it; otherwise the file is recorded.
@@ -25,8 +30,11 @@ from __future__ import annotations
 
 import fnmatch
 import os
+import posixpath
 from pathlib import Path
 from typing import Iterable, List, Optional, Sequence, Union
+
+from keras_aesam.cli.run_lock import LOCK_FILE
 
 __all__ = [
     "MANIFEST",
@@ -45,6 +53,8 @@ __all__ = [
 
 #: The manifest's file name inside each folder we write into.
 MANIFEST = ".keras-aesam-files"
+#: Files of ours that no manifest lists: the manifest and the lock of a running command.
+_BOOKKEEPING = (MANIFEST, LOCK_FILE)
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -54,31 +64,53 @@ class NotOurs(ValueError):
 
 
 def _relative(folder: Path, path: PathLike) -> Optional[str]:
-    """``path`` relative to ``folder`` (POSIX form), or None if it lies outside."""
-    path = Path(path)
-    if not path.is_absolute():
-        path = folder / path
-    try:
-        rel = Path(os.path.normpath(path)).relative_to(Path(os.path.normpath(folder)))
-    except ValueError:
-        return None
-    text = rel.as_posix()
-    if text in ("", ".") or text.startswith("../"):
+    """``path`` (absolute, or relative to the working directory, as the caller holds it)
+    relative to ``folder`` (POSIX form), or None if it lies outside."""
+    rel = os.path.relpath(os.path.abspath(path), os.path.abspath(folder))
+    text = Path(rel).as_posix()
+    if text in ("", ".") or text == ".." or text.startswith("../"):
         return None
     return text
 
 
+def _plain(entry: str) -> bool:
+    """Whether a manifest entry (without its ``/``) is a normalized path inside the folder."""
+    return (bool(entry) and not entry.startswith("/") and posixpath.normpath(entry) == entry
+            and entry not in (".", "..") and not entry.startswith("../"))
+
+
+def _old_entry(folder: Path, entry: str) -> Optional[str]:
+    """An entry of an earlier manifest (no ``./``), relative to ``folder``.
+
+    Those entries were relative to the writer's working directory: the folder as
+    it was given (``runs/e``) followed by the file. The folder as given is a tail
+    of its absolute path, so the entry ``runs/e/config.json`` of ``/x/runs/e``
+    means ``config.json``. An entry that also reads as a file of the folder as it
+    stands (a folder given by its absolute path was written that way) is taken
+    as it stands when that file exists.
+    """
+    parts = entry.split("/")
+    tail = Path(os.path.abspath(folder)).parts
+    for k in range(1, min(len(parts) - 1, len(tail)) + 1):
+        if tuple(parts[:k]) == tail[len(tail) - k:]:
+            rest = "/".join(parts[k:])
+            if not (folder / entry).exists() or (folder / rest).exists():
+                return rest
+    return entry
+
+
 def record(folder: PathLike, *paths: PathLike) -> None:
-    """Adds ``paths`` (files, or folders we created) to ``folder``'s manifest."""
+    """Adds ``paths`` (files, or folders we created; absolute or relative to the working
+    directory, like ``folder``) to ``folder``'s manifest, each as ``./<path in folder>``."""
     folder = Path(folder)
     lines = []
     for path in paths:
         rel = _relative(folder, path)
-        if rel is None or rel == MANIFEST:
+        if rel is None or rel in _BOOKKEEPING:
             continue
         if Path(folder, rel).is_dir() and not Path(folder, rel).is_symlink():
             rel += "/"
-        lines.append(rel + "\n")
+        lines.append("./" + rel + "\n")
     if not lines:
         return
     folder.mkdir(parents=True, exist_ok=True)
@@ -91,17 +123,20 @@ def record(folder: PathLike, *paths: PathLike) -> None:
 
 
 def written(folder: PathLike) -> List[str]:
-    """The manifest's entries (folders end in ``/``), first occurrence order."""
-    path = Path(folder) / MANIFEST
+    """The manifest's entries relative to ``folder`` (folders end in ``/``), first occurrence order."""
+    folder = Path(folder)
+    path = folder / MANIFEST
     if not path.is_file():
         return []
     seen = []
     for line in path.read_text(encoding="utf-8").splitlines():
         entry = line.strip()
-        if not entry or entry in seen:
-            continue
+        if entry.startswith("./"):
+            entry = entry[2:]
+        elif entry:
+            entry = _old_entry(folder, entry.rstrip("/")) + ("/" if entry.endswith("/") else "")
         bare = entry.rstrip("/")
-        if _relative(Path(folder), bare) != bare or _through_link(Path(folder), bare):
+        if not _plain(bare) or entry in seen or _through_link(folder, bare):
             continue  # absolute, '..', odd, or reached through a link: not ours to touch
         seen.append(entry)
     return seen
@@ -133,7 +168,7 @@ def foreign_files(folder: PathLike) -> List[str]:
     for root, dirs, files in os.walk(folder):  # os.walk does not enter linked folders
         for name in files + [d for d in dirs if os.path.islink(os.path.join(root, d))]:
             rel = Path(root, name).relative_to(folder).as_posix()
-            if rel != MANIFEST and rel not in ours:
+            if rel not in _BOOKKEEPING and rel not in ours:
                 found.append(rel)
     return sorted(found)
 
@@ -148,7 +183,7 @@ def check_ours(folder: PathLike, action: str) -> None:
         return
     if not folder.is_dir():
         raise NotOurs(f"{action} refuses {str(folder)!r}: it is a file, not a folder")
-    if is_ours(folder) or not any(folder.iterdir()):
+    if is_ours(folder) or not any(p.name not in _BOOKKEEPING for p in folder.iterdir()):
         return
     raise NotOurs(
         f"{action} refuses to delete anything in {str(folder)!r}: it is not empty and keras-aesam "
@@ -188,7 +223,7 @@ def adopt(folder: PathLike, marker: str, patterns: Sequence[str]) -> List[str]:
         return []
     matched = [rel for rel in foreign_files(folder)
                if any(fnmatch.fnmatchcase(rel, p) for p in patterns)]
-    record(folder, *matched)
+    record(folder, *(folder / rel for rel in matched))
     return matched
 
 
@@ -224,7 +259,7 @@ def remove_written(folder: PathLike, *, keep: Iterable[str] = ()) -> List[str]:
     remaining += [e for e in entries if e in keep and (folder / e).exists()]
     manifest = folder / MANIFEST
     if remaining:
-        manifest.write_text("".join(e + "\n" for e in remaining), encoding="utf-8")
+        manifest.write_text("".join("./" + e + "\n" for e in remaining), encoding="utf-8")
     elif manifest.exists():
         manifest.unlink()
     left = foreign_files(folder)

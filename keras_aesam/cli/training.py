@@ -186,20 +186,19 @@ def _build_model(session, network):
 
 
 def _load_backup(session):
-    """``--resume``: the state of the run's last backup, loaded into the model; None before the first one.
+    """``--resume``: the state of the run's newest intact backup, loaded into the model; None before the first."""
+    from keras_aesam.callbacks import DamagedBackup
+    from keras_aesam.cli.run_directory import BACKUP_FILES
 
-    Every worker of a cluster reads the chief's backup (Keras's BackupAndRestore convention).
-    """
-    from keras_aesam.callbacks import load_training_state
-
-    backup_file = session.run_dir.resume_file
-    if not backup_file.is_file():  # none yet: from the start, as the seeds rebuild it
-        return None
+    if not any((session.run_dir.read_from / name).is_file() for name in BACKUP_FILES):
+        return None  # none yet: from the start, as the seeds rebuild it
     model, data = session.model, session.data
     # Metrics and optimizer variables exist only once built; build them now, without data.
     model._symbolic_build(data_batch=next(iter(data.test)))
     try:
-        meta = load_training_state(model, backup_file)
+        meta = session.run_dir.load_backup(model)
+    except DamagedBackup:
+        raise  # the files are the problem, not the command: exit code 1
     except ValueError as err:
         raise BadInput(f"--resume: {one_line(err)}") from err
     check(meta.get("steps_per_epoch") == data.steps_per_epoch,
@@ -239,7 +238,8 @@ def _config_record(session) -> dict:
         "steps_per_execution": spec.steps_per_execution,
         "hist_epochs": list(spec.grad_norm_epochs), "hist_batches": spec.grad_norm_batches,
         "eval_batches": spec.eval_batches,
-        "run_dir": str(run_dir.path), "export_dir": str(run_dir.export_path),
+        "run_dir": str(run_dir.path),
+        "export_dir": str(run_dir.export_path and run_dir.export_path.absolute()),  # resumable from anywhere
         "versions": {"keras_aesam": keras_aesam.__version__, "keras": keras.__version__,
                      "tensorflow": tf.__version__},
         "started": previous.get("started") or datetime.datetime.now().isoformat(timespec="seconds"),

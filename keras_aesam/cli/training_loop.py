@@ -161,8 +161,9 @@ class TrainingLoop:
 
     def _evaluation(self):
         """Validation and test data (``--eval-batches`` of them), how to evaluate, and the callbacks."""
-        import keras
         import tensorflow as tf
+
+        from keras_aesam.callbacks import CSVLogger
 
         session = self.session
         model, data, eval_batches = session.model, session.data, session.spec.eval_batches
@@ -179,7 +180,7 @@ class TrainingLoop:
             if self.validation is not None:
                 self.callbacks.append(_local_validation(self.evaluate, self.validation))
                 self.validation = None
-        self.callbacks += [keras.callbacks.CSVLogger(str(session.run_dir.file("history.csv")), append=True),
+        self.callbacks += [CSVLogger(str(session.run_dir.file("history.csv")), append=True),
                            self.recorder]
         if session.options.verbose:
             self.callbacks.append(_policy_printer(model))
