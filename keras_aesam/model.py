@@ -744,6 +744,9 @@ class SharpnessAwareModel(keras.Model):
         return distribution.all_replicas_true(run.ctx, tf.math.is_finite(sam_ops.global_sq_norm(d)))
 
     def _apply(self, ok, d, run):
+        # Each row index once: Keras's clipnorm / global_clipnorm sum the rows'
+        # squares of an IndexedSlices, which is the dense norm only then.
+        d = [sam_ops.merge_duplicates(t) for t in d]
         if run.scale is not None:
             self.optimizer.apply(d, self.trainable_variables)  # unscales, skips and adapts itself
         else:
