@@ -115,7 +115,9 @@ class LookSAM(SAM):
 
     def on_sam_step(self, grads, sam_grads, state):
         g_v = sam_ops.looksam_orthogonal(sam_grads, grads, per_tensor=self.per_tensor)
-        return sam_grads, [ops.cast(v, s.dtype) for v, s in zip(g_v, state)]
+        # d is dense on the other steps (g_v is), so on this one too
+        d = [sam_ops.dense(t) for t in sam_grads]
+        return d, [ops.cast(v, s.dtype) for v, s in zip(g_v, state)]
 
     def on_erm_step(self, grads, state):
         d = sam_ops.looksam_reuse(grads, state, self.alpha, per_tensor=self.per_tensor)

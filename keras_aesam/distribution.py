@@ -10,7 +10,7 @@ import keras
 import tensorflow as tf
 from keras import ops
 
-from keras_aesam import _keras_compat as compat
+from keras_aesam import _keras_compat as compat, ops as sam_ops
 
 
 @keras.saving.register_keras_serializable(package="keras_aesam")
@@ -117,6 +117,8 @@ def claim_fresh_collective_keys(strategy):
 
 
 def all_reduce_sum(tensors):
+    """The replicas' sum of each tensor. An IndexedSlices is all-gathered (its
+    rows concatenated, so an index may repeat across replicas): still the sum."""
     ctx = replica_context()
     if ctx is None:
         return tensors
@@ -168,12 +170,12 @@ def apply_each_replica(distribution, optimizer, grads, variables):
         return
     is_last = tf.equal((compat.optimizer_iterations(optimizer) + 1) % steps, 0)
 
-    def window_sum(grads):
+    def window_sum(grads):  # dense, like the accumulators (sparse rows scattered in)
         unscaled = unscaled_by_factor(optimizer, grads)
-        return [
-            g + compat.accumulated_gradients(optimizer)[compat.variable_index(optimizer, v)]
-            for g, v in zip(unscaled, variables)
-        ]
+        accumulated = compat.accumulated_gradients(optimizer)
+        return sam_ops.add_lists(
+            [accumulated[compat.variable_index(optimizer, v)].value for v in variables], unscaled
+        )
 
     def apply_mean(grads):
         mean = [t / steps for t in window_sum(grads)]
@@ -208,7 +210,7 @@ def apply_each_replica(distribution, optimizer, grads, variables):
 
 def unscaled_by_factor(optimizer, grads):
     factor = optimizer.loss_scale_factor
-    return grads if factor is None else [g / factor for g in grads]
+    return grads if factor is None else [sam_ops.map_values(lambda v: v / factor, g) for g in grads]
 
 
 def reordered(optimizer, tensors, variables):
@@ -223,15 +225,17 @@ def applied(optimizer, grads, variables):
 
 
 def unscaler(scale):
-    """``grads -> grads / scale`` (identity without loss scaling)."""
+    """``grads -> grads / scale`` (identity without loss scaling); sparse stays sparse."""
     if scale is None:
         return lambda gs: gs
-    return lambda gs: [g / ops.cast(scale, g.dtype) for g in gs]
+    return lambda gs: [sam_ops.map_values(lambda v: v / ops.cast(scale, v.dtype), g) for g in gs]
 
 
 def rescaled(tensors, scale):
     """``tensors * scale``: back to the loss-scaled units ``optimizer.apply`` expects."""
-    return tensors if scale is None else [t * ops.cast(scale, t.dtype) for t in tensors]
+    if scale is None:
+        return tensors
+    return [sam_ops.map_values(lambda v: v * ops.cast(scale, v.dtype), t) for t in tensors]
 
 
 def all_replicas_true(ctx, flag):

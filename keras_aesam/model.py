@@ -49,9 +49,16 @@ def _deserialize_part(config, module, base):
 
 
 def _zeros_for_none(grads, variables):
+    """Dense zeros for a weight the loss does not reach; other gradients as the
+    tape gave them (an embedding's ``tf.IndexedSlices`` stays sparse)."""
     return [
         ops.zeros_like(v.value) if g is None else g for g, v in zip(grads, variables)
     ]
+
+
+def _per_replica_map(fn, grads, replicas):
+    """``fn`` (a scaling) on each gradient, row by row for sparse ones; none on one replica."""
+    return [sam_ops.map_values(fn, g) for g in grads] if replicas > 1 else grads
 
 
 _Decision = collections.namedtuple(
@@ -659,7 +666,7 @@ class SharpnessAwareModel(keras.Model):
         global_grads = distribution.all_reduce_sum(local_grads) if needs_global else local_grads
         if replicas > 1 and self.sync_perturbation:
             return global_grads, global_grads, sam_ops.global_sq_norm(run.unscale(global_grads))
-        own = [g * replicas for g in local_grads] if replicas > 1 else local_grads
+        own = _per_replica_map(lambda v: v * replicas, local_grads, replicas)
         grad_norm_sq = sam_ops.global_sq_norm(run.unscale(own))
         if replicas > 1:
             grad_norm_sq = run.ctx.all_reduce(tf.distribute.ReduceOp.MEAN, grad_norm_sq)
@@ -728,7 +735,7 @@ class SharpnessAwareModel(keras.Model):
             lambda: self.direction.on_sam_step(g, g_hat, direction_state),
             lambda: self.direction.on_erm_step(g, direction_state),
         )
-        d = [t / replicas for t in d] if replicas > 1 else d
+        d = _per_replica_map(lambda v: v / replicas, d, replicas)
         return distribution.rescaled(d, run.units), new_direction_state, direction_state
 
     @staticmethod

@@ -17,13 +17,63 @@ SIGMA2_INIT = math.exp(-10.0)  # σ² before the first step (Algorithm 1)
 
 
 # --------------------------------------------------------------------------
+# Sparse gradients
+# --------------------------------------------------------------------------
+# An embedding lookup's gradient is a ``tf.IndexedSlices``: rows ``values[k]``
+# at ``indices[k]`` of a dense tensor of shape ``dense_shape``, where a repeated
+# index means the *sum* of its rows. Every function here gives what it gives
+# for the dense tensor: norms merge repeated rows first, scalings and the
+# weight-magnitude product act on the rows and keep the slices sparse, and
+# LookSAM (whose ``g_v`` is dense state) densifies.
+def is_sparse(t):
+    """Whether ``t`` is a ``tf.IndexedSlices`` (an embedding's gradient)."""
+    return isinstance(t, tf.IndexedSlices)
+
+
+def dense(t):
+    """``t`` as a dense tensor (IndexedSlices are summed into their dense shape)."""
+    return tf.convert_to_tensor(t) if is_sparse(t) else t
+
+
+def merge_duplicates(t):
+    """The same IndexedSlices with each row index once, the rows of a repeated
+    index summed (``tf.unique`` + ``unsorted_segment_sum``); dense ``t`` as is.
+
+    Its rows' squares then sum to the dense tensor's ``‖·‖²``: a token seen
+    twice in a batch counts ``(a + b)²``, not ``a² + b²``.
+    """
+    if not is_sparse(t):
+        return t
+    rows, position = tf.unique(t.indices)
+    values = tf.math.unsorted_segment_sum(t.values, position, tf.shape(rows)[0])
+    return tf.IndexedSlices(values, rows, t.dense_shape)
+
+
+def map_values(fn, t):
+    """``fn(t)`` for a dense ``t``; ``fn`` on the rows of an IndexedSlices.
+
+    Exact for maps that act elementwise and keep 0 at 0 and are additive, such
+    as scaling by a number: those commute with summing repeated rows.
+    """
+    if is_sparse(t):
+        return tf.IndexedSlices(fn(t.values), t.indices, t.dense_shape)
+    return fn(t)
+
+
+# --------------------------------------------------------------------------
 # Norms and the SAM perturbation
 # --------------------------------------------------------------------------
+def _sq_sum(t):
+    values = merge_duplicates(t).values if is_sparse(t) else t
+    return ops.sum(ops.square(ops.cast(values, "float32")))
+
+
 def global_sq_norm(tensors):
-    """``Σ_i ‖t_i‖²`` in float32: the squared global norm (the AE statistic)."""
-    return ops.sum(
-        ops.stack([ops.sum(ops.square(ops.cast(t, "float32"))) for t in tensors])
-    )
+    """``Σ_i ‖t_i‖²`` in float32: the squared global norm (the AE statistic).
+
+    An IndexedSlices counts as its dense tensor (repeated rows merged first).
+    """
+    return ops.sum(ops.stack([_sq_sum(t) for t in tensors]))
 
 
 def global_norm(tensors):
@@ -32,7 +82,7 @@ def global_norm(tensors):
 
 
 def _scaled(tensors, scale):
-    return [ops.cast(scale, t.dtype) * t for t in tensors]
+    return [map_values(lambda v: ops.cast(scale, v.dtype) * v, t) for t in tensors]
 
 
 def sam_perturbation(grads, rho, eps=EPS):
@@ -47,14 +97,34 @@ def asam_perturbation(grads, weights, rho, eps=EPS):
     invariant to rescalings of a layer that leave the network function fixed.
     """
     abs_w = [ops.abs(ops.cast(w, g.dtype)) for w, g in zip(weights, grads)]
-    scaled = [a * g for a, g in zip(abs_w, grads)]
+    scaled = [_times(a, g) for a, g in zip(abs_w, grads)]
     scale = rho / (global_norm(scaled) + eps)
-    return [ops.cast(scale, g.dtype) * a * s for a, s, g in zip(abs_w, scaled, grads)]
+    return [_times(ops.cast(scale, a.dtype) * a, s) for a, s in zip(abs_w, scaled)]
+
+
+def _times(a, g):
+    """``a ⊙ g`` for a dense ``a``; on an IndexedSlices ``g``, each row times ``a``'s
+    row at its index (exact with repeated indices: the product is linear in g)."""
+    if is_sparse(g):
+        return tf.IndexedSlices(g.values * tf.gather(a, g.indices), g.indices, g.dense_shape)
+    return a * g
 
 
 def add_lists(a, b):
-    """Elementwise ``a + b`` over two lists of tensors (``w + e``)."""
-    return [x + ops.cast(y, x.dtype) for x, y in zip(a, b)]
+    """Elementwise ``a + b`` over two lists of tensors (``w + e``).
+
+    ``a`` is dense; an IndexedSlices in ``b`` is scattered into it (repeated
+    rows add up), which gives the dense sum without forming the dense ``b``.
+    """
+    return [_add(x, y) for x, y in zip(a, b)]
+
+
+def _add(x, y):
+    if is_sparse(y):
+        return tf.tensor_scatter_nd_add(
+            x, ops.expand_dims(y.indices, -1), ops.cast(y.values, x.dtype)
+        )
+    return x + ops.cast(y, x.dtype)
 
 
 def select(tensors, mask):
@@ -180,8 +250,10 @@ def looksam_orthogonal(g_hat, g, per_tensor=False, eps=EPS):
     """``g_v = ĝ - (⟨ĝ, g⟩ / (‖g‖² + eps))·g``: the part of ĝ orthogonal to g.
 
     Global projection by default; ``per_tensor=True`` projects each weight
-    tensor on its own, as public LookSAM ports do.
+    tensor on its own, as public LookSAM ports do. Sparse gradients are
+    densified: ``g_v`` is dense (it is kept as dense state between steps).
     """
+    g_hat, g = [dense(t) for t in g_hat], [dense(t) for t in g]
     if per_tensor:
         return [
             gh - ops.cast(_dot([gh], [gg]) / (global_sq_norm([gg]) + eps), gg.dtype) * gg
@@ -192,7 +264,11 @@ def looksam_orthogonal(g_hat, g, per_tensor=False, eps=EPS):
 
 
 def looksam_reuse(g, g_v, alpha, per_tensor=False, eps=EPS):
-    """``d = g + α·(‖g‖ / (‖g_v‖ + eps))·g_v``: an approximate SAM direction."""
+    """``d = g + α·(‖g‖ / (‖g_v‖ + eps))·g_v``: an approximate SAM direction.
+
+    Dense: ``g_v`` is, so a sparse ``g`` is densified.
+    """
+    g = [dense(t) for t in g]
     if per_tensor:
         return [
             gg + ops.cast(alpha * global_norm([gg]) / (global_norm([v]) + eps), gg.dtype) * v
@@ -207,9 +283,11 @@ def looksam_reuse(g, g_v, alpha, per_tensor=False, eps=EPS):
 # --------------------------------------------------------------------------
 def swp_perturbation(e, mask, beta):
     """Stochastic weight perturbation: keep tensor ``i`` of ``e`` where ``mask[i]``,
-    scaled by ``1/β`` so the expected perturbation is unchanged; 0 elsewhere."""
+    scaled by ``1/β`` so the expected perturbation is unchanged; 0 elsewhere.
+
+    An IndexedSlices stays one, its rows kept or zeroed."""
     return [
-        ops.where(m, t / ops.cast(beta, t.dtype), ops.zeros_like(t))
+        map_values(lambda v, m=m: ops.where(m, v / ops.cast(beta, v.dtype), ops.zeros_like(v)), t)
         for t, m in zip(e, mask)
     ]
 

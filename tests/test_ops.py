@@ -97,3 +97,104 @@ def test_select_and_scatter_selected_are_inverse():
 def test_group_bounds(batch, m, expected):
     assert sam_ops.group_bounds(batch, m) == expected
 
+
+
+# --------------------------------------------------------------------------
+# Sparse gradients: an IndexedSlices counts as its dense tensor
+# --------------------------------------------------------------------------
+def test_global_sq_norm_of_repeated_rows_is_the_dense_tensors():
+    g = tf.IndexedSlices(tf.constant([[1.0, 0.0], [1.0, 0.0]]), tf.constant([3, 3]),
+                         tf.constant([5, 2]))
+    assert float(sam_ops.global_sq_norm([g])) == 4.0  # (1 + 1)², not 1² + 1²
+    assert float(sam_ops.global_sq_norm([tf.convert_to_tensor(g)])) == 4.0
+
+
+def sparse_and_dense(rows=6, cols=3, indices=(4, 1, 4, 0, 4, 1), seed=1):
+    """An IndexedSlices with repeated indices, its dense tensor as NumPy, and a
+    dense companion tensor (a second weight)."""
+    rng = np.random.default_rng(seed)
+    values = rng.normal(size=(len(indices), cols))
+    sparse = tf.IndexedSlices(
+        tf.constant(values, tf.float32), tf.constant(indices, tf.int64),
+        tf.constant([rows, cols], tf.int64),
+    )
+    dense = np.zeros((rows, cols))
+    np.add.at(dense, list(indices), values)
+    other = rng.normal(size=(cols,))
+    return sparse, dense, other
+
+
+def as_numpy(t):
+    return np.asarray(tf.convert_to_tensor(t), dtype=np.float64)
+
+
+def test_merge_duplicates_keeps_the_dense_tensor_with_each_row_once():
+    sparse, dense, _ = sparse_and_dense()
+    merged = sam_ops.merge_duplicates(sparse)
+    assert sorted(np.asarray(merged.indices).tolist()) == [0, 1, 4]
+    np.testing.assert_allclose(as_numpy(merged), dense, rtol=1e-6)
+    t = tf.constant(dense)
+    assert sam_ops.merge_duplicates(t) is t  # a dense tensor passes through
+
+
+def test_sam_perturbation_of_sparse_gradient_is_the_dense_one_and_stays_sparse():
+    sparse, dense, other = sparse_and_dense()
+    e = sam_ops.sam_perturbation([sparse, tf.constant(other, tf.float32)], 0.05)
+    assert isinstance(e[0], tf.IndexedSlices)
+    norm = math.sqrt(np.sum(dense**2) + np.sum(other**2))
+    np.testing.assert_allclose(as_numpy(e[0]), 0.05 * dense / norm, rtol=1e-5, atol=1e-8)
+    np.testing.assert_allclose(as_numpy(e[1]), 0.05 * other / norm, rtol=1e-5)
+
+
+def test_asam_perturbation_of_sparse_gradient_is_the_dense_one():
+    sparse, dense, other = sparse_and_dense()
+    rng = np.random.default_rng(5)
+    w = [rng.normal(size=dense.shape), rng.normal(size=other.shape)]
+    e = sam_ops.asam_perturbation(
+        [sparse, tf.constant(other, tf.float32)], [tf.constant(t, tf.float32) for t in w], 0.5
+    )
+    assert isinstance(e[0], tf.IndexedSlices)
+    denom = math.sqrt(np.sum((np.abs(w[0]) * dense) ** 2) + np.sum((np.abs(w[1]) * other) ** 2))
+    np.testing.assert_allclose(as_numpy(e[0]), 0.5 * w[0] ** 2 * dense / denom, rtol=1e-5, atol=1e-8)
+    np.testing.assert_allclose(as_numpy(e[1]), 0.5 * w[1] ** 2 * other / denom, rtol=1e-5)
+
+
+def test_adding_a_sparse_perturbation_scatters_its_rows_into_the_weights():
+    sparse, dense, _ = sparse_and_dense()
+    w = np.random.default_rng(2).normal(size=dense.shape)
+    (moved,) = sam_ops.add_lists([tf.constant(w, tf.float32)], [sparse])
+    np.testing.assert_allclose(np.asarray(moved), w + dense, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("per_tensor", [False, True])
+def test_looksam_on_sparse_gradients_gives_the_dense_result(per_tensor):
+    g, g_dense, other = sparse_and_dense(seed=3)
+    g_hat, g_hat_dense, other_hat = sparse_and_dense(indices=(4, 2, 2, 0), seed=4)
+    to_tf = lambda t: tf.constant(t, tf.float32)
+    g_v = sam_ops.looksam_orthogonal([g_hat, to_tf(other_hat)], [g, to_tf(other)], per_tensor=per_tensor)
+    ref_v = sam_ops.looksam_orthogonal(
+        [to_tf(g_hat_dense), to_tf(other_hat)], [to_tf(g_dense), to_tf(other)], per_tensor=per_tensor
+    )
+    d = sam_ops.looksam_reuse([g, to_tf(other)], g_v, 0.7, per_tensor=per_tensor)
+    ref_d = sam_ops.looksam_reuse([to_tf(g_dense), to_tf(other)], ref_v, 0.7, per_tensor=per_tensor)
+    for got, ref in zip([*g_v, *d], [*ref_v, *ref_d]):
+        assert not isinstance(got, tf.IndexedSlices)  # g_v is dense state, d is dense
+        np.testing.assert_allclose(np.asarray(got), np.asarray(ref), rtol=1e-5, atol=1e-6)
+
+
+def test_swp_keeps_or_zeroes_the_rows_of_a_sparse_perturbation():
+    sparse, dense, other = sparse_and_dense()
+    e = [sparse, tf.constant(other, tf.float32)]
+    for mask in ([True, False], [False, True]):
+        out = sam_ops.swp_perturbation(e, [tf.constant(m) for m in mask], 0.6)
+        assert isinstance(out[0], tf.IndexedSlices)
+        np.testing.assert_allclose(as_numpy(out[0]), dense / 0.6 if mask[0] else 0 * dense, rtol=1e-6)
+        np.testing.assert_allclose(as_numpy(out[1]), other / 0.6 if mask[1] else 0 * other, rtol=1e-6)
+
+
+def test_map_values_scales_the_rows_of_a_sparse_tensor():
+    sparse, dense, _ = sparse_and_dense()
+    out = sam_ops.map_values(lambda v: v * 3.0, sparse)
+    assert isinstance(out, tf.IndexedSlices)
+    np.testing.assert_allclose(as_numpy(out), 3.0 * dense, rtol=1e-6)
+    np.testing.assert_array_equal(np.asarray(sam_ops.map_values(lambda v: v * 3.0, tf.ones(2))), [3.0, 3.0])
