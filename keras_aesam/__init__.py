@@ -10,7 +10,8 @@ import sys as _sys
 
 from keras_aesam import _startup
 
-if _sys.argv and _startup.is_console_script(_sys.argv[0]):  # the keras-aesam command: no TF start-up noise
+# A keras-aesam command (the console script, python -m keras_aesam...): no TF start-up noise
+if _startup.is_our_command(_sys.argv[0] if _sys.argv else "", getattr(_sys, "orig_argv", None)):
     _startup.quiet_tensorflow_import()
 
 from keras_aesam import directions, ops, policies

@@ -64,7 +64,8 @@ def test_budget_check_can_be_turned_off(tmp_path):
         (["--epochs", "0"], "--epochs must be >= 1"),
         (["--train-size", "x"], "--train-size must be an integer"),
         (["--lr", "-1"], "--lr must be > 0"),
-        (["--methods", "erm,sam", "--k", "3"], "--k: none of the methods erm, sam takes it"),
+        (["--methods", "erm,sam", "--k", "3"], "none of the methods erm, sam takes --k (looksam take it)"),
+        (["--methods", "erm", "--rho", "0.1"], "none of the methods erm takes --rho (sam, esam, "),
         (["--methods", "looksam", "--k", "0"], "invalid hyperparameter for looksam"),
     ],
 )

@@ -66,8 +66,11 @@ def _last_line(text):
         (["--epochs", "0"], r"--epochs must be >= 1"),
         (["--train-size", "0"], r"--train-size must be >= 1"),
         (["--lr", "-1"], r"--lr must be > 0"),
-        (["--method", "sam", "--lambda1", "0"], r"method 'sam' does not take --lambda1; it takes .*--rho"),
-        (["--method", "erm", "--k", "3", "--beta", "0.5"], r"method 'erm' does not take --k, --beta"),
+        (["--method", "sam", "--lambda1", "0"],
+         r"method 'sam' does not take --lambda1 \(taken by ae_sam, ae_looksam\); it takes --rho, --adaptive"),
+        (["--method", "erm", "--k", "3", "--beta", "0.5"],
+         r"method 'erm' does not take --k \(taken by looksam\), --beta \(taken by esam\); it takes --total-steps"),
+        (["--method", "erm", "--rho", "0.1"], r"method 'erm' does not take --rho \(taken by sam, esam, "),
         (["--method", "ae_sam", "--lambda1", "2", "--lambda2", "1"],
          r"invalid hyperparameter for ae_sam: lambda1 must be <= lambda2"),
         (["--method", "looksam", "--k", "0"], r"invalid hyperparameter for looksam: k must be an integer >= 1"),
@@ -193,6 +196,78 @@ def test_the_command_starts_without_tensorflow_noise_unless_the_user_asks():
     assert quiet.stderr == ""
 
 
+def _as_module(*argv, level=None, cwd=None):
+    """``python -m keras_aesam.cli ARGV`` as scripts/train.sh runs it; stderr merged into stdout."""
+    import subprocess
+
+    env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
+    if level is not None:
+        env["TF_CPP_MIN_LOG_LEVEL"] = level
+    env["PYTHONPATH"] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    return subprocess.run([sys.executable, "-m", "keras_aesam.cli", *argv], stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True, env=env, cwd=cwd, timeout=300)
+
+
+@pytest.mark.parametrize("orig_argv, module", [
+    (["python", "-m", "keras_aesam.cli", "train"], "keras_aesam.cli"),
+    (["python3", "-u", "-W", "ignore", "-X", "dev", "-m", "keras_aesam.bench", "--worker", "j"], "keras_aesam.bench"),
+    (["python", "-mkeras_aesam.cli"], "keras_aesam.cli"),
+    (["python", "-m", "pytest", "-m", "keras_aesam"], "pytest"),
+    (["python", "script.py", "-m", "keras_aesam.cli"], None),
+    (["python", "-c", "import keras_aesam", "-m", "keras_aesam.cli"], None),
+    (["python"], None),
+])
+def test_the_module_python_runs_is_read_from_its_command_line(orig_argv, module):
+    from keras_aesam import _startup
+
+    assert _startup.run_module(orig_argv) == module
+    assert _startup.is_our_command("-m" if module else "x.py", orig_argv) == (module or "").startswith("keras_aesam")
+    assert _startup.is_our_command("/usr/bin/keras-aesam", ["python", "/usr/bin/keras-aesam"])
+
+
+def test_python_m_starts_without_tensorflow_noise_unless_the_user_asks():
+    shown = _as_module("--help", level="0")
+    assert shown.returncode == 0
+    if shown.stdout.startswith("usage: keras-aesam"):
+        pytest.skip("this TensorFlow prints nothing at start-up here: no noise to hide")
+    quiet = _as_module("--help")
+    assert quiet.returncode == 0 and quiet.stdout.startswith("usage: keras-aesam"), quiet.stdout[:2000]
+
+
+def test_bad_input_still_shows_when_started_quietly():
+    done = _as_module("train", "--method", "erm", "--rho", "0.1")
+    assert done.returncode == 2
+    assert done.stdout.startswith("usage: keras-aesam train"), done.stdout[:2000]
+    assert "keras-aesam train: error: method 'erm' does not take --rho" in done.stdout
+
+
+@needs_data
+def test_the_first_screen_of_a_run_is_ours_and_names_its_devices(tmp_path):
+    """The first line is the device line, the second the run's; nothing from TensorFlow before them.
+    --cpu-devices 2: the quiet start-up looks at the devices without starting the runtime."""
+    done = _as_module("train", "--train-size", "64", "--batch-size", "32", "--epochs", "1", "--quiet",
+                      "--no-plots", "--grad-norm-epochs", "none", "--eval-batches", "1", "--cpu-devices", "2",
+                      "--output", "run", "--export-dir", "saved", cwd=tmp_path)
+    assert done.returncode == 0, done.stdout[-3000:]
+    lines = done.stdout.splitlines()
+    assert lines[0] == ("keras-aesam: devices: CPU only (no GPU found), split into 2 logical devices; "
+                        "MirroredStrategy, 2 replicas"), lines[:5]
+    assert lines[1].startswith("keras-aesam: ae_sam ("), lines[:5]
+    assert lines[-1].startswith("test accuracy "), lines[-5:]
+
+
+def test_the_device_line_of_one_device():
+    import tensorflow as tf
+
+    from keras_aesam import devices
+
+    text = devices.describe(tf.distribute.get_strategy())
+    if tf.config.list_logical_devices("GPU"):
+        assert text.startswith("devices: 1 GPU") or " GPUs (" in text
+    else:
+        assert text == "devices: CPU only (no GPU found); one device, 1 replica"
+
+
 def test_noise_filter_keeps_errors_and_python_warnings():
     from keras_aesam._startup import filter_noise
 
@@ -210,6 +285,10 @@ def test_noise_filter_keeps_errors_and_python_warnings():
                     "/x/y.py:3: UserWarning: something Python says"]
     assert "a warning" in filter_noise(text, 1) and "oneDNN" not in filter_noise(text, 1)
     assert filter_noise(text, 0) == text
+    no_gpu = ("E0000 00:00:1796193196.620503   32463 cuda_platform.cc:52] failed call to cuInit: INTERNAL: "
+              "CUDA error: Failed call to cuInit: UNKNOWN ERROR (303)\n")
+    assert filter_noise(no_gpu + text, 2) == filter_noise(text, 2)  # the device line says it instead
+    assert filter_noise(no_gpu, 0) == no_gpu
 
 
 # ------------------------------------------------------------- end to end

@@ -5,8 +5,9 @@ import json
 import numpy as np
 import pytest
 
-from keras_aesam import bench, cli
+from keras_aesam import METHODS, bench, cli, method_parameters
 from keras_aesam.cli import flags
+from keras_aesam.cli.train_spec import TrainSpec
 
 
 def _train_args(*argv):
@@ -105,3 +106,60 @@ def test_write_json_leaves_the_old_file_whole_when_writing_fails(tmp_path):
     with pytest.raises(ValueError):
         flags.write_json(path, circular)
     assert json.loads(path.read_text()) == {"ok": 1}
+
+
+# ------------------------------------------- flags a method does not take
+
+
+def _pairs(taken):
+    """(method, hyperparameter flag) pairs where the method takes the flag (``taken``) or not."""
+    return [pytest.param(method, hp, id=f"{method}{hp.flag}") for method in METHODS
+            for hp in flags.HYPERPARAMETER_FLAGS if (hp.name in flags.method_takes(method)) == taken]
+
+
+def test_a_method_takes_its_parameters_except_those_of_a_direction_it_never_uses():
+    for method in METHODS:
+        expected = [] if method == "erm" else [p for p in method_parameters(method) if p != "seed"]
+        assert flags.method_takes(method) == expected, method
+    assert "erm" not in flags.methods_taking("rho")
+    assert flags.methods_taking("k") == ["looksam"]
+
+
+@pytest.mark.parametrize("method, hp", _pairs(taken=False))
+def test_train_refuses_every_flag_the_method_does_not_take(method, hp):
+    takers = ", ".join(flags.methods_taking(hp.name))
+    args = _train_args("--method", method, hp.flag, *_value_for(hp))
+    with pytest.raises(flags.BadInput, match=rf"method '{method}' does not take {hp.flag} \(taken by {takers}\)"):
+        TrainSpec.from_args(args)
+
+
+@pytest.mark.parametrize("method, hp", _pairs(taken=True))
+def test_train_accepts_every_flag_the_method_takes(method, hp):
+    args = _train_args("--method", method, hp.flag, *_value_for(hp))
+    try:
+        spec = TrainSpec.from_args(args)
+    except flags.BadInput as err:  # a value the method refuses alone (--p-start without --p-end)
+        assert str(err).startswith(f"invalid hyperparameter for {method}: "), err
+    else:
+        assert hp.name in spec.hyperparameters
+
+
+def test_a_flag_given_at_its_default_value_still_counts_and_defaults_never_do():
+    with pytest.raises(flags.BadInput, match=r"method 'erm' does not take --rho"):
+        TrainSpec.from_args(_train_args("--method", "erm", "--rho", "0.05"))
+    for method in METHODS:
+        assert dict(TrainSpec.from_args(_train_args("--method", method)).hyperparameters).keys() <= {"seed"}
+
+
+@pytest.mark.parametrize("method, hp", _pairs(taken=False))
+def test_bench_refuses_every_flag_none_of_its_methods_takes(method, hp, tmp_path):
+    takers = ", ".join(flags.methods_taking(hp.name))
+    args = _bench_args("--methods", method, "--no-peer", "--output", str(tmp_path), hp.flag, *_value_for(hp))
+    with pytest.raises(flags.BadInput, match=rf"none of the methods {method} takes {hp.flag} \({takers} take it\)"):
+        bench.resolve(args)
+
+
+def test_bench_gives_a_flag_to_the_methods_taking_it_only():
+    args = _bench_args("--methods", "erm,looksam", "--no-peer", "--k", "3")
+    runs = {run["method"]: run["hyperparameters"] for run in bench.resolve(args)["runs"]}
+    assert runs["looksam"]["k"] == 3 and "k" not in runs["erm"]

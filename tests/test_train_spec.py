@@ -56,7 +56,8 @@ def test_a_value_out_of_range_names_the_flag_and_the_accepted_range(field, value
 
 
 def test_the_method_must_take_every_hyperparameter_given():
-    with pytest.raises(BadInput, match=r"method 'sam' does not take --lambda1; it takes --rho, .*--total-steps"):
+    refused = r"method 'sam' does not take --lambda1 \(taken by ae_sam, ae_looksam\); it takes --rho, .*--total-steps"
+    with pytest.raises(BadInput, match=refused):
         TrainSpec(method="sam", hyperparameters={"lambda1": 0.0})
     with pytest.raises(BadInput, match=r"invalid hyperparameter for ae_sam: lambda1 must be <= lambda2"):
         TrainSpec(method="ae_sam", hyperparameters={"lambda1": 2.0, "lambda2": 1.0})

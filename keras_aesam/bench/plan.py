@@ -366,10 +366,11 @@ def _method_runs(args, config, methods, noise, seeds):
     # Method hyperparameters: the user's flags go to every method that takes them.
     given = flags.given_hyperparameters(args)
     config["rho"] = given.get("rho", COMMON["rho"])
-    takers = {name: [m for m in methods if name in method_parameters(m)] for name in given}
-    unused = [hp.flag for hp in HYPERPARAMETER_FLAGS if hp.name in given and not takers[hp.name]]
+    takers = {name: [m for m in methods if name in flags.method_takes(m)] for name in given}
+    unused = [f"{hp.flag} ({', '.join(flags.methods_taking(hp.name))} take it)"
+              for hp in HYPERPARAMETER_FLAGS if hp.name in given and not takers[hp.name]]
     if unused:
-        raise BadInput(f"{', '.join(unused)}: none of the methods {', '.join(methods)} takes it")
+        raise BadInput(f"none of the methods {', '.join(methods)} takes {'; '.join(unused)}")
 
     runs = []
     for rate in noise:

@@ -365,6 +365,7 @@ def run(argv: Optional[Sequence[str]] = None, *, network: Optional[Callable] = N
         run_dir = RunDirectory.choose(args.output, args.export_dir, chief=chief, overwrite=args.overwrite,
                                       resume=args.resume,
                                       name=RunDirectory.default_name(spec.dataset, spec.network, spec.method))
+        print(f"keras-aesam: {devices.describe(strategy)}", flush=True)
         try:
             return train(spec, run_dir, strategy, options, network=network, dataset_kwargs=dataset_kwargs)
         finally:

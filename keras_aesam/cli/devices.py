@@ -134,6 +134,32 @@ def strategy_for(name: str, cpu_devices: int | None = None):
     return tf.distribute.get_strategy(), True
 
 
+def describe(strategy) -> str:
+    """One line on the devices a run uses: ``devices: CPU only (no GPU found); one device, 1 replica``.
+
+    A machine without a GPU is no error: this line is where a run says so (the
+    quiet start-up hides TensorFlow's "failed call to cuInit" for it).
+    """
+    import tensorflow as tf
+
+    gpus = tf.config.list_logical_devices("GPU")
+    cpus = tf.config.list_logical_devices("CPU")
+    if gpus:
+        used = f"{len(gpus)} GPU{'s' if len(gpus) > 1 else ''} ({', '.join(d.name for d in gpus)})"
+    elif len(cpus) > 1:
+        used = f"CPU only (no GPU found), split into {len(cpus)} logical devices"
+    else:
+        used = "CPU only (no GPU found)"
+    replicas = strategy.num_replicas_in_sync
+    if isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+        how = "MultiWorkerMirroredStrategy across the workers of TF_CONFIG"
+    elif isinstance(strategy, tf.distribute.MirroredStrategy):
+        how = "MirroredStrategy"
+    else:
+        how = "one device"
+    return f"devices: {used}; {how}, {replicas} replica{'s' if replicas > 1 else ''}"
+
+
 def replicas_text(replicas: int, global_batch: int) -> str:
     """``"2 replicas x 32"``: how a global batch is split, for start-up and progress lines."""
     return f"{replicas} replica{'s' if replicas > 1 else ''} x {global_batch // replicas}"

@@ -28,6 +28,7 @@ __all__ = [
     "methods_taking",
     "one_line",
     "parse_train_size",
+    "refuse_unused",
     "write_json",
 ]
 
@@ -134,10 +135,21 @@ _NOT_FLAGS = {"seed"}
 
 
 def method_takes(method) -> list:
-    """The hyperparameter names ``method`` takes (its policy's and direction's) that have a flag."""
-    from keras_aesam.methods import method_parameters
+    """The hyperparameter names ``method`` takes that have a flag.
 
-    return [p for p in method_parameters(method) if p not in _NOT_FLAGS]
+    Those of :func:`keras_aesam.methods.method_parameters` (its policy's and its
+    direction's), except that a method whose policy never takes a SAM step
+    (``erm``) takes none of its direction's: ``--rho`` would change nothing.
+    """
+    import inspect
+
+    from keras_aesam.methods import METHODS, method_parameters
+
+    names = [p for p in method_parameters(method) if p not in _NOT_FLAGS]
+    policy = METHODS[method][0]
+    if policy.never_sam:
+        names = [p for p in names if p in inspect.signature(policy.__init__).parameters]
+    return names
 
 
 def methods_taking(name) -> list:
@@ -155,6 +167,28 @@ def add_hyperparameter_flags(group) -> None:
             group.add_argument(hp.flag, dest=hp.dest, action="store_true", default=None, help=text)
         else:
             group.add_argument(hp.flag, dest=hp.dest, type=hp.type, default=None, help=text)
+
+
+def refuse_unused(method, given) -> None:
+    """BadInput unless ``method`` takes every hyperparameter name in ``given``.
+
+    The message names each flag it does not take with the methods that do, and
+    the flags it takes.
+    """
+    takes = method_takes(method)
+    known = {hp.name for hp in HYPERPARAMETER_FLAGS}
+    refused = [f"{hp.flag} ({_takers(hp.name)})" for hp in HYPERPARAMETER_FLAGS
+               if hp.name in given and hp.name not in takes]
+    refused += [f"{name!r}" for name in given if name not in known]
+    if refused:
+        accepted = [hp.flag for hp in HYPERPARAMETER_FLAGS if hp.name in takes] + ["--total-steps"]
+        raise BadInput(f"method {method!r} does not take {', '.join(refused)}; it takes {', '.join(accepted)}")
+
+
+def _takers(name) -> str:
+    """``"taken by sam, esam"``: who takes hyperparameter ``name`` (for error messages)."""
+    takers = methods_taking(name)
+    return f"taken by {', '.join(takers)}" if takers else "taken by no method"
 
 
 def given_hyperparameters(args) -> dict:

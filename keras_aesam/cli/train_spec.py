@@ -16,14 +16,13 @@ import types
 from typing import Mapping, Optional, Tuple
 
 from keras_aesam.cli.flags import (
-    HYPERPARAMETER_FLAGS,
     BadInput,
     check,
     check_recipe,
     given_hyperparameters,
-    method_takes,
     one_line,
     parse_train_size as _parse_train_size,
+    refuse_unused,
 )
 from keras_aesam.validation import canonical_name
 
@@ -167,13 +166,8 @@ class TrainSpec:
         """The method's hyperparameters, refused unless the method takes them and accepts their values."""
         from keras_aesam.methods import build_method, method_parameters
 
-        takes = method_takes(self.method)
         given = {k: v for k, v in self.hyperparameters.items() if k != "seed"}
-        refused = [hp.flag for hp in HYPERPARAMETER_FLAGS if hp.name in given and hp.name not in takes]
-        refused += [f"{k!r}" for k in given if k not in {hp.name for hp in HYPERPARAMETER_FLAGS}]
-        if refused:
-            accepted = [hp.flag for hp in HYPERPARAMETER_FLAGS if hp.name in takes] + ["--total-steps"]
-            raise BadInput(f"method {self.method!r} does not take {', '.join(refused)}; it takes {', '.join(accepted)}")
+        refuse_unused(self.method, given)
         if "seed" in method_parameters(self.method):
             given["seed"] = self.seed
         try:
