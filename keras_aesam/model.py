@@ -575,6 +575,8 @@ class SharpnessAwareModel(keras.Model):
         statistics, dropout seeds) is kept: this is the step's only pass.
         """
         variables = self.trainable_variables
+        if not self.optimizer.built:  # a model built by this step: as Keras's apply would
+            self.optimizer.build(variables)
         velocity = self.direction.velocity(self.optimizer, variables)
         e = self._perturbation(velocity, variables, self.applied_steps.value)
         values = sam_ops.add_lists([v.value for v in variables], e)
