@@ -182,12 +182,12 @@ class MSAM(Direction):
     or Adam's/AdamW's first moment (``v = m``). An optimizer without momentum has
     no ``v`` and is refused (``check_optimizer``). ρ is on its own scale, not
     SAM's: a step along the momentum raises the loss less than one along ``g``
-    (default 1.0; the authors use 3 on CIFAR-100 where SAM uses 0.2).
+    (default 0.6; the authors use 3 on CIFAR-100 where SAM uses 0.2).
     """
 
     name = "msam"
 
-    def __init__(self, rho=1.0):
+    def __init__(self, rho=0.6):
         self.rho = check_range("rho", rho, 0.0, low_open=True)
 
     @property
