@@ -11,6 +11,7 @@ never-SAM             ``ae_sam`` with ``lambda1 = lambda2 = +1e9`` (never fires)
 always-SAM            ``ae_sam`` with ``lambda1 = lambda2 = -1e9`` (always fires)
 AE-SAM                ``ae_sam`` with its defaults, ``total_steps`` = steps run
 ERM / SAM             ``method="erm"`` / ``method="sam"``
+MSAM                  ``method="msam"`` (one pass, at ``w + e`` from the momentum)
 LookSAM               ``method="looksam", k=5``
 AE-LookSAM            ``method="ae_looksam"`` with its defaults
 plain / AE-SAM + XLA  the same with ``jit_compile=True`` (only with ``--xla``)
@@ -67,6 +68,7 @@ NEVER_SAM_TARGET = 1.02
 ALWAYS_SAM_TARGET = 2.02
 AE_SAM_SLACK = 1.03  # AE-SAM mean <= (1 + zeta) * AE_SAM_SLACK * plain mean
 LOOKSAM_ERM_TARGET = 1.05  # "a non-SAM LookSAM step costs about one ERM step"
+MSAM_ERM_TARGET = 1.03  # Momentum-SAM: one pass, ERM's cost
 
 
 def log(message: str) -> None:
@@ -253,6 +255,7 @@ def configurations(xla: bool) -> list:
         ),
         Config("erm", "ERM (`method=\"erm\"`)", lambda m, t: wrap(m, "erm")),
         Config("sam", "SAM (`method=\"sam\"`)", lambda m, t: wrap(m, "sam")),
+        Config("msam", "MSAM (`method=\"msam\"`)", lambda m, t: wrap(m, "msam")),
         Config(
             "looksam",
             "LookSAM (k=5)",
@@ -526,6 +529,12 @@ def target_table(results):
         f"| LookSAM non-SAM step ≈ ERM step (≤ {LOOKSAM_ERM_TARGET:.2f}× the ERM "
         f"method's mean) | {_fmt(wall)} | {_verdict(wall[0], LOOKSAM_ERM_TARGET)} "
         f"| {_fmt(cpu)} | {_verdict(cpu[0], LOOKSAM_ERM_TARGET)} |"
+    )
+    wall = _ratio(results["msam"], results["erm"])
+    cpu = _ratio(results["msam"], results["erm"], field=CPU)
+    lines.append(
+        f"| MSAM step ≤ {MSAM_ERM_TARGET:.2f}× the ERM method's mean | {_fmt(wall)} "
+        f"| {_verdict(wall[0], MSAM_ERM_TARGET)} | {_fmt(cpu)} | {_verdict(cpu[0], MSAM_ERM_TARGET)} |"
     )
     return lines
 

@@ -78,6 +78,8 @@ def _last_line(text):
         (["--grad-norm-epochs", "99"], r"--grad-norm-epochs must be in \[0, 10\]"),
         (["--grad-norm-batches", "0"], r"--grad-norm-batches must be >= 1, got 0"),
         (["--momentum", "1"], r"--momentum must be in \[0, 1\), got 1"),
+        (["--method", "msam", "--momentum", "0"], r"--method msam perturbs along SGD's momentum: --momentum"),
+        (["--method", "msam", "--rho", "0"], r"invalid hyperparameter for msam: rho"),
         (["--backup-steps", "-1"], r"--backup-steps must be >= 0"),
         (["--manual-dir", "/x"], r"--manual-dir is for imagenet2012 only"),
     ],
@@ -334,6 +336,25 @@ def test_train_writes_the_run_directory(tiny_run):
     assert results["saved_model"] == str(tiny_run["export"])
     line = _last_line(tiny_run["stdout"])
     assert line.startswith("test accuracy ") and "SAM" in line and "wall time" in line
+
+
+def test_train_msam_end_to_end(tmp_path):
+    """``--method msam --rho``: one pass per step (no SAM steps), the rho in the
+    config and in the saved model, which loads back as MSAM."""
+    if not _fashion_mnist_available():
+        pytest.skip("Fashion-MNIST files not available offline")
+    import keras
+
+    keras.utils.clear_session()
+    run_dir = tmp_path / "msam"
+    with contextlib.redirect_stdout(io.StringIO()):
+        cli.run(["train", "--method", "msam", "--rho", "0.4", "--train-size", "256", "--epochs", "1",
+                 "--eval-batches", "2", "--grad-norm-epochs", "0", "--output", str(run_dir), "--quiet"])
+    config = json.loads((run_dir / "config.json").read_text())
+    assert config["method"] == "msam" and config["hyperparameters"] == {"rho": 0.4}
+    assert config["results"]["steps"] == 2 and config["results"]["sam_steps"] == 0
+    loaded = keras.models.load_model(run_dir / "model.keras")
+    assert loaded.method == "msam" and loaded.hyperparameters == {"rho": 0.4}
 
 
 def test_steps_csv_marks_the_sam_steps_the_policy_took(tiny_run):

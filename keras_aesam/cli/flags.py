@@ -105,7 +105,7 @@ class Hyperparameter(NamedTuple):
 
 #: Every method hyperparameter of :mod:`keras_aesam.methods`, its flag and what it does.
 HYPERPARAMETER_FLAGS = (
-    Hyperparameter("rho", "--rho", float, "perturbation radius ρ (default 0.05)"),
+    Hyperparameter("rho", "--rho", float, "perturbation radius ρ (default 0.05; msam 0.6, its own scale)"),
     Hyperparameter("lambda1", "--lambda1", float, "c_t at the last step, λ1 (AE-SAM -1, AE-LookSAM 0)"),
     Hyperparameter("lambda2", "--lambda2", float, "c_t at the first step, λ2 (AE-SAM 1, AE-LookSAM 2)"),
     Hyperparameter("delta", "--delta", float, "forgetting rate δ of the ‖g‖² EMAs (default 0.9)"),

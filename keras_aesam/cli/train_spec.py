@@ -153,6 +153,8 @@ class TrainSpec:
         check(self.schedule in SCHEDULES, f"--schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
         check(self.steps_per_execution >= 1,
               f"--steps-per-execution must be >= 1, got {self.steps_per_execution}")
+        check(self.method != "msam" or self.momentum > 0.0,
+              "--method msam perturbs along SGD's momentum: --momentum must be in (0, 1), got 0")
 
     def _check_run(self):
         check(self.total_steps is None or self.total_steps >= 1, f"--total-steps must be >= 1, got {self.total_steps}")
