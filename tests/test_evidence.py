@@ -57,11 +57,32 @@ def test_policy_and_direction_come_from_their_methods():
     import keras
 
     inner = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)])
-    spec = noisy_labels.main_specs(0.4, 0, 0.2, zeta=0.3, zeta_look=0.2)[-1]
-    model = noisy_labels.build_model(spec, inner, total_steps=100)
+    specs = {s["label"]: s for s in noisy_labels.main_specs(0.4, 0, 0.2, zeta=0.3, zeta_look=0.2)}
+    model = noisy_labels.build_model(specs["quantile_sam+looksam@ae"], inner, total_steps=100)
     assert type(model.policy).__name__ == "Quantile"
     assert type(model.direction).__name__ == "LookSAM"
     assert model.policy.target_sam_fraction == 0.2 and model.direction.rho == 0.2
+    assert model.direction.max_age == noisy_labels.MAX_AGE  # the rivals get the bounded direction too
+
+
+def test_every_looksam_direction_row_but_looksams_own_bounds_the_age_of_g_v():
+    import keras
+
+    specs = {s["label"]: s for s in noisy_labels.main_specs(0.4, 0, 0.2, zeta=0.3, zeta_look=0.12)}
+    ages = {}
+    for label in ("ae_looksam", "late_sam+looksam@ae", "quantile_sam+looksam@ae", "looksam", "looksam@ae",
+                  "ae_looksam_unbounded"):
+        inner = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)])
+        ages[label] = noisy_labels.build_model(specs[label], inner, total_steps=100).direction.max_age
+    assert ages == {"ae_looksam": 10, "late_sam+looksam@ae": 10, "quantile_sam+looksam@ae": 10,
+                    "looksam": None, "looksam@ae": None, "ae_looksam_unbounded": None}
+
+
+def test_looksam_at_ae_looksams_budget_takes_the_nearest_period():
+    specs = {s["label"]: s for s in noisy_labels.main_specs(0.4, 0, 0.2, zeta=0.3, zeta_look=0.13)}
+    assert specs["looksam@ae"]["hyperparameters"] == {"rho": 0.2, "k": 8}
+    assert specs["looksam@ae"]["budget"] == "ae_looksam"
+    assert [noisy_labels.looksam_k(z) for z in (0.2, 0.11, 0.15, 0.9)] == [5, 9, 7, 1]
 
 
 # --------------------------------------------------------------------------

@@ -11,8 +11,9 @@ that regime every *when* policy is run at the same budget of SAM steps:
    is used by every method of that setting.
 2. ``main``: ERM, SAM, AE-SAM, LookSAM, AE-LookSAM; then, at the SAM fraction
    ζ that AE-SAM realised on the same seed, SS-SAM, RST, late SAM and quantile
-   SAM; and the LookSAM direction under late SAM and quantile SAM at
-   AE-LookSAM's realised ζ.
+   SAM; and at AE-LookSAM's realised ζ, the LookSAM direction under late SAM
+   and quantile SAM, and LookSAM with ``k = round(1/ζ)``; and the paper's
+   AE-LookSAM with ``g_v`` reused without bound (``max_age=None``).
 3. ``budget`` (main setting only): AE-SAM, SS-SAM, RST, late SAM and quantile
    SAM at fixed budgets of 10, 25, 50 and 75 % SAM steps.
 
@@ -64,6 +65,9 @@ BUDGETS = (0.1, 0.25, 0.5, 0.75)
 BUDGETED = ("ae_sam", "ss_sam", "rst", "late_sam", "quantile_sam")
 #: Test accuracy is recorded every this many epochs (the learning curves).
 CURVE_EVERY = 5
+#: The bound on the age of LookSAM's ``g_v`` of every LookSAM-direction row
+#: but LookSAM's own (whose period bounds it), recorded in the specs.
+MAX_AGE = 10
 #: ρ of the sharpness readout, the same for every method so models compare.
 SHARPNESS_RHO = 0.05
 SHARPNESS_BATCHES = 8
@@ -99,7 +103,7 @@ def main_specs(noise, seed, rho, zeta=None, zeta_look=None):
         _spec(noise, seed, f"sam_rho{rho:g}", "sam", {"rho": rho}),
         _spec(noise, seed, "ae_sam", "ae_sam", {"rho": rho}),
         _spec(noise, seed, "looksam", "looksam", {"rho": rho}),
-        _spec(noise, seed, "ae_looksam", "ae_looksam", {"rho": rho}),
+        _spec(noise, seed, "ae_looksam", "ae_looksam", {"rho": rho, "max_age": MAX_AGE}),
     ]
     if zeta is not None:
         for method in BUDGETED[1:]:
@@ -108,9 +112,17 @@ def main_specs(noise, seed, rho, zeta=None, zeta_look=None):
     if zeta_look is not None:
         for method in ("late_sam", "quantile_sam"):
             specs.append(_spec(noise, seed, f"{method}+looksam@ae", method,
-                               {"rho": rho, "target_sam_fraction": zeta_look},
+                               {"rho": rho, "target_sam_fraction": zeta_look, "max_age": MAX_AGE},
                                direction_from="looksam", budget="ae_looksam"))
+        specs.append(_spec(noise, seed, "looksam@ae", "looksam", {"rho": rho, "k": looksam_k(zeta_look)},
+                           budget="ae_looksam"))
+        specs.append(_spec(noise, seed, "ae_looksam_unbounded", "ae_looksam", {"rho": rho, "max_age": None}))
     return specs
+
+
+def looksam_k(zeta):
+    """LookSAM's period whose share of SAM steps ``1/k`` is nearest to ``zeta``."""
+    return max(1, int(round(1.0 / zeta)))
 
 
 def budget_specs(noise, seed, rho):
@@ -124,10 +136,16 @@ def build_model(spec, inner, total_steps):
     """The wrapped model of a spec: its method's policy with ``direction_from``'s direction."""
     import keras_aesam
     from keras_aesam import build_method
+    from keras_aesam.methods import method_parameters
 
-    policy, direction = build_method(spec["method"], **spec["hyperparameters"])
-    if spec["direction_from"] != spec["method"]:
-        _, direction = build_method(spec["direction_from"], rho=spec["hyperparameters"]["rho"])
+    hp = spec["hyperparameters"]
+    if spec["direction_from"] == spec["method"]:
+        policy, direction = build_method(spec["method"], **hp)
+    else:
+        takes = set(method_parameters(spec["method"]))
+        policy, _ = build_method(spec["method"], **{k: v for k, v in hp.items() if k in takes})
+        _, direction = build_method(spec["direction_from"], rho=hp["rho"],
+                                    **{k: v for k, v in hp.items() if k not in takes})
     return keras_aesam.SharpnessAwareModel(
         inner=inner, policy=policy, direction=direction, total_steps=total_steps
     )
