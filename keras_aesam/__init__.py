@@ -1,7 +1,7 @@
 """keras-aesam: sharpness-aware training for Keras 3 that uses SAM only where it pays.
 
-The paper's seven methods (ERM, SAM, ESAM, SS-SAM, LookSAM, AE-SAM, AE-LookSAM)
-as drop-in ``keras.Model`` subclasses: a *policy* decides when a step is a SAM
+The paper's seven methods (ERM, SAM, ESAM, SS-SAM, LookSAM, AE-SAM, AE-LookSAM),
+budgeted rivals and Momentum-SAM as drop-in ``keras.Model`` subclasses: a *policy* decides when a step is a SAM
 step, a *direction* rule forms the update, and ``SharpnessAwareModel`` runs both
 inside ``train_step``.
 """
@@ -22,6 +22,7 @@ from keras_aesam.model import (
     ESAMModel,
     LateSAMModel,
     LookSAMModel,
+    MSAMModel,
     QuantileSAMModel,
     RSTModel,
     SAMModel,
@@ -41,6 +42,7 @@ __all__ = [
     "LateSAMModel",
     "LookSAMModel",
     "METHODS",
+    "MSAMModel",
     "QuantileSAMModel",
     "RSTModel",
     "SAMModel",

@@ -163,3 +163,11 @@ def accumulated_gradients(optimizer):
 def variable_index(optimizer, variable):
     """The slot of ``variable`` in the optimizer's per-variable lists."""
     return optimizer._get_variable_index(variable)
+
+
+def first_moments(optimizer):
+    """Adam's (and AdamW's) first-moment slots, one per variable (private list).
+
+    Momentum-SAM perturbs along them; SGD's ``momentums`` are public.
+    """
+    return optimizer._momentums

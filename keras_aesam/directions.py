@@ -1,4 +1,4 @@
-"""*How* the update direction is formed: SAM, ASAM, ESAM and LookSAM.
+"""*How* the update direction is formed: SAM, ASAM, ESAM, LookSAM and Momentum-SAM.
 
 A direction rule answers three questions for the model's ``train_step``:
 
@@ -15,9 +15,10 @@ or empty; the model stores it in non-trainable variables, so checkpoints carry i
 import abc
 import re
 
+import keras
 from keras import ops
 
-from keras_aesam import ops as sam_ops
+from keras_aesam import _keras_compat as compat, ops as sam_ops
 from keras_aesam.validation import check_bool, check_int, check_range, check_seed
 
 
@@ -25,8 +26,10 @@ class Direction(abc.ABC):
     """The interface of a direction rule; ``SAM`` is the plain implementation.
 
     Capabilities are boolean properties the model reads when tracing:
-    ``has_state`` (the rule keeps per-weight tensors across steps) and
-    ``selects_samples`` (the second pass uses a subset of the batch).
+    ``has_state`` (the rule keeps per-weight tensors across steps),
+    ``selects_samples`` (the second pass uses a subset of the batch) and
+    ``perturbs_before_pass`` (``e`` comes from the optimizer's state and the
+    step's one pass is at ``w + e``).
     """
 
     name = None
@@ -47,6 +50,13 @@ class Direction(abc.ABC):
         The model passes them after the per-weight tensors in ``state``.
         """
         return {}
+
+    @property
+    def perturbs_before_pass(self):
+        """Whether ``e`` comes from the optimizer's state before the step's only
+        pass, which is then taken at ``w + e`` (Momentum-SAM); the policy must
+        be ``Never`` (no second pass)."""
+        return False
 
     @abc.abstractmethod
     def perturbation(self, grads, weights, step):
@@ -190,6 +200,72 @@ class ESAM(SAM):
 
     def get_config(self):
         return {**super().get_config(), "beta": self.beta, "gamma": self.gamma, "seed": self.seed}
+
+
+class MSAM(Direction):
+    """Momentum-SAM (Becker et al., 2024): ``e = -ρ·v/‖v‖`` from the optimizer's
+    momentum ``v`` (gradient units), known before the step, so each step is one
+    forward-backward pass, at ``w + e``; its gradient is applied at ``w``.
+
+    ``v`` is read from the compiled optimizer: SGD's velocity ``m``
+    (``m ← µm - lr·g``, so ``v = -m`` up to the learning rate and ``e = ρ·m/‖m‖``)
+    or Adam's/AdamW's first moment (``v = m``). An optimizer without momentum has
+    no ``v`` and is refused (``check_optimizer``). ρ is on its own scale, not
+    SAM's: a step along the momentum raises the loss less than one along ``g``.
+    """
+
+    name = "msam"
+
+    def __init__(self, rho=0.3):
+        self.rho = check_range("rho", rho, 0.0, low_open=True)
+
+    @property
+    def perturbs_before_pass(self):
+        return True
+
+    def perturbation(self, velocity, weights, step):
+        """``e`` from the momentum ``v`` (``velocity``, one tensor per weight)."""
+        return sam_ops.momentum_perturbation(velocity, self.rho)
+
+    def on_sam_step(self, grads, sam_grads, state):
+        raise ValueError("msam takes no second pass: its policy must be Never.")
+
+    def on_erm_step(self, grads, state):
+        return grads, state
+
+    def get_config(self):
+        return {"rho": self.rho}
+
+    @staticmethod
+    def check_optimizer(optimizer):
+        """Refuse an optimizer whose state has no momentum to perturb along."""
+        inner = getattr(optimizer, "inner_optimizer", optimizer)  # LossScaleOptimizer
+        if isinstance(inner, keras.optimizers.SGD):
+            if inner.momentum > 0.0:
+                return
+            raise ValueError(
+                "method 'msam' perturbs along the optimizer's momentum, but the "
+                f"optimizer is SGD with momentum={inner.momentum!r}: pass "
+                "keras.optimizers.SGD(momentum=...) with momentum in (0, 1) "
+                "(0.9 is usual), or Adam/AdamW."
+            )
+        if isinstance(inner, keras.optimizers.Adam):  # AdamW is an Adam
+            return
+        raise ValueError(
+            "method 'msam' perturbs along the optimizer's momentum and reads it "
+            "from keras.optimizers.SGD (momentum > 0), Adam or AdamW; the "
+            f"optimizer is {type(inner).__name__}."
+        )
+
+    @classmethod
+    def velocity(cls, optimizer, variables):
+        """The momentum ``v`` in gradient units, one tensor per variable."""
+        cls.check_optimizer(optimizer)
+        inner = getattr(optimizer, "inner_optimizer", optimizer)
+        if isinstance(inner, keras.optimizers.SGD):  # m ← µm - lr·g: v = -m
+            return [-inner.momentums[compat.variable_index(inner, v)].value for v in variables]
+        slots = compat.first_moments(inner)  # m ← β1·m + (1-β1)·g: v = m
+        return [slots[compat.variable_index(inner, v)].value for v in variables]
 
 
 # --------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""The paper's seven methods, and the budgeted rivals, as (policy, direction) pairs.
+"""The paper's seven methods, the budgeted rivals and Momentum-SAM, as (policy, direction) pairs.
 
 A method is a name, a policy class, a direction class and the paper's defaults.
 ``build_method(name, **hyperparameters)`` splits the hyperparameters between the
@@ -33,6 +33,8 @@ METHODS = {
     "late_sam": (policies.Late, directions.SAM, {}, {}),
     "rst": (policies.ScheduledCoin, directions.SAM, {}, {}),
     "quantile_sam": (policies.Quantile, directions.SAM, {}, {}),
+    # One pass per step, at w + e from the optimizer's momentum (no second pass).
+    "msam": (policies.Never, directions.MSAM, {}, {}),
 }
 
 #: The paper's seven methods, in its order of presentation.
@@ -42,7 +44,7 @@ PAPER_METHODS = ("erm", "sam", "esam", "ss_sam", "looksam", "ae_sam", "ae_looksa
 PRETTY_NAMES = {
     "erm": "ERM", "sam": "SAM", "esam": "ESAM", "ss_sam": "SS-SAM", "looksam": "LookSAM",
     "ae_sam": "AE-SAM", "ae_looksam": "AE-LookSAM", "late_sam": "late SAM",
-    "rst": "RST (scheduled coin)", "quantile_sam": "quantile SAM",
+    "rst": "RST (scheduled coin)", "quantile_sam": "quantile SAM", "msam": "MSAM",
 }
 
 _INTERNAL = {"self", "default_lambdas"}

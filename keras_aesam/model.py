@@ -91,9 +91,9 @@ class SharpnessAwareModel(keras.Model):
     ``call`` (and, for saving, ``get_config``).
 
     Args:
-        method: one of ``"erm"``, ``"sam"``, ``"esam"``, ``"ss_sam"``,
-            ``"looksam"``, ``"ae_sam"``, ``"ae_looksam"``; its hyperparameters
-            come as keyword arguments (``rho``, ``lambda1`` …).
+        method: a name of ``keras_aesam.METHODS`` (``"erm"``, ``"sam"``,
+            ``"ae_sam"``, ``"msam"`` …); its hyperparameters come as keyword
+            arguments (``rho``, ``lambda1`` …).
         policy, direction: instead of ``method``, any ``keras_aesam.policies``
             policy with any ``keras_aesam.directions`` rule.
         total_steps: the paper's ``T`` for the ``c_t`` schedule; ``None``
@@ -155,6 +155,11 @@ class SharpnessAwareModel(keras.Model):
                     "policy= and direction=."
                 )
             policy, direction = build_method(method, **kwargs)
+        if direction.perturbs_before_pass and not policy.never_sam:
+            raise ValueError(
+                f"The {direction.name} direction takes the step's only pass at w + e, "
+                f"so it needs the Never policy (no second pass), got policy={policy!r}."
+            )
 
         if (inputs is None) != (outputs is None):
             raise ValueError("Pass both inputs and outputs, or neither.")
@@ -334,6 +339,14 @@ class SharpnessAwareModel(keras.Model):
             )
         return self.inner(inputs, training=training)
 
+    def _check_optimizer(self):
+        """A direction that perturbs along the optimizer's state (MSAM) refuses an
+        optimizer without one, before the first step is traced. (Not in
+        ``compile``: Keras does not re-compile a loaded model whose class
+        overrides it.)"""
+        if self.direction.perturbs_before_pass and self.optimizer is not None:
+            self.direction.check_optimizer(self.optimizer)
+
     def fit(self, *args, callbacks=None, **kwargs):
         if not self.compiled:
             raise ValueError(
@@ -361,6 +374,7 @@ class SharpnessAwareModel(keras.Model):
         if self.train_function is not None and not force:
             return self.train_function
         self._prepare_weight_state()  # else at the first traced step, which builds the model
+        self._check_optimizer()
         # gradient_accumulation_steps=n needs nothing here: every batch fit()
         # gives is a micro-batch that takes its own decision, e and d at the
         # weights of its window (they move only every n applies), and the
@@ -554,6 +568,51 @@ class SharpnessAwareModel(keras.Model):
         grads = _zeros_for_none(tape.gradient(scaled, variables), variables)
         return y_pred, loss, grads
 
+    def _first_pass(self):
+        """The step's first pass: at ``w`` (``g``), or, for a direction that
+        perturbs before it (MSAM), the step's only pass, at ``w + e``."""
+        if self.direction.perturbs_before_pass:
+            return self._momentum_pass
+        return self._xla(self._erm_pass)
+
+    def _momentum_pass(self, x, y, sample_weight):
+        """Momentum-SAM's one pass: ``(y_pred, L(w + e), ∇L(w + e))`` with ``e``
+        from the optimizer's momentum, the weights left at ``w``.
+
+        The trainable weights are mapped to ``w + e`` statelessly, but unlike the
+        SAM pass every other state update the forward pass makes (BatchNorm
+        statistics, dropout seeds) is kept: this is the step's only pass.
+        """
+        variables = self.trainable_variables
+        if not self.optimizer.built:  # a model built by this step: as Keras's apply would
+            self.optimizer.build(variables)
+        velocity = self.direction.velocity(self.optimizer, variables)
+        e = self._perturbation(velocity, variables, self.applied_steps.value)
+        values = sam_ops.add_lists([v.value for v in variables], e)
+        y_pred, loss, grads, new_values = self._xla(self._pass_at)(x, y, sample_weight, values)
+        for var, value in zip(self._forward_state_variables(), new_values):
+            var.assign(value)
+        return y_pred, loss, grads
+
+    def _pass_at(self, x, y, sample_weight, values):
+        """Loss, scaled gradient and the new values of the forward pass's state
+        variables, for a pass with the weights mapped to ``values``."""
+        variables = self.trainable_variables
+        with tf.GradientTape() as tape:
+            tape.watch(values)
+            with keras.StatelessScope(
+                state_mapping=list(zip(variables, values)), collect_losses=True
+            ) as scope:
+                y_pred = self(x, training=True)
+                loss = compat.compute_loss(self, x, y, y_pred, sample_weight)
+            scaled = self.optimizer.scale_loss(loss)
+        grads = _zeros_for_none(tape.gradient(scaled, values), variables)
+        new_values = [
+            v.value if scope.get_current_value(v) is None else scope.get_current_value(v)
+            for v in self._forward_state_variables()
+        ]
+        return y_pred, loss, grads, new_values
+
     def _sam_pass(self, x, y, sample_weight, perturbation):
         """Scaled gradient of the loss at ``w + e`` and that loss, touching no state."""
         variables = self.trainable_variables
@@ -608,7 +667,7 @@ class SharpnessAwareModel(keras.Model):
         # the forward pass moves BatchNorm statistics, kept only if the step applies
         guarded, guarded_before = self._snapshot_guarded(x)
         with tf.control_dependencies(guarded_before):
-            y_pred, loss, local_grads = self._xla(self._erm_pass)(x, y, sample_weight)
+            y_pred, loss, local_grads = self._first_pass()(x, y, sample_weight)
         self._prepare_weight_state()  # a subclass unbuilt until now was built by that pass
         self._track_loss(loss, x)
         # 2. ‖g‖² and the decision, identical on every replica
@@ -646,9 +705,14 @@ class SharpnessAwareModel(keras.Model):
         """
         if not self.built:
             compat.build_from_batch_shapes(self, x)
-        own_state = {id(v) for v in self._own_state_variables()}
-        guarded = [v for v in self.non_trainable_variables if id(v) not in own_state]
+        guarded = self._forward_state_variables()
         return guarded, [tf.identity(v.value) for v in guarded]
+
+    def _forward_state_variables(self):
+        """The non-trainable variables a forward pass may move (BatchNorm
+        statistics, seeds): all but the model's own policy and direction state."""
+        own_state = {id(v) for v in self._own_state_variables()}
+        return [v for v in self.non_trainable_variables if id(v) not in own_state]
 
     def _track_loss(self, loss, x):
         compat.loss_tracker(self).update_state(
@@ -813,9 +877,15 @@ QuantileSAMModel = _named(
     "QuantileSAMModel", "quantile_sam",
     "SAM where ``‖g‖²`` is above its running ``(1 - f_t)`` quantile.",
 )
+MSAMModel = _named(
+    "MSAMModel", "msam",
+    "Momentum-SAM (Becker et al., 2024): one pass per step, at ``w + ρ·m/‖m‖`` "
+    "from SGD's momentum ``m`` (or Adam's first moment); ``rho``.",
+)
 
 __all__ = [
     "SharpnessAwareModel", "wrap", "method_parameters",
     "ERMModel", "SAMModel", "ESAMModel", "SSSAMModel", "LookSAMModel",
     "AESAMModel", "AELookSAMModel", "LateSAMModel", "RSTModel", "QuantileSAMModel",
+    "MSAMModel",
 ]

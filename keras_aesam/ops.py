@@ -52,6 +52,17 @@ def asam_perturbation(grads, weights, rho, eps=EPS):
     return [ops.cast(scale, g.dtype) * a * s for a, s, g in zip(abs_w, scaled, grads)]
 
 
+def momentum_perturbation(velocity, rho, eps=EPS):
+    """Momentum-SAM's ``e = -ρ · v / (‖v‖ + eps)`` (Becker et al., 2024).
+
+    ``v`` is the optimizer's momentum in gradient units (PyTorch's buffer
+    ``v ← µv + g``, Adam's first moment): ``e`` is a step of length ρ along the
+    optimizer's own descent direction, known before the step's only pass.
+    ``e = 0`` while ``v = 0`` (before the first update).
+    """
+    return _scaled(velocity, -rho / (global_norm(velocity) + eps))
+
+
 def add_lists(a, b):
     """Elementwise ``a + b`` over two lists of tensors (``w + e``)."""
     return [x + ops.cast(y, x.dtype) for x, y in zip(a, b)]

@@ -65,7 +65,7 @@ def test_every_named_method_and_class(name):
         "ss_sam": keras_aesam.SSSAMModel, "looksam": keras_aesam.LookSAMModel,
         "ae_sam": keras_aesam.AESAMModel, "ae_looksam": keras_aesam.AELookSAMModel,
         "late_sam": keras_aesam.LateSAMModel, "rst": keras_aesam.RSTModel,
-        "quantile_sam": keras_aesam.QuantileSAMModel,
+        "quantile_sam": keras_aesam.QuantileSAMModel, "msam": keras_aesam.MSAMModel,
     }[name]
     assert cls.method == name
     wrapped = keras_aesam.wrap(small_net(), method=name)
@@ -81,5 +81,6 @@ def test_paper_defaults():
     assert (hp("ae_sam")["lambda1"], hp("ae_sam")["lambda2"]) == (-1.0, 1.0)
     assert (hp("ae_looksam")["lambda1"], hp("ae_looksam")["lambda2"]) == (0.0, 2.0)
     assert hp("esam")["beta"] == 0.6 and hp("esam")["gamma"] == 0.5
-    assert all(hp(m)["rho"] == 0.05 for m in keras_aesam.METHODS)
+    assert all(hp(m)["rho"] == 0.05 for m in keras_aesam.METHODS if m != "msam")
+    assert hp("msam")["rho"] == keras_aesam.directions.MSAM().rho  # its own scale
     assert hp("ae_sam")["delta"] == 0.9

@@ -27,6 +27,23 @@ def test_sam_perturbation_has_norm_rho_along_g():
         np.testing.assert_allclose(ei, 0.05 * gi / norm, rtol=1e-5)
 
 
+def test_momentum_perturbation_has_norm_rho_against_the_momentum():
+    """MSAM: ``e = -ρ·v/‖v‖`` over all tensors (one global norm)."""
+    v = tensors((3, 4), (4,))
+    e = np_list(sam_ops.momentum_perturbation(v, 3.0))
+    vn = np_list(v)
+    norm = math.sqrt(sum(np.sum(t**2) for t in vn))
+    for ei, vi in zip(e, vn):
+        np.testing.assert_allclose(ei, -3.0 * vi / norm, rtol=1e-5)
+    assert math.sqrt(sum(np.sum(t**2) for t in e)) == pytest.approx(3.0, rel=1e-5)
+
+
+def test_momentum_perturbation_is_zero_before_the_first_update():
+    zero = [tf.zeros((3, 4)), tf.zeros((4,))]
+    for t in np_list(sam_ops.momentum_perturbation(zero, 3.0)):
+        assert np.all(t == 0.0) and np.all(np.isfinite(t))
+
+
 def test_asam_perturbation_matches_formula():
     g, w = tensors((3, 4), (4,)), tensors((3, 4), (4,))
     e = np_list(sam_ops.asam_perturbation(g, w, 0.5))

@@ -204,3 +204,93 @@ def test_explicit_total_steps_and_training_past_it():
     assert_close(weights, ref_weights)
     assert fractions == pytest.approx(ref_fractions, abs=1e-6)
     assert model.policy_state["step"] == 24
+
+
+# --------------------------------------------------------------------------
+# Momentum-SAM (Becker et al., 2024) with SGD-momentum and Adam
+# --------------------------------------------------------------------------
+def msam_reference_torch_form(X, Y, params, epochs, batch, rho, lr, mu):
+    """The authors' form: ``v ← µv + g(w̃)``, ``w ← w - lr·v``, ``w̃ = w - ρ·v/‖v‖``."""
+    w = [p.astype(np.float64).copy() for p in params]
+    v = [np.zeros_like(p) for p in w]
+    for _ in range(epochs):
+        for start in range(0, len(X), batch):
+            sl = slice(start, start + batch)
+            scale = rho / (math.sqrt(sq_norm(v)) + EPS)
+            g = loss_grad([p - scale * b for p, b in zip(w, v)], X[sl], Y[sl])
+            v = [mu * b + gi for b, gi in zip(v, g)]
+            w = [p - lr * b for p, b in zip(w, v)]
+    return w
+
+
+def msam_reference_keras_form(X, Y, params, epochs, batch, rho, lrs, mu=0.9,
+                              optimizer="sgd", beta2=0.999, adam_eps=1e-7):
+    """Keras's SGD (``m ← µm - lr_t·g``, ``e = +ρ·m/‖m‖``) or Adam (first moment
+    ``m ← β1·m + (1-β1)·g``, ``e = -ρ·m/‖m‖``), the gradient taken at ``w + e``."""
+    w = [p.astype(np.float64).copy() for p in params]
+    m = [np.zeros_like(p) for p in w]
+    s = [np.zeros_like(p) for p in w]
+    t = 0
+    for _ in range(epochs):
+        for start in range(0, len(X), batch):
+            sl = slice(start, start + batch)
+            sign = 1.0 if optimizer == "sgd" else -1.0
+            scale = sign * rho / (math.sqrt(sq_norm(m)) + EPS)
+            g = loss_grad([p + scale * b for p, b in zip(w, m)], X[sl], Y[sl])
+            lr = lrs(t)
+            t += 1
+            if optimizer == "sgd":
+                m = [mu * b - lr * gi for b, gi in zip(m, g)]
+                w = [p + b for p, b in zip(w, m)]
+            else:
+                m = [b + (gi - b) * (1 - mu) for b, gi in zip(m, g)]
+                s = [c + (gi * gi - c) * (1 - beta2) for c, gi in zip(s, g)]
+                alpha = lr * math.sqrt(1 - beta2**t) / (1 - mu**t)
+                w = [p - alpha * b / (np.sqrt(c) + adam_eps) for p, b, c in zip(w, m, s)]
+    return w
+
+
+def test_msam_keras_form_is_the_authors_form_at_a_constant_learning_rate():
+    """docs/algorithms.md's mapping: with ``m = -lr·v``, ``w - ρ·v/‖v‖ = w + ρ·m/‖m‖``."""
+    X, Y, w0, b0 = make_data(seed=4)
+    torch_form = msam_reference_torch_form(X, Y, [w0, b0], 3, 16, rho=0.3, lr=LR, mu=0.9)
+    keras_form = msam_reference_keras_form(X, Y, [w0, b0], 3, 16, rho=0.3, lrs=lambda t: LR)
+    # the same arithmetic in another order: float64 round-off (2e-16 a rounding,
+    # amplified over 18 steps) stays orders of magnitude below 1e-10
+    assert_close(keras_form, torch_form, rtol=1e-10)
+    plain = msam_reference_torch_form(X, Y, [w0, b0], 3, 16, rho=1e-9, lr=LR, mu=0.9)
+    assert np.max(np.abs(torch_form[0] - plain[0])) > 1e-3  # ρ matters at this scale
+
+
+def _msam_keras_run(X, Y, w0, b0, optimizer, epochs, batch, rho):
+    inner = keras.Sequential([keras.Input((X.shape[1],)), keras.layers.Dense(1)])
+    inner.set_weights([w0, b0])
+    model = keras_aesam.wrap(inner, method="msam", rho=rho)
+    model.compile(optimizer=optimizer, loss="mse")
+    model.fit(X, Y, batch_size=batch, epochs=epochs, shuffle=False, verbose=0)
+    return inner.get_weights()
+
+
+@pytest.mark.parametrize("kind", ["sgd", "sgd_schedule", "adam"])
+def test_msam_matches_numpy_reference(kind):
+    """Four epochs of 6 steps; the float32 run stays within 1e-5 (relative) of the
+    float64 reference, as every other method's does."""
+    X, Y, w0, b0 = make_data(seed=5)
+    if kind == "adam":
+        lrs, optimizer = (lambda t: 0.01), keras.optimizers.Adam(0.01)
+    elif kind == "sgd_schedule":
+        schedule = keras.optimizers.schedules.CosineDecay(LR, 24)
+        lrs = lambda t: 0.5 * LR * (1 + math.cos(math.pi * min(t, 24) / 24))
+        optimizer = keras.optimizers.SGD(schedule, momentum=0.9)
+    else:
+        lrs, optimizer = (lambda t: LR), keras.optimizers.SGD(LR, momentum=0.9)
+    weights = _msam_keras_run(X, Y, w0, b0, optimizer, 4, 16, rho=0.3)
+    ref = msam_reference_keras_form(
+        X, Y, [w0, b0], 4, 16, rho=0.3, lrs=lrs, optimizer="adam" if kind == "adam" else "sgd"
+    )
+    assert_close(weights, ref)
+    # and it is not plain momentum SGD/Adam: the perturbation moved the trajectory
+    plain = msam_reference_keras_form(
+        X, Y, [w0, b0], 4, 16, rho=1e-12, lrs=lrs, optimizer="adam" if kind == "adam" else "sgd"
+    )
+    assert np.max(np.abs(ref[0] - plain[0])) / np.max(np.abs(ref[0])) > 1e-3
