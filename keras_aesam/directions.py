@@ -19,7 +19,7 @@ import keras
 from keras import ops
 
 from keras_aesam import _keras_compat as compat, ops as sam_ops
-from keras_aesam.validation import check_bool, check_range, check_seed
+from keras_aesam.validation import check_bool, check_int, check_range, check_seed
 
 
 class Direction(abc.ABC):
@@ -43,6 +43,13 @@ class Direction(abc.ABC):
     def selects_samples(self):
         """Whether the second backward pass runs on a chosen subset of the batch."""
         return False
+
+    def scalar_state_spec(self):
+        """Initial values of the rule's scalar state, by name (float32 scalars).
+
+        The model passes them after the per-weight tensors in ``state``.
+        """
+        return {}
 
     @property
     def perturbs_before_pass(self):
@@ -99,37 +106,61 @@ class SAM(Direction):
         return {"rho": self.rho, "adaptive": self.adaptive}
 
 
+#: LookSAM's default bound on the age of ``g_v`` (see ``LookSAM``; the choice
+#: and the measurements behind it are in docs/algorithms.md).
+DEFAULT_MAX_AGE = 10
+
+
 class LookSAM(SAM):
     """LookSAM (Liu et al., 2022): reuse the SAM gradient's orthogonal part.
 
     On a SAM step ``g_v = ĝ - (⟨ĝ,g⟩/‖g‖²)·g`` is stored and ``d = ĝ``; on the
     other steps ``d = g + α·(‖g‖/‖g_v‖)·g_v`` at the cost of one pass. Global
     norms by default; ``per_tensor=True`` projects each tensor on its own.
+
+    ``max_age`` bounds how stale ``g_v`` may be: it is reused on the
+    ``max_age`` steps after the SAM step that formed it, and the steps after
+    those are plain ERM steps (``d = g``) until the next SAM step. The budget
+    of SAM steps is the policy's, unchanged. Reused without bound
+    (``max_age=None``, the paper's rule), a ``g_v`` formed hundreds of steps
+    earlier pushes the weights along one old direction at ``α·‖g‖`` on every
+    step; under a policy with long gaps between SAM steps (the adaptive one
+    of AE-LookSAM, quantile SAM) training then ends at chance level.
+    ``Periodic(k)`` bounds the age at ``k - 1`` by itself.
     """
 
     name = "looksam"
 
-    def __init__(self, rho=0.05, alpha=0.7, per_tensor=False, adaptive=False):
+    def __init__(self, rho=0.05, alpha=0.7, per_tensor=False, adaptive=False, max_age=DEFAULT_MAX_AGE):
         super().__init__(rho=rho, adaptive=adaptive)
         self.alpha = check_range("alpha", alpha, 0.0)
         self.per_tensor = check_bool("per_tensor", per_tensor)
+        self.max_age = check_int("max_age", max_age, low=1, allow_none=True)
 
     @property
     def has_state(self):
         return True
 
+    def scalar_state_spec(self):
+        """``age``: steps since the SAM step that formed ``g_v``."""
+        return {"age": 0.0}
+
     def on_sam_step(self, grads, sam_grads, state):
-        g_v = sam_ops.looksam_orthogonal(sam_grads, grads, per_tensor=self.per_tensor)
+        g_v, age = state[:-1], state[-1]
+        new_g_v = sam_ops.looksam_orthogonal(sam_grads, grads, per_tensor=self.per_tensor)
         # d is dense on the other steps (g_v is), so on this one too
         d = [sam_ops.dense(t) for t in sam_grads]
-        return d, [ops.cast(v, s.dtype) for v, s in zip(g_v, state)]
+        return d, [*(ops.cast(v, s.dtype) for v, s in zip(new_g_v, g_v)), ops.zeros_like(age)]
 
     def on_erm_step(self, grads, state):
-        d = sam_ops.looksam_reuse(grads, state, self.alpha, per_tensor=self.per_tensor)
-        return d, state
+        g_v, age = state[:-1], sam_ops.looksam_age(state[-1])
+        alpha = sam_ops.looksam_alpha(self.alpha, age, self.max_age)
+        d = sam_ops.looksam_reuse(grads, g_v, alpha, per_tensor=self.per_tensor)
+        return d, [*g_v, age]
 
     def get_config(self):
-        return {**super().get_config(), "alpha": self.alpha, "per_tensor": self.per_tensor}
+        return {**super().get_config(), "alpha": self.alpha, "per_tensor": self.per_tensor,
+                "max_age": self.max_age}
 
 
 class ESAM(SAM):

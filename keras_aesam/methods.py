@@ -15,7 +15,8 @@ METHODS = {
     "sam": (policies.Always, directions.SAM, {}, {}),
     "esam": (policies.Always, directions.ESAM, {}, {"beta": 0.6, "gamma": 0.5}),
     "ss_sam": (policies.Bernoulli, directions.SAM, {}, {}),
-    "looksam": (policies.Periodic, directions.LookSAM, {"k": 5}, {"alpha": 0.7}),
+    # Periodic(k) bounds the age of g_v at k - 1 itself: k is LookSAM's staleness knob.
+    "looksam": (policies.Periodic, directions.LookSAM, {"k": 5}, {"alpha": 0.7, "max_age": None}),
     "ae_sam": (
         policies.Adaptive,
         directions.SAM,
@@ -26,7 +27,7 @@ METHODS = {
         policies.Adaptive,
         directions.LookSAM,
         {"default_lambdas": (0.0, 2.0)},
-        {"alpha": 0.7},
+        {"alpha": 0.7, "max_age": directions.DEFAULT_MAX_AGE},
     ),
     # Rivals at a SAM budget (``target_sam_fraction``, default 0.5).
     "late_sam": (policies.Late, directions.SAM, {}, {}),

@@ -240,6 +240,11 @@ class SharpnessAwareModel(keras.Model):
             name: self._state_weight(name, value)
             for name, value in self.policy.state_spec().items()
         }
+        # the direction's scalar state (LookSAM's age of g_v), after its per-weight state
+        self._direction_scalars = [
+            self._state_weight(f"direction_{name}", value)
+            for name, value in self.direction.scalar_state_spec().items()
+        ]
 
     def _ensure_direction_state(self):
         """Create the direction's per-weight state (LookSAM's ``g_v``), one slot
@@ -291,7 +296,11 @@ class SharpnessAwareModel(keras.Model):
 
     def _own_state_variables(self):
         return [self.applied_steps, self.sam_total_steps, *self._policy_state.values(),
-                *(self._direction_state or [])]
+                *self._direction_variables()]
+
+    def _direction_variables(self):
+        """The direction's state: per-weight tensors, then its scalars."""
+        return [*(self._direction_state or []), *self._direction_scalars]
 
     @property
     def policy_state(self):
@@ -619,7 +628,7 @@ class SharpnessAwareModel(keras.Model):
         self._apply(ok, d, run)
         # 5. keep the step's state updates, or roll them back
         self._commit(ok, decision, zip(guarded, guarded_before),
-                     zip(self._direction_state or [], new_direction_state, direction_state))
+                     zip(self._direction_variables(), new_direction_state, direction_state))
         # 6. metrics
         self._track_step(ok, decision.use_sam, sharpness)
         results = self.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
@@ -716,13 +725,13 @@ class SharpnessAwareModel(keras.Model):
     def _direction(self, use_sam, global_grads, pass_grads, run):
         """``(d, new direction state, old direction state)``; ``d`` in the
         optimizer's units (per replica, loss-scaled)."""
-        direction_state = [v.value for v in self._direction_state or []]
+        direction_state = [v.value for v in self._direction_variables()]
         if not self.direction.has_state:
             return pass_grads, direction_state, direction_state
-        if len(direction_state) != len(global_grads):
+        if len(direction_state) != len(global_grads) + len(self._direction_scalars):
             raise ValueError(
                 f"The {self.direction.name} direction keeps one state tensor per "
-                f"trainable weight: {len(direction_state)} were created when the "
+                f"trainable weight: {len(self._direction_state)} were created when the "
                 f"model was built, but it now has {len(global_grads)} trainable "
                 "weights. Create every layer's weights when the model is built "
                 "(call the model on a batch, or define build()), not later."

@@ -274,6 +274,23 @@ def looksam_orthogonal(g_hat, g, per_tensor=False, eps=EPS):
     return [gh - ops.cast(coef, gg.dtype) * gg for gh, gg in zip(g_hat, g)]
 
 
+#: The age of ``g_v`` stops counting here (float32 counts every integer below 2**24).
+AGE_CAP = float(2**24)
+
+
+def looksam_age(age):
+    """The age of ``g_v`` one step later (saturating at ``AGE_CAP``)."""
+    return ops.minimum(age + 1.0, AGE_CAP)
+
+
+def looksam_alpha(alpha, age, max_age):
+    """The reuse weight on a step where ``g_v`` is ``age`` steps old: ``α`` up to
+    ``max_age`` steps after the SAM step that formed it, 0 after (``None``: always ``α``)."""
+    if max_age is None:
+        return alpha
+    return ops.where(ops.cast(age, "float32") <= float(max_age), alpha, 0.0)
+
+
 def looksam_reuse(g, g_v, alpha, per_tensor=False, eps=EPS):
     """``d = g + α·(‖g‖ / (‖g_v‖ + eps))·g_v``: an approximate SAM direction.
 

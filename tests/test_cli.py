@@ -261,7 +261,7 @@ def test_the_first_screen_of_a_run_is_ours_and_names_its_devices(tmp_path):
 def test_the_device_line_of_one_device():
     import tensorflow as tf
 
-    from keras_aesam import devices
+    from keras_aesam.cli import devices
 
     text = devices.describe(tf.distribute.get_strategy())
     if tf.config.list_logical_devices("GPU"):

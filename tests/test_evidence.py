@@ -49,19 +49,58 @@ def test_budget_stage_covers_every_budgeted_policy_at_every_budget():
 def test_planned_runs_counts_each_run_once():
     n = noisy_labels.planned_runs((0.4,), (0, 1, 2), (0,))
     per_seed = len(noisy_labels.main_specs(0.4, 0, 0.1, zeta=0.5, zeta_look=0.2))
-    search = len(noisy_labels.RHO_GRID) * len(noisy_labels.RHO_SEEDS)
-    assert n == search + 3 * per_seed - 2 + len(noisy_labels.BUDGETS) * len(noisy_labels.BUDGETED)
+    per_seed += len(noisy_labels.rival_specs(0.4, 0, 0.1, 1.0))
+    search = (len(noisy_labels.RHO_GRID) + len(noisy_labels.MSAM_RHO_GRID)) * len(noisy_labels.RHO_SEEDS)
+    # SAM and MSAM at their chosen ρ on seeds 0 and 1 are search runs too
+    assert n == search + 3 * per_seed - 2 * 2 + len(noisy_labels.BUDGETS) * len(noisy_labels.BUDGETED)
 
 
 def test_policy_and_direction_come_from_their_methods():
     import keras
 
     inner = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)])
-    spec = noisy_labels.main_specs(0.4, 0, 0.2, zeta=0.3, zeta_look=0.2)[-1]
-    model = noisy_labels.build_model(spec, inner, total_steps=100)
+    specs = {s["label"]: s for s in noisy_labels.main_specs(0.4, 0, 0.2, zeta=0.3, zeta_look=0.2)}
+    model = noisy_labels.build_model(specs["quantile_sam+looksam@ae"], inner, total_steps=100)
     assert type(model.policy).__name__ == "Quantile"
     assert type(model.direction).__name__ == "LookSAM"
     assert model.policy.target_sam_fraction == 0.2 and model.direction.rho == 0.2
+    assert model.direction.max_age == noisy_labels.MAX_AGE  # the rivals get the bounded direction too
+
+
+def test_every_looksam_direction_row_but_looksams_own_bounds_the_age_of_g_v():
+    import keras
+
+    specs = {s["label"]: s for s in noisy_labels.main_specs(0.4, 0, 0.2, zeta=0.3, zeta_look=0.12)}
+    ages = {}
+    for label in ("ae_looksam", "late_sam+looksam@ae", "quantile_sam+looksam@ae", "looksam", "looksam@ae",
+                  "ae_looksam_unbounded"):
+        inner = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)])
+        ages[label] = noisy_labels.build_model(specs[label], inner, total_steps=100).direction.max_age
+    assert ages == {"ae_looksam": 10, "late_sam+looksam@ae": 10, "quantile_sam+looksam@ae": 10,
+                    "looksam": None, "looksam@ae": None, "ae_looksam_unbounded": None}
+
+
+def test_rivals_stage_msam_at_its_own_rho_looksam_periods_and_esam():
+    import keras
+
+    specs = {s["label"]: s for s in noisy_labels.rival_specs(0.6, 2, 0.2, msam_rho=0.6)}
+    assert set(specs) == {"msam_rho0.6", "looksam_k2", "looksam_k10", "esam"}
+    search = {noisy_labels.run_id(s) for s in noisy_labels.msam_rho_specs(0.6)}
+    assert noisy_labels.run_id({**specs["msam_rho0.6"], "seed": 0}) in search  # shared with the search
+    built = {}
+    for label, spec in specs.items():
+        inner = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)])
+        model = noisy_labels.build_model(spec, inner, total_steps=100)
+        built[label] = (type(model.policy).__name__, type(model.direction).__name__, model.direction.rho)
+    assert built == {"msam_rho0.6": ("Never", "MSAM", 0.6), "looksam_k2": ("Periodic", "LookSAM", 0.2),
+                     "looksam_k10": ("Periodic", "LookSAM", 0.2), "esam": ("Always", "ESAM", 0.2)}
+
+
+def test_looksam_at_ae_looksams_budget_takes_the_nearest_period():
+    specs = {s["label"]: s for s in noisy_labels.main_specs(0.4, 0, 0.2, zeta=0.3, zeta_look=0.13)}
+    assert specs["looksam@ae"]["hyperparameters"] == {"rho": 0.2, "k": 8}
+    assert specs["looksam@ae"]["budget"] == "ae_looksam"
+    assert [noisy_labels.looksam_k(z) for z in (0.2, 0.11, 0.15, 0.9)] == [5, 9, 7, 1]
 
 
 # --------------------------------------------------------------------------
@@ -137,6 +176,33 @@ def test_report_reads_the_runs_and_tests_the_claims(tmp_path):
     assert float(sam_vs_erm["p"]) < 0.01
     for name in ("results.csv", "summary.csv", "pareto_noise40.png", "curves_noise40.png"):
         assert (tmp_path / name).is_file()
+
+
+def _add_run(out, label, method, hp, seed, acc, frac=0.0):
+    spec = noisy_labels._spec(0.4, seed, label, method, hp)
+    run = {"run_id": noisy_labels.run_id(spec), "spec": spec, "test_accuracy": acc, "test_loss": 1.0,
+           "val_accuracy": acc, "train_accuracy": 0.9, "steps": 100, "sam_steps": int(100 * frac),
+           "sam_fraction": frac, "grad_evals": 100 + int(100 * frac), "curve": [[5, acc]], "sharpness": 0.1,
+           "num_classes": 10, "run_seconds": 10.0, "finished_at": "2026-01-01T00:00:00"}
+    (out / "runs" / f"{run['run_id']}.json").write_text(json.dumps(run))
+
+
+def test_report_names_incomplete_rows_and_keeps_msams_rho_search_out_of_the_comparisons(tmp_path):
+    _fake_runs(tmp_path, np.random.default_rng(0))
+    for seed, acc in ((0, 0.76), (1, 0.77), (2, 0.78)):
+        _add_run(tmp_path, "msam_rho1", "msam", {"rho": 1.0}, seed, acc)
+    for seed in (0, 1):
+        _add_run(tmp_path, "msam_rho0.3", "msam", {"rho": 0.3}, seed, 0.70)
+    (tmp_path / "msam_rho_noise40.json").write_text(json.dumps({"rho": 1.0}))
+    noisy_labels_report.write_report(tmp_path)
+    text = (tmp_path / "report.md").read_text()
+    incomplete = next(line for line in text.splitlines() if line.startswith("> **Incomplete rows**"))
+    assert "ERM 3/5 seeds" in incomplete and "AE-LookSAM 0/5 seeds" in incomplete
+    assert "MSAM (ρ=1) 3/5 seeds" in incomplete and "MSAM (ρ=0.3)" not in incomplete  # its 2 search seeds ran
+    assert "MSAM's ρ chosen on validation: 1." in text
+    assert "| MSAM (ρ=0.3) (ρ search) | 2 |" in text
+    pairs = {(t["a"], t["b"]) for t in csv_rows(tmp_path / "tests.csv")}
+    assert ("msam_rho1", "sam_rho0.1") in pairs and ("msam_rho0.3", "sam_rho0.1") not in pairs
 
 
 def test_the_report_names_the_commands_that_filled_the_folder(tmp_path):

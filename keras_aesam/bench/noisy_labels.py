@@ -11,10 +11,14 @@ that regime every *when* policy is run at the same budget of SAM steps:
    is used by every method of that setting.
 2. ``main``: ERM, SAM, AE-SAM, LookSAM, AE-LookSAM; then, at the SAM fraction
    ζ that AE-SAM realised on the same seed, SS-SAM, RST, late SAM and quantile
-   SAM; and the LookSAM direction under late SAM and quantile SAM at
-   AE-LookSAM's realised ζ.
+   SAM; and at AE-LookSAM's realised ζ, the LookSAM direction under late SAM
+   and quantile SAM, and LookSAM with ``k = round(1/ζ)``; and the paper's
+   AE-LookSAM with ``g_v`` reused without bound (``max_age=None``).
 3. ``budget`` (main setting only): AE-SAM, SS-SAM, RST, late SAM and quantile
    SAM at fixed budgets of 10, 25, 50 and 75 % SAM steps.
+4. ``rivals`` (every setting, after the others): Momentum-SAM with its own ρ
+   chosen on validation from ``MSAM_RHO_GRID`` (on the ρ seeds, as SAM's),
+   LookSAM at ``k`` of ``LOOKSAM_PERIODS``, and ESAM, at SAM's ρ.
 
 Every run of a seed starts from the same initial weights and sees the same
 labels and batch order. Each result is a JSON file written when its run ends,
@@ -63,6 +67,14 @@ BUDGETS = (0.1, 0.25, 0.5, 0.75)
 BUDGETED = ("ae_sam", "ss_sam", "rst", "late_sam", "quantile_sam")
 #: Test accuracy is recorded every this many epochs (the learning curves).
 CURVE_EVERY = 5
+#: Momentum-SAM's ρ grid: its ρ is a distance along the momentum, on another
+#: scale than SAM's (ρ ≥ 2 collapses this MLP in a 10-epoch check).
+MSAM_RHO_GRID = (0.3, 0.6, 1.0, 1.5)
+#: LookSAM's periods in the rivals stage (k = 5 is in the main stage).
+LOOKSAM_PERIODS = (2, 10)
+#: The bound on the age of LookSAM's ``g_v`` of every LookSAM-direction row
+#: but LookSAM's own (whose period bounds it), recorded in the specs.
+MAX_AGE = 10
 #: ρ of the sharpness readout, the same for every method so models compare.
 SHARPNESS_RHO = 0.05
 SHARPNESS_BATCHES = 8
@@ -98,7 +110,7 @@ def main_specs(noise, seed, rho, zeta=None, zeta_look=None):
         _spec(noise, seed, f"sam_rho{rho:g}", "sam", {"rho": rho}),
         _spec(noise, seed, "ae_sam", "ae_sam", {"rho": rho}),
         _spec(noise, seed, "looksam", "looksam", {"rho": rho}),
-        _spec(noise, seed, "ae_looksam", "ae_looksam", {"rho": rho}),
+        _spec(noise, seed, "ae_looksam", "ae_looksam", {"rho": rho, "max_age": MAX_AGE}),
     ]
     if zeta is not None:
         for method in BUDGETED[1:]:
@@ -107,9 +119,29 @@ def main_specs(noise, seed, rho, zeta=None, zeta_look=None):
     if zeta_look is not None:
         for method in ("late_sam", "quantile_sam"):
             specs.append(_spec(noise, seed, f"{method}+looksam@ae", method,
-                               {"rho": rho, "target_sam_fraction": zeta_look},
+                               {"rho": rho, "target_sam_fraction": zeta_look, "max_age": MAX_AGE},
                                direction_from="looksam", budget="ae_looksam"))
+        specs.append(_spec(noise, seed, "looksam@ae", "looksam", {"rho": rho, "k": looksam_k(zeta_look)},
+                           budget="ae_looksam"))
+        specs.append(_spec(noise, seed, "ae_looksam_unbounded", "ae_looksam", {"rho": rho, "max_age": None}))
     return specs
+
+
+def looksam_k(zeta):
+    """LookSAM's period whose share of SAM steps ``1/k`` is nearest to ``zeta``."""
+    return max(1, int(round(1.0 / zeta)))
+
+
+def msam_rho_specs(noise):
+    return [_spec(noise, seed, f"msam_rho{rho:g}", "msam", {"rho": rho})
+            for rho in MSAM_RHO_GRID for seed in RHO_SEEDS]
+
+
+def rival_specs(noise, seed, rho, msam_rho):
+    """The rivals stage for one seed: MSAM at its chosen ρ, LookSAM at other periods, ESAM."""
+    return [_spec(noise, seed, f"msam_rho{msam_rho:g}", "msam", {"rho": msam_rho}),
+            *(_spec(noise, seed, f"looksam_k{k}", "looksam", {"rho": rho, "k": k}) for k in LOOKSAM_PERIODS),
+            _spec(noise, seed, "esam", "esam", {"rho": rho})]
 
 
 def budget_specs(noise, seed, rho):
@@ -123,10 +155,16 @@ def build_model(spec, inner, total_steps):
     """The wrapped model of a spec: its method's policy with ``direction_from``'s direction."""
     import keras_aesam
     from keras_aesam import build_method
+    from keras_aesam.methods import method_parameters
 
-    policy, direction = build_method(spec["method"], **spec["hyperparameters"])
-    if spec["direction_from"] != spec["method"]:
-        _, direction = build_method(spec["direction_from"], rho=spec["hyperparameters"]["rho"])
+    hp = spec["hyperparameters"]
+    if spec["direction_from"] == spec["method"]:
+        policy, direction = build_method(spec["method"], **hp)
+    else:
+        takes = set(method_parameters(spec["method"]))
+        policy, _ = build_method(spec["method"], **{k: v for k, v in hp.items() if k in takes})
+        _, direction = build_method(spec["direction_from"], rho=hp["rho"],
+                                    **{k: v for k, v in hp.items() if k not in takes})
     return keras_aesam.SharpnessAwareModel(
         inner=inner, policy=policy, direction=direction, total_steps=total_steps
     )
@@ -249,11 +287,11 @@ def choose_rho(results):
 
 def planned_runs(settings, seeds, budget_seeds):
     """How many runs the profile has (for the progress line), shared runs counted once."""
-    per_seed = len(main_specs(0.0, 0, 0.1, zeta=0.5, zeta_look=0.2))
-    shared = len(set(RHO_SEEDS) & set(seeds))  # SAM at the chosen ρ on the ρ seeds
+    per_seed = len(main_specs(0.0, 0, 0.1, zeta=0.5, zeta_look=0.2)) + len(rival_specs(0.0, 0, 0.1, 1.0))
+    shared = len(set(RHO_SEEDS) & set(seeds))  # SAM (and MSAM) at the chosen ρ on the ρ seeds
     n = len(budget_seeds) * len(BUDGETS) * len(BUDGETED)
     for _ in settings:
-        n += len(RHO_GRID) * len(RHO_SEEDS) + len(seeds) * per_seed - shared
+        n += (len(RHO_GRID) + len(MSAM_RHO_GRID)) * len(RHO_SEEDS) + len(seeds) * per_seed - 2 * shared
     return n
 
 
@@ -269,8 +307,9 @@ def run_profile(out, settings=SETTINGS, seeds=SEEDS, budget_seeds=SEEDS, stream=
                                        "rho_grid": RHO_GRID, "rho_seeds": RHO_SEEDS, "budgets": BUDGETS,
                                        "main_noise": MAIN_NOISE})
     progress = Progress(planned_runs(settings, seeds, budget_seeds), stream, name=run_id)
+    rhos = {}
     for noise in settings:
-        rho = choose_rho(run_specs(out, rho_specs(noise), progress, stream))
+        rho = rhos[noise] = choose_rho(run_specs(out, rho_specs(noise), progress, stream))
         write_json(_rho_path(out, noise), {"rho": rho})
         print(f"{setting_name(noise)}: rho = {rho:g} (best validation accuracy)", file=stream, flush=True)
         for seed in seeds:
@@ -282,13 +321,19 @@ def run_profile(out, settings=SETTINGS, seeds=SEEDS, budget_seeds=SEEDS, stream=
         rho = _wait_for_rho(out, MAIN_NOISE, stream)
         for seed in budget_seeds:
             run_specs(out, budget_specs(MAIN_NOISE, seed, rho), progress, stream)
+    for noise in settings:
+        msam_rho = choose_rho(run_specs(out, msam_rho_specs(noise), progress, stream))
+        write_json(_rho_path(out, noise, "msam_"), {"rho": msam_rho})
+        print(f"{setting_name(noise)}: MSAM rho = {msam_rho:g} (best validation accuracy)", file=stream, flush=True)
+        for seed in seeds:
+            run_specs(out, rival_specs(noise, seed, rhos[noise], msam_rho), progress, stream)
     from keras_aesam.bench import noisy_labels_report
 
     return noisy_labels_report.write_report(out)
 
 
-def _rho_path(out, noise):
-    return Path(out) / f"rho_{setting_name(noise)}.json"
+def _rho_path(out, noise, method=""):
+    return Path(out) / f"{method}rho_{setting_name(noise)}.json"
 
 
 def _wait_for_rho(out, noise, stream, poll_seconds=30):
@@ -311,16 +356,22 @@ def machine():
 
 
 def pretty(label):
-    """``'quantile_sam+looksam@ae'`` -> ``'quantile SAM + LookSAM dir. @ AE budget'``."""
+    """``'quantile_sam+looksam@ae'`` -> ``'quantile SAM + LookSAM dir. @ AE-LookSAM budget'``.
+
+    ``@ae`` is AE-SAM's realised budget, or AE-LookSAM's for the LookSAM direction.
+    """
     name, _, budget = label.partition("@")
     policy, _, direction = name.partition("+")
     text = PRETTY_NAMES.get(policy, policy)
-    if policy.startswith("sam_rho"):
-        text = f"SAM (ρ={policy[len('sam_rho'):]})"
+    for prefix, shown in (("sam_rho", "SAM (ρ={})"), ("msam_rho", "MSAM (ρ={})"), ("looksam_k", "LookSAM (k={})")):
+        if policy.startswith(prefix):
+            text = shown.format(policy[len(prefix):])
+    if policy == "ae_looksam_unbounded":
+        text = "AE-LookSAM, g_v unbounded (paper's rule)"
     if direction:
         text += f" + {PRETTY_NAMES.get(direction, direction)} dir."
     if budget == "ae":
-        text += " @ AE budget"
+        text += " @ AE-LookSAM budget" if "looksam" in (policy, direction) else " @ AE budget"
     elif budget:
         text += f" @ {float(budget):.0%}"
     return text

@@ -19,10 +19,15 @@ from keras_aesam.bench.noisy_labels import (
     BUDGETS,
     COMMANDS_FILE,
     MAIN_NOISE,
+    MAX_AGE,
     RECIPE,
+    RHO_SEEDS,
     SEEDS,
     machine,
+    main_specs,
+    msam_rho_specs,
     pretty,
+    rival_specs,
     setting_name,
 )
 from keras_aesam.bench.progress import is_degenerate
@@ -44,12 +49,20 @@ def load_runs(out):
     return runs
 
 
-def chosen_rhos(out):
-    return {p.stem[len("rho_"):]: json.loads(p.read_text())["rho"] for p in Path(out).glob("rho_*.json")}
+def chosen_rhos(out, method=""):
+    """``{setting: ρ}`` chosen on validation for SAM (``method=""``) or MSAM (``"msam_"``)."""
+    prefix = f"{method}rho_"
+    return {p.stem[len(prefix):]: json.loads(p.read_text())["rho"] for p in Path(out).glob(f"{prefix}*.json")}
 
 
-def _sam_label(rho):
-    return f"sam_rho{rho:g}"
+def _sam_label(rho, method="sam"):
+    return f"{method}_rho{rho:g}"
+
+
+def is_search_row(label, sam_label, msam_label=None):
+    """A ρ-search run at a ρ that was not chosen (SAM's, or MSAM's: all of them until one is)."""
+    return ((label.startswith("sam_rho") and label != sam_label)
+            or (label.startswith("msam_rho") and label != msam_label))
 
 
 def summarize(runs):
@@ -84,29 +97,33 @@ def _accuracies(runs, setting, label):
     return {r["seed"]: r["test_accuracy"] for r in runs if r["setting"] == setting and r["label"] == label}
 
 
-def comparisons(setting, sam_label, labels):
+def comparisons(setting, sam_label, labels, msam_label=None):
     """The pairs the report tests, (a, b, question): only pairs whose runs exist."""
     pairs = [(sam_label, "erm", "SAM beats ERM (the regime's premise)")]
     for label in sorted(labels - {sam_label, "erm"}):
-        if not label.startswith("sam_rho"):
+        if not label.startswith("sam_rho") and not is_search_row(label, sam_label, msam_label):
             pairs.append((label, sam_label, "policy vs SAM"))
     for method in BUDGETED[1:]:
         pairs.append(("ae_sam", f"{method}@ae", "AE-SAM vs a rival at AE-SAM's budget"))
         for f in BUDGETS:
             pairs.append((f"ae_sam@{f:g}", f"{method}@{f:g}", f"AE-SAM vs a rival at {f:.0%} SAM steps"))
     pairs.append(("ae_looksam", "looksam", "AE-LookSAM vs LookSAM"))
+    pairs.append(("ae_looksam", "looksam@ae", "AE-LookSAM vs LookSAM at AE-LookSAM's budget"))
+    pairs.append(("ae_looksam", "ae_looksam_unbounded", "g_v's age bounded (max_age) vs unbounded"))
     for method in ("late_sam", "quantile_sam"):
         pairs.append(("ae_looksam", f"{method}+looksam@ae", "AE-LookSAM vs a rival policy, LookSAM direction"))
     return [(a, b, q) for a, b, q in pairs if a in labels and b in labels]
 
 
-def paired_tests(runs, rhos):
+def paired_tests(runs, rhos, msam_rhos=None):
     tests = []
+    msam_rhos = msam_rhos or {}
     for setting in sorted({r["setting"] for r in runs}):
         if setting not in rhos:
             continue
         labels = {r["label"] for r in runs if r["setting"] == setting}
-        for a, b, question in comparisons(setting, _sam_label(rhos[setting]), labels):
+        msam_label = _sam_label(msam_rhos[setting], "msam") if setting in msam_rhos else None
+        for a, b, question in comparisons(setting, _sam_label(rhos[setting]), labels, msam_label):
             xa, xb = _accuracies(runs, setting, a), _accuracies(runs, setting, b)
             seeds = sorted(set(xa) & set(xb))
             if len(seeds) < 2:
@@ -142,11 +159,15 @@ def _cell(value):
 
 
 def _policy_of(label):
+    """The line of the Pareto plot a row belongs to (LookSAM's periods on one line, SAM's ρ on another)."""
     name = label.partition("@")[0]
-    return "sam" if name.startswith("sam_rho") else name
+    for prefix, policy in (("sam_rho", "sam"), ("msam_rho", "msam"), ("looksam_k", "looksam")):
+        if name.startswith(prefix):
+            return policy
+    return name
 
 
-def write_pareto(out, summary, setting, sam_label):
+def write_pareto(out, summary, setting, sam_label, msam_label=None):
     """Test accuracy against gradient evaluations per step, every method at every budget."""
     import matplotlib
 
@@ -154,10 +175,11 @@ def write_pareto(out, summary, setting, sam_label):
     import matplotlib.pyplot as plt
 
     rows = [r for r in summary if r["setting"] == setting
-            and (not r["label"].startswith("sam_rho") or r["label"] == sam_label)]
+            and not is_search_row(r["label"], sam_label, msam_label)]
     fig, ax = plt.subplots(figsize=(8, 5.5))
     markers = dict(zip(("erm", "sam", "ae_sam", "ss_sam", "rst", "late_sam", "quantile_sam", "looksam",
-                        "ae_looksam", "late_sam+looksam", "quantile_sam+looksam"), "os^vD<>Ppx*"))
+                        "ae_looksam", "late_sam+looksam", "quantile_sam+looksam", "ae_looksam_unbounded",
+                        "msam", "esam"), "os^vD<>Ppx*hXd"))
     for policy in markers:
         pts = sorted([r for r in rows if _policy_of(r["label"]) == policy], key=lambda r: r["evals_ratio"])
         if not pts:
@@ -225,14 +247,14 @@ def _p(p):
     return "n/a" if p is None else ("< 0.001" if p < 1e-3 else f"{p:.3f}")
 
 
-def _summary_table(summary, setting, sam_label):
+def _summary_table(summary, setting, sam_label, msam_label=None):
     lines = ["| method | seeds | final test acc. (%) | peak test acc. (%) | SAM steps (%) | grad. evals / step "
              "| sharpness | chance-level runs |", "|---|---|---|---|---|---|---|---|"]
     for r in sorted((r for r in summary if r["setting"] == setting),
                     key=lambda r: (r["label"].startswith("sam_rho") and r["label"] != sam_label,
                                    r["target"] or 0, r["evals_ratio"])):
         flag = f"**{r['degenerate']} ⚠**" if r["degenerate"] else "0"
-        tuned = " (ρ search)" if r["label"].startswith("sam_rho") and r["label"] != sam_label else ""
+        tuned = " (ρ search)" if is_search_row(r["label"], sam_label, msam_label) else ""
         peak = "" if r["peak_acc"] is None else f"{100 * r['peak_acc']:.2f}"
         lines.append(f"| {pretty(r['label'])}{tuned} | {r['n']} | {100 * r['acc_mean']:.2f} ± "
                      f"{100 * r['acc_std']:.2f} | {peak} | {100 * r['sam_fraction']:.1f} | "
@@ -287,6 +309,17 @@ def claims(summary, tests, setting, sam_label):
     if t:
         lines.append(f"- *AE-SAM better than SS-SAM at equal budget*: {_pts(t['mean_diff'])} points, 95 % CI "
                      f"[{_pts(t['ci_low'])}, {_pts(t['ci_high'])}], p = {_p(t['p'])} → **{verdict(t)}**.")
+    t = _find(tests, setting, "ae_looksam", "looksam@ae")
+    if t:
+        lines.append(f"- *AE-LookSAM better than LookSAM at equal budget* (LookSAM at the k nearest AE-LookSAM's "
+                     f"realised ζ on each seed): {_pts(t['mean_diff'])} points, 95 % CI "
+                     f"[{_pts(t['ci_low'])}, {_pts(t['ci_high'])}], p = {_p(t['p'])} → **{verdict(t)}** "
+                     f"(AE-LookSAM {100 * cells['ae_looksam']['sam_fraction']:.1f} % SAM steps, LookSAM "
+                     f"{100 * cells['looksam@ae']['sam_fraction']:.1f} %).")
+    t = _find(tests, setting, "ae_looksam", sam_label)
+    if t:
+        lines.append(f"- *AE-LookSAM against SAM*: {_pts(t['mean_diff'])} points, 95 % CI "
+                     f"[{_pts(t['ci_low'])}, {_pts(t['ci_high'])}], p = {_p(t['p'])} → **{verdict(t)}**.")
     t = _find(tests, setting, "ae_looksam", "looksam")
     if t:
         lines.append(f"- *AE-LookSAM better than LookSAM*: {_pts(t['mean_diff'])} points, 95 % CI "
@@ -296,10 +329,10 @@ def claims(summary, tests, setting, sam_label):
     return lines
 
 
-def _efficiency(summary, setting, sam_label):
+def _efficiency(summary, setting, sam_label, msam_label=None):
     """Accuracy gained over ERM per extra gradient evaluation, best first."""
     cells = [r for r in summary if r["setting"] == setting
-             and (not r["label"].startswith("sam_rho") or r["label"] == sam_label)]
+             and not is_search_row(r["label"], sam_label, msam_label)]
     erm = next((r for r in cells if r["label"] == "erm"), None)
     if erm is None:
         return []
@@ -344,7 +377,13 @@ def _header(out, runs, rhos):
         + (f", finished between {stamps[0]} and {stamps[-1]}." if stamps else "."),
         "- *Sharpness*: mean over 8 training batches of L(w + e) − L(w), e = 0.05·g/‖g‖, at the final "
         "weights (first-order worst case in a ρ-ball, the same ρ for every method).",
-        "- *Grad. evals / step*: forward-backward passes per step (1 + SAM share); the cost axis.",
+        "- *Grad. evals / step*: forward-backward passes per step (1 + SAM share); the cost axis. MSAM takes its "
+        "one pass at w + e (1.0); ESAM's second pass counts as one although it runs on half the batch and "
+        "perturbs 60 % of the weight tensors (plus a forward pass to choose the samples).",
+        f"- *The LookSAM direction*: every row with it reuses g_v on at most max_age = {MAX_AGE} steps after the SAM "
+        "step that formed it, then takes ERM steps (LookSAM itself: its period k bounds that age at k − 1). "
+        "*AE-LookSAM, g_v unbounded (paper's rule)* (`max_age=None`) are the runs of the previous round, made "
+        "before the bound existed, kept as the paper's rule.",
     ]
     bad = [r for r in runs if r["degenerate"]]
     if bad:
@@ -354,18 +393,57 @@ def _header(out, runs, rhos):
     return lines
 
 
-def report_text(out, runs, summary, tests, rhos, plots):
+def incomplete_rows(runs, rhos, msam_rhos):
+    """``{setting: [(label, seeds done, seeds planned)]}`` of the planned rows that lack seeds.
+
+    The plan is the profile's main and rivals stages (the budget stage runs on the
+    seeds each invocation names). MSAM's row is planned once its ρ is chosen.
+    """
+    done = {}
+    for r in runs:
+        done.setdefault((r["setting"], r["label"]), set()).add(r["seed"])
+    missing = {}
+    for setting, rho in rhos.items():
+        noise = int(setting[len("noise"):]) / 100
+        planned = {s["label"]: SEEDS for s in main_specs(noise, 0, rho, zeta=0.5, zeta_look=0.2)}
+        planned.update({s["label"]: RHO_SEEDS for s in msam_rho_specs(noise)})
+        msam_rho = msam_rhos.get(setting)
+        for s in rival_specs(noise, 0, rho, 1.0 if msam_rho is None else msam_rho):
+            if s["method"] != "msam" or msam_rho is not None:
+                planned[s["label"]] = SEEDS
+        rows = [(label, len(done.get((setting, label), set()) & set(seeds)), len(seeds))
+                for label, seeds in planned.items()]
+        missing[setting] = [row for row in rows if row[1] < row[2]]
+    return missing
+
+
+def _incomplete_lines(missing, setting):
+    rows = missing.get(setting) or []
+    if not rows:
+        return []
+    return ["", "> **Incomplete rows** (runs still to come; their means cover fewer seeds, or the row is absent): "
+            + "; ".join(f"{pretty(label)} {n}/{m} seeds" for label, n, m in rows) + "."]
+
+
+def report_text(out, runs, summary, tests, rhos, plots, msam_rhos=None):
+    msam_rhos = msam_rhos or {}
     lines = _header(out, runs, rhos)
+    missing = incomplete_rows(runs, rhos, msam_rhos)
     order = sorted({r["setting"] for r in runs}, key=lambda s: (s != setting_name(MAIN_NOISE), s))
     for setting in order:
         if setting not in rhos:
             continue
         sam_label = _sam_label(rhos[setting])
-        lines += ["", f"## {setting}: {int(setting[len('noise'):])} % of training labels flipped", ""]
-        lines += _summary_table(summary, setting, sam_label)
+        msam_label = _sam_label(msam_rhos[setting], "msam") if setting in msam_rhos else None
+        lines += ["", f"## {setting}: {int(setting[len('noise'):])} % of training labels flipped"]
+        if msam_label:
+            lines += ["", f"MSAM's ρ chosen on validation: {msam_rhos[setting]:g}."]
+        lines += _incomplete_lines(missing, setting) + [""]
+        lines += _summary_table(summary, setting, sam_label, msam_label)
         found = claims(summary, tests, setting, sam_label) or ["- (runs missing)"]
         lines += ["", "### The paper's claims, here", ""] + found
-        lines += ["", "### Accuracy per gradient evaluation", ""] + _efficiency(summary, setting, sam_label)
+        lines += ["", "### Accuracy per gradient evaluation", ""] + _efficiency(summary, setting, sam_label,
+                                                                                msam_label)
         if any(r["setting"] == setting and r["label"].endswith(f"@{BUDGETS[0]:g}") for r in summary):
             lines += ["", "### Fixed budgets: realised SAM steps against the target", ""]
             lines += _budget_table(summary, setting)
@@ -381,9 +459,9 @@ def write_report(out):
     runs = load_runs(out)
     if not runs:
         raise FileNotFoundError(f"no runs under {out / 'runs'}")
-    rhos = chosen_rhos(out)
+    rhos, msam_rhos = chosen_rhos(out), chosen_rhos(out, "msam_")
     summary = summarize(runs)
-    tests = paired_tests(runs, rhos)
+    tests = paired_tests(runs, rhos, msam_rhos)
     write_csv(out / "results.csv", runs, RUN_COLUMNS)
     write_csv(out / "summary.csv", summary, list(summary[0]))
     if tests:
@@ -391,8 +469,10 @@ def write_report(out):
     plots = {}
     for setting, rho in rhos.items():
         sam_label = _sam_label(rho)
-        plots[setting] = [write_pareto(out, summary, setting, sam_label),
+        msam_label = _sam_label(msam_rhos[setting], "msam") if setting in msam_rhos else None
+        plots[setting] = [write_pareto(out, summary, setting, sam_label, msam_label),
                           write_curves(out, runs, setting, ["erm", sam_label, "ae_sam", "late_sam@ae",
-                                                            "quantile_sam@ae", "ss_sam@ae"])]
-    (out / "report.md").write_text(report_text(out, runs, summary, tests, rhos, plots))
+                                                            "quantile_sam@ae", "ss_sam@ae", "looksam",
+                                                            "ae_looksam", "ae_looksam_unbounded"])]
+    (out / "report.md").write_text(report_text(out, runs, summary, tests, rhos, plots, msam_rhos))
     return summary

@@ -11,6 +11,7 @@ same way: ``--network`` (the registry in :mod:`keras_aesam.networks`),
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import os
@@ -103,6 +104,26 @@ class Hyperparameter(NamedTuple):
         return self.flag.lstrip("-").replace("-", "_")
 
 
+class _Unbounded:
+    """The parsed value of ``none`` for a hyperparameter whose ``None`` means something (not "not given")."""
+
+    def __repr__(self):
+        return "none"
+
+
+UNBOUNDED = _Unbounded()
+
+
+def int_or_none(value):
+    """An integer, or ``none`` (the hyperparameter's ``None``, e.g. ``--max-age none``)."""
+    if str(value).lower() == "none":
+        return UNBOUNDED
+    try:
+        return int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer or 'none', got {value!r}") from None
+
+
 #: Every method hyperparameter of :mod:`keras_aesam.methods`, its flag and what it does.
 HYPERPARAMETER_FLAGS = (
     Hyperparameter("rho", "--rho", float, "perturbation radius ρ (default 0.05; msam 0.6, its own scale)"),
@@ -115,6 +136,10 @@ HYPERPARAMETER_FLAGS = (
     Hyperparameter("p", "--p", float, "SAM probability per step (default 0.5)"),
     Hyperparameter("k", "--k", int, "a SAM step every k steps (default 5; the paper uses 2 for label noise)"),
     Hyperparameter("alpha", "--alpha", float, "weight α of the reused g_v (default 0.7)"),
+    Hyperparameter("max_age", "--max-age", int_or_none,
+                   "LookSAM direction: reuse g_v on at most this many steps after its SAM step, then ERM "
+                   "steps (AE-LookSAM default 10; 'none': without bound, the paper's rule, which can end "
+                   "at chance level)"),
     Hyperparameter("per_tensor", "--per-tensor", None,
                    "LookSAM projection and norms per weight tensor (default: global)"),
     Hyperparameter("adaptive", "--adaptive", None, "ASAM's scale-invariant perturbation (Kwon et al., 2021)"),
@@ -194,7 +219,7 @@ def _takers(name) -> str:
 def given_hyperparameters(args) -> dict:
     """``{name: value}`` of the hyperparameter flags ``args`` gives (those not given are left out)."""
     values = {hp.name: getattr(args, hp.dest, None) for hp in HYPERPARAMETER_FLAGS}
-    return {name: value for name, value in values.items() if value is not None}
+    return {name: None if value is UNBOUNDED else value for name, value in values.items() if value is not None}
 
 
 # ------------------------------------------------------------- shared values

@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import logging
+import math
 import signal
 import sys
 import time
@@ -102,6 +103,8 @@ def train(spec, run_dir: RunDirectory, strategy, options: RunOptions, *, network
     loop = _TrainingLoop(session)
     interrupted, train_seconds = loop.fit()
     results = _results(session, loop, interrupted, train_seconds)
+    if "test_accuracy" in results:
+        results["chance_level"] = at_chance_level(results, session.num_classes)
     results["plots"] = _plots(session, config, results)
     results["wall_seconds"] = round(time.perf_counter() - started, 2)
     config["results"] = results
@@ -326,6 +329,25 @@ def _summary(session, recorder, results, train_seconds):
         f"(training {format_duration(train_seconds)}) | {session.run_dir.path}",
         flush=True,
     )
+    if results.get("chance_level"):
+        print(chance_level_warning(results, session.num_classes), file=sys.stderr, flush=True)
+
+
+def at_chance_level(results, num_classes) -> bool:
+    """Whether the run ended at chance level: the bench's rule (``progress.is_degenerate``)."""
+    from keras_aesam.bench.progress import is_degenerate
+
+    return is_degenerate({**results, "num_classes": num_classes})
+
+
+def chance_level_warning(results, num_classes) -> str:
+    """The closing warning of a run whose test accuracy is at chance level (or whose test loss is not finite)."""
+    loss = results.get("test_loss")
+    why = (f"the test loss is {loss}" if loss is not None and not math.isfinite(loss)
+           else f"chance is 1/{num_classes} = {1 / num_classes:.4f}")
+    return (f"keras-aesam: WARNING: test accuracy {results['test_accuracy']:.4f} is at chance level ({why}): "
+            "the model learned nothing usable. Check the learning rate and rho; with the LookSAM direction, "
+            "max_age none reuses g_v without bound, which can end here.")
 
 
 def _report_interruption(err, run_dir, total):
