@@ -349,7 +349,8 @@ def test_train_msam_end_to_end(tmp_path):
     run_dir = tmp_path / "msam"
     with contextlib.redirect_stdout(io.StringIO()):
         cli.run(["train", "--method", "msam", "--rho", "0.4", "--train-size", "256", "--epochs", "1",
-                 "--eval-batches", "2", "--grad-norm-epochs", "0", "--output", str(run_dir), "--quiet"])
+                 "--eval-batches", "2", "--grad-norm-epochs", "0", "--output", str(run_dir),
+                 "--export-dir", str(tmp_path / "saved"), "--quiet"])
     config = json.loads((run_dir / "config.json").read_text())
     assert config["method"] == "msam" and config["hyperparameters"] == {"rho": 0.4}
     assert config["results"]["steps"] == 2 and config["results"]["sam_steps"] == 0
