@@ -126,7 +126,7 @@ def test_bench_fresh_refuses_a_folder_that_holds_no_bench(tmp_path, capsys):
     out = tmp_path / "project"
     mine = [_put(out / "runs" / "my_training_run.txt"), _put(out / "logs" / "notes.txt")]
     with pytest.raises(SystemExit) as exit_:
-        bench.main(["--methods", "erm", "--seeds", "1", "--epochs", "1", "--train-size", "256", "--noise", "0",
+        bench.main(["--methods", "erm", "--seeds", "1", "--epochs", "1", "--train-size", "256", "--label-noise", "0",
                     "--no-peer", "--output", str(out), "--fresh"])
     assert exit_.value.code == 2
     assert "--fresh refuses to delete anything in" in capsys.readouterr().err
