@@ -11,6 +11,7 @@ import json
 import os
 import pty
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -111,7 +112,7 @@ def runs(tmp_path_factory):
     return {
         "root": root,
         "reference": finished["reference"],
-        "killed": finished["killed"], "killed_meta": metas["killed"],
+        "killed": finished["killed"], "killed_meta": metas["killed"], "killed_pid": procs["killed"].pid,
         "resumed_kill": subprocess.CompletedProcess(resume_kill.args, resume_kill.returncode, out, err),
         "termed": finished["termed"], "termed_meta": metas["termed"], "resumed_term": resumed_term,
     }
@@ -175,6 +176,9 @@ def test_a_run_killed_mid_epoch_resumes_to_the_uninterrupted_result(runs):
     resumed = runs["resumed_kill"]
     assert resumed.returncode == 0, resumed.stderr
     assert f"resuming at step {meta['step']} of {EPOCHS * STEPS_PER_EPOCH}" in resumed.stdout
+    # The killed process's lock is stale: taken over, naming it.
+    assert (f"keras-aesam: took over the stale lock of {runs['root'] / 'killed'}: its holder, keras-aesam train "
+            f"(pid {runs['killed_pid']} on host {socket.gethostname()}, since ") in resumed.stderr
     config = json.loads((runs["root"] / "killed" / "config.json").read_text())
     assert [r["from_step"] for r in config["resumed"]] == [meta["step"]]
     _assert_same_run(runs["root"] / "reference", runs["root"] / "killed")
