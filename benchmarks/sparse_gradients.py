@@ -8,8 +8,10 @@ sparse too but ``w + e`` is a new dense table (the second pass needs the whole
 weight), and LookSAM's ``d`` is dense (its ``g_v`` is). This script measures what
 that costs.
 
-One process builds every configuration (plain ``fit`` and each method of
-``keras_aesam.METHODS``) from the same initial weights, then runs them in turn
+One process builds every configuration (plain ``fit``, plain ``fit`` with SGD
+momentum 0.9, and each method of ``keras_aesam.METHODS``; ``msam`` with that
+momentum, which it perturbs along, the others with plain SGD) from the same
+initial weights, then runs them in turn
 (A, B, C, …) for ``--repeats`` rounds of ``--steps`` steps each, all on the same
 batches: interleaved, so that other load on the machine hits every
 configuration alike. A step is one ``train_on_batch``, timed with
@@ -49,6 +51,8 @@ import tensorflow as tf  # noqa: E402
 import keras_aesam  # noqa: E402
 
 VOCAB, DIM, LENGTH, CLASSES = 100_000, 64, 32, 10
+#: Configurations trained with SGD momentum 0.9 (a dense velocity for the table).
+MOMENTUM_CONFIGS = ("plain_momentum", "msam")
 
 
 def log(message):
@@ -77,11 +81,12 @@ def build(configs, total_steps):
     for name in configs:
         inner = net()
         inner.set_weights(initial)
-        model = inner if name == "plain" else keras_aesam.wrap(
+        model = inner if name.startswith("plain") else keras_aesam.wrap(
             inner, method=name, total_steps=total_steps
         )
+        momentum = 0.9 if name in MOMENTUM_CONFIGS else 0.0
         model.compile(
-            optimizer=keras.optimizers.SGD(0.01),
+            optimizer=keras.optimizers.SGD(0.01, momentum=momentum),
             loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
         )
         models[name] = model
@@ -114,7 +119,7 @@ def main(argv=None):
     parser.add_argument("--batch", type=int, default=64)
     args = parser.parse_args(argv)
 
-    configs = ["plain", *sorted(keras_aesam.METHODS)]
+    configs = ["plain", "plain_momentum", *sorted(keras_aesam.METHODS)]
     data = batches(args.batch, args.steps)
     rows = sum(len(np.unique(x)) for x, _ in data) / len(data)
     models = build(configs, total_steps=args.steps * (args.repeats + 1))

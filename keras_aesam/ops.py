@@ -288,7 +288,8 @@ def looksam_alpha(alpha, age, max_age):
     ``max_age`` steps after the SAM step that formed it, 0 after (``None``: always ``α``)."""
     if max_age is None:
         return alpha
-    return ops.where(ops.cast(age, "float32") <= float(max_age), alpha, 0.0)
+    # float32 like the norms it multiplies (Python numbers would take floatx)
+    return ops.cast(ops.where(ops.cast(age, "float32") <= float(max_age), alpha, 0.0), "float32")
 
 
 def looksam_reuse(g, g_v, alpha, per_tensor=False, eps=EPS):
