@@ -538,7 +538,7 @@ def target_lines(results):
     return lines
 
 
-def report(results, configs, parts, meta, graph_lines=()) -> str:
+def report(results, configs, parts, meta, graph_lines=(), targets=True) -> str:
     """The Markdown report: setup, the table, the mixed policies' step kinds, the targets."""
     lines = ["# keras_aesam step time", ""]
     lines += [f"- {name}: {value}" for name, value in meta]
@@ -559,8 +559,9 @@ def report(results, configs, parts, meta, graph_lines=()) -> str:
         lines += ["", "What one step executes, counted in the traced `train_step` "
                   "(`benchmarks/_step_graph.py`; ops that do work):", ""]
         lines += list(graph_lines)
-    lines += ["", "Targets at batch 128 on the MLP (ratios to plain `fit`):", ""]
-    lines += target_lines(results)
+    if targets:
+        lines += ["", "Targets at batch 128 on the MLP (ratios to plain `fit`):", ""]
+        lines += target_lines(results)
     lines.append("")
     return "\n".join(lines)
 
@@ -658,7 +659,8 @@ def main(argv=None) -> int:
         ("data-only loop", f"{np.mean(data_ms):.2f} ms per batch "
                            f"({np.mean(data_ms) / plain_mean:.1%} of a plain step)"),
     ]
-    text = report(results, configs, parts, meta, graph_table(contenders, batch))
+    targets = args.network == "mlp" and args.batch_size == 128
+    text = report(results, configs, parts, meta, graph_table(contenders, batch), targets)
     text += f"\nTotal benchmark time: {time.perf_counter() - started:.0f} s.\n"
     print(text)
     if args.output:
