@@ -1,31 +1,41 @@
 """Per-step training time of keras_aesam's models against plain ``keras.Model.fit``.
 
-One process trains a small CNN (two conv layers with BatchNorm and Dropout, about
-0.2 M parameters) on Fashion-MNIST-shaped batches of 128 for every configuration
-below, interleaved (A, B, C, …, A, B, C, …) and repeated, each fit starting
-from the same initial weights:
+One process trains one network (``--network``: the 784-512-512-10 MLP or the
+small CNN of ``keras_aesam.networks``) on Fashion-MNIST-shaped batches for
+every configuration below. The configurations are fitted in interleaved
+rounds (each round fits every configuration once, in alternating order:
+forwards in even rounds, backwards in odd ones), each fit from the same
+initial state:
 
 ====================  ==========================================================
-plain                 the inner model compiled and fitted directly
+plain                 the network compiled and fitted directly
+ERM                   ``method="erm"`` (no policy in the graph)
 never-SAM             ``ae_sam`` with ``lambda1 = lambda2 = +1e9`` (never fires)
 always-SAM            ``ae_sam`` with ``lambda1 = lambda2 = -1e9`` (always fires)
-AE-SAM                ``ae_sam`` with its defaults, ``total_steps`` = steps run
-ERM / SAM             ``method="erm"`` / ``method="sam"``
 MSAM                  ``method="msam"`` (one pass, at ``w + e`` from the momentum)
-LookSAM               ``method="looksam", k=5``
-AE-LookSAM            ``method="ae_looksam"`` with its defaults
-plain / AE-SAM + XLA  the same with ``jit_compile=True`` (only with ``--xla``)
+SAM, AE-SAM, …        more methods with ``--all`` (one ``Config`` entry each)
+… + XLA               the same with ``jit_compile=True`` (with ``--xla``)
 ====================  ==========================================================
 
-Each step is timed with ``time.perf_counter`` between ``on_train_batch_begin``
-and ``on_train_batch_end``; the first ``--warmup`` steps of every fit (tracing,
-compilation) are dropped. Which steps were SAM steps is read from the per-batch
-``sam_fraction`` log, the running mean over the epoch: after step ``k``
-(0-based) ``round(sam_fraction * (k + 1))`` SAM steps have run.
+A figure is the median over rounds of the per-round ratio to plain ``fit``
+(the mean step of the configuration over the mean step of plain ``fit`` in the
+same round), so slow drift of a shared machine cancels; the min–max over
+rounds shows the spread. Both the wall time (``time.perf_counter``) and the
+process CPU time (``time.process_time``, all threads) of every step are
+taken, between ``on_train_batch_begin`` and ``on_train_batch_end``; the first
+``--warmup`` steps of every fit (tracing, compilation) are dropped.
 
-The data come from ``tf.data`` with ``cache()`` (filled before any timing) and
-``prefetch``, and a data-only loop over the same pipeline is timed alongside,
-so that the input pipeline can be seen not to be the bottleneck.
+The two-pass limit: a SAM step needs a second forward-backward pass but no
+second optimizer update, so if a pass costs ``P`` and the update ``A`` an
+always-SAM step costs at least ``(2P + A) / (P + A)`` plain steps. ``P`` and
+``A`` are measured in every round as separate ``tf.function`` calls (a
+gradient pass; ``optimizer.apply``), less the cost of calling an empty
+``tf.function``; the report also gives ``1 + P / plain step``, the cost of a
+step that adds exactly one pass to plain ``fit`` (its fixed costs included).
+
+Which steps were SAM steps is read from the per-batch ``sam_fraction`` log, the
+running mean over the epoch. The data come from a cached, prefetched
+``tf.data`` pipeline; a data-only loop over it is timed in every round.
 
 Run ``python benchmarks/step_time.py --help`` for the options. The report is
 Markdown on stdout (progress goes to stderr) and, with ``--output``, in a file.
@@ -49,7 +59,10 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 import keras_aesam  # noqa: E402
-from keras_aesam import recipe  # noqa: E402
+from keras_aesam import networks, recipe  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _step_graph  # noqa: E402
 
 #: Every configuration trains with the same recipe: SGD(0.05, momentum 0.9), constant rate.
 RECIPE = recipe.Recipe(lr=0.05, momentum=0.9, schedule="constant")
@@ -63,12 +76,11 @@ FASHION_MNIST_FILES = (
 )
 NUM_CLASSES = 10
 
-#: Targets (ratios to plain ``fit``).
-NEVER_SAM_TARGET = 1.02
-ALWAYS_SAM_TARGET = 2.02
-AE_SAM_SLACK = 1.03  # AE-SAM mean <= (1 + zeta) * AE_SAM_SLACK * plain mean
-LOOKSAM_ERM_TARGET = 1.05  # "a non-SAM LookSAM step costs about one ERM step"
-MSAM_ERM_TARGET = 1.03  # Momentum-SAM: one pass, ERM's cost
+#: Targets (ratios to plain ``fit``, batch 128, the MLP): the step's fixed cost.
+ERM_TARGET = 1.01
+NEVER_SAM_TARGET = 1.03
+#: Momentum-SAM's one pass: at most this times the ERM method's step.
+MSAM_ERM_TARGET = 1.03
 
 
 def log(message: str) -> None:
@@ -197,90 +209,68 @@ def data_only_ms(dataset, num_batches: int) -> float:
 
 
 # ----------------------------------------------------------------------------
-# Network and configurations
+# Networks and configurations
 # ----------------------------------------------------------------------------
-def build_cnn() -> keras.Model:
-    """Small Fashion-MNIST CNN: 2 × (conv-BN-ReLU-pool-dropout), dense 64, dense 10."""
-    inputs = keras.Input((28, 28, 1))
-    h = inputs
-    for filters in (32, 64):
-        h = keras.layers.Conv2D(filters, 3, padding="same", use_bias=False)(h)
-        h = keras.layers.BatchNormalization()(h)
-        h = keras.layers.ReLU()(h)
-        h = keras.layers.MaxPooling2D()(h)
-        h = keras.layers.Dropout(0.25)(h)
-    h = keras.layers.Flatten()(h)
-    h = keras.layers.Dense(64, activation="relu")(h)
-    h = keras.layers.Dropout(0.25)(h)
-    outputs = keras.layers.Dense(NUM_CLASSES)(h)
-    return keras.Model(inputs, outputs, name="small_cnn")
+#: ``--network`` choices: the builder and how the report names the network.
+NETWORKS = {
+    "mlp": (networks.mlp, "784-512-512-10 ReLU MLP (no BatchNorm, no Dropout)"),
+    "small_cnn": (networks.small_cnn, "small CNN (2 × conv-BN-ReLU-pool, Dropout, dense 64)"),
+}
 
 
 @dataclasses.dataclass(frozen=True)
 class Config:
-    """One benchmarked configuration.
+    """One benchmarked configuration: one row of the report.
 
     ``make(inner, total_steps)`` returns the model to compile and fit (``inner``
-    itself for plain ``fit``); ``mixed`` marks policies that mix ERM and SAM
-    steps, whose medians say nothing about their cost.
+    itself for plain ``fit``); ``base`` is the configuration its ratios are
+    taken to; ``mixed`` marks policies that mix ERM and SAM steps;
+    ``extended`` rows run only with ``--all``.
     """
 
     key: str
     label: str
     make: Callable[[keras.Model, int], keras.Model]
+    base: str = "plain"
     mixed: bool = False
+    extended: bool = False
     jit_compile: bool = False
 
 
-def configurations(xla: bool) -> list:
-    """The configurations in the order they are interleaved."""
-    wrap = keras_aesam.wrap
-    configs = [
+def _wrap(method, **hyperparameters):
+    return lambda m, t: keras_aesam.wrap(m, method, **hyperparameters)
+
+
+def _ae_sam(lambdas=None):
+    extra = {} if lambdas is None else {"lambda1": lambdas, "lambda2": lambdas}
+    return lambda m, t: keras_aesam.wrap(m, "ae_sam", total_steps=t, **extra)
+
+
+def configurations(xla: bool = False, extended: bool = False) -> list:
+    """The configurations, in the order of an even round (odd rounds reverse it)."""
+    rows = [
         Config("plain", "plain `keras.Model.fit`", lambda m, t: m),
-        Config(
-            "never",
-            "never-SAM (`ae_sam`, λ1=λ2=+1e9)",
-            lambda m, t: wrap(m, "ae_sam", lambda1=1e9, lambda2=1e9, total_steps=t),
-        ),
-        Config(
-            "always",
-            "always-SAM (`ae_sam`, λ1=λ2=−1e9)",
-            lambda m, t: wrap(m, "ae_sam", lambda1=-1e9, lambda2=-1e9, total_steps=t),
-        ),
-        Config(
-            "ae_sam",
-            "AE-SAM (defaults)",
-            lambda m, t: wrap(m, "ae_sam", total_steps=t),
-            mixed=True,
-        ),
-        Config("erm", "ERM (`method=\"erm\"`)", lambda m, t: wrap(m, "erm")),
-        Config("sam", "SAM (`method=\"sam\"`)", lambda m, t: wrap(m, "sam")),
-        Config("msam", "MSAM (`method=\"msam\"`)", lambda m, t: wrap(m, "msam")),
-        Config(
-            "looksam",
-            "LookSAM (k=5)",
-            lambda m, t: wrap(m, "looksam", k=5),
-            mixed=True,
-        ),
-        Config(
-            "ae_looksam",
-            "AE-LookSAM (defaults)",
-            lambda m, t: wrap(m, "ae_looksam", total_steps=t),
-            mixed=True,
-        ),
+        Config("erm", "ERM (`method=\"erm\"`)", _wrap("erm")),
+        Config("never", "never-SAM (`ae_sam`, λ1=λ2=+1e9)", _ae_sam(1e9)),
+        Config("always", "always-SAM (`ae_sam`, λ1=λ2=−1e9)", _ae_sam(-1e9)),
+        Config("msam", "MSAM (`method=\"msam\"`)", _wrap("msam")),
+        Config("sam", "SAM (`method=\"sam\"`)", _wrap("sam"), extended=True),
+        Config("ae_sam", "AE-SAM (defaults)", _ae_sam(), mixed=True, extended=True),
+        Config("looksam", "LookSAM (k=5)", _wrap("looksam", k=5), mixed=True, extended=True),
+        Config("ae_looksam", "AE-LookSAM (defaults)",
+               lambda m, t: keras_aesam.wrap(m, "ae_looksam", total_steps=t),
+               mixed=True, extended=True),
     ]
+    rows = [c for c in rows if extended or not c.extended]
     if xla:
-        configs += [
-            Config("plain_xla", "plain `fit` + XLA", lambda m, t: m, jit_compile=True),
-            Config(
-                "ae_sam_xla",
-                "AE-SAM (defaults) + XLA",
-                lambda m, t: wrap(m, "ae_sam", total_steps=t),
-                mixed=True,
-                jit_compile=True,
-            ),
+        rows += [
+            dataclasses.replace(
+                c, key=f"{c.key}_xla", label=f"{c.label} + XLA", jit_compile=True,
+                base="plain_xla",
+            )
+            for c in rows if c.key in ("plain", "erm", "never", "always")
         ]
-    return configs
+    return rows
 
 
 # ----------------------------------------------------------------------------
@@ -291,7 +281,7 @@ class StepTimer(keras.callbacks.Callback):
 
     The process CPU time (all threads of this process) counts the work a step
     does whatever else runs on the machine, so it is far less noisy than the
-    wall time on a shared machine; it is reported next to it as a cross-check.
+    wall time on a shared machine; it is reported next to it.
 
     The SAM flag of step ``k`` is the increase of ``round(sam_fraction·(k+1))``,
     the epoch's SAM-step count; it is ``None`` for models without the log.
@@ -338,7 +328,6 @@ class Run:
     ms: np.ndarray
     cpu_ms: np.ndarray  # process CPU time of the same steps
     sam: Optional[np.ndarray]  # bool per timed step, None without sam_fraction
-    fit_seconds: float
 
 
 class Contender:
@@ -347,14 +336,13 @@ class Contender:
     The model is built and compiled once, so that its ``train_function`` is
     traced once per process; before every fit all of its variables (weights,
     BatchNorm statistics, Dropout seeds, the policy's state) and all of its
-    optimizer's (step count, momenta, learning rate) get their initial values
-    back, so every fit starts from the same point.
+    optimizer's (step count, momenta) get their initial values back.
     """
 
-    def __init__(self, config: Config, initial_weights, total_steps: int, seed: int):
+    def __init__(self, config: Config, build, initial_weights, total_steps: int, seed: int):
         self.config = config
         keras.utils.set_random_seed(seed)
-        inner = build_cnn()
+        inner = build()
         inner.set_weights(initial_weights)
         self.model = config.make(inner, total_steps)
         recipe.compile_model(self.model, RECIPE, total_steps, jit_compile=config.jit_compile)
@@ -368,196 +356,221 @@ class Contender:
         for variable, value in self._initial:
             variable.assign(value)
         timer = StepTimer()
-        start = time.perf_counter()
         self.model.fit(
-            dataset,
-            epochs=1,
-            steps_per_epoch=warmup + steps,
-            shuffle=False,  # tf.data shuffles
-            callbacks=[timer],
-            verbose=0,
+            dataset, epochs=1, steps_per_epoch=warmup + steps, shuffle=False,
+            callbacks=[timer], verbose=0,
         )
-        fit_seconds = time.perf_counter() - start
-        ms = np.asarray(timer.seconds[warmup:]) * 1000.0
-        cpu_ms = np.asarray(timer.cpu_seconds[warmup:]) * 1000.0
         flags = timer.sam[warmup:]
-        sam = None if any(f is None for f in flags) else np.asarray(flags, dtype=bool)
-        return Run(ms=ms, cpu_ms=cpu_ms, sam=sam, fit_seconds=fit_seconds)
+        return Run(
+            ms=np.asarray(timer.seconds[warmup:]) * 1000.0,
+            cpu_ms=np.asarray(timer.cpu_seconds[warmup:]) * 1000.0,
+            sam=None if any(f is None for f in flags) else np.asarray(flags, dtype=bool),
+        )
+
+
+class PassCost:
+    """The parts of a step, each its own ``tf.function``: a forward-backward
+    pass ``P`` (loss and gradient at the current weights, training mode) and
+    the optimizer's update ``A``, both less the cost of calling an empty
+    ``tf.function``, which a step pays once however much it does."""
+
+    def __init__(self, build, initial_weights, batch, jit_compile: bool):
+        model = build()
+        model.set_weights(initial_weights)
+        recipe.compile_model(model, RECIPE, 1)
+        optimizer = model.optimizer
+        variables = model.trainable_variables
+        optimizer.build(variables)
+        x, y = batch
+        loss_fn = model.loss
+
+        def grad_pass():
+            with tf.GradientTape() as tape:
+                loss = loss_fn(y, model(x, training=True))
+            return tape.gradient(loss, variables)
+
+        grads = [tf.constant(g) for g in tf.function(grad_pass)()]
+
+        def apply():
+            optimizer.apply(grads, variables)
+            return tf.constant(0)
+
+        self.functions = {
+            "empty": tf.function(lambda: tf.constant(0)),
+            "pass": tf.function(grad_pass, jit_compile=jit_compile),
+            "apply": tf.function(apply, jit_compile=jit_compile),
+        }
+        for fn in self.functions.values():
+            _ = [fn() for _ in range(3)]  # trace, compile, warm up
+
+    def measure(self, calls: int) -> dict:
+        """``{"pass": (wall ms, CPU ms), "apply": …}`` per call, dispatch subtracted."""
+        per_call = {}
+        for name, fn in self.functions.items():
+            cpu, wall = time.process_time(), time.perf_counter()
+            for _ in range(calls):
+                out = fn()
+            tf.nest.map_structure(lambda t: t.numpy(), out)  # the last call has finished
+            per_call[name] = np.array(
+                [time.perf_counter() - wall, time.process_time() - cpu]
+            ) * 1000.0 / calls
+        return {k: per_call[k] - per_call["empty"] for k in ("pass", "apply")}
 
 
 # ----------------------------------------------------------------------------
 # Statistics and report
 # ----------------------------------------------------------------------------
-WALL, CPU = "ms", "cpu_ms"  # the two step times a Run holds
+WALL, CPU = 0, 1
 
 
-def _pooled(runs, field=WALL):
-    """All timed steps of ``runs`` (one per repeat), in ms."""
-    return np.concatenate([getattr(r, field) for r in runs])
+def _step_means(runs, field):
+    """The mean step (ms) of each round's fit."""
+    return np.array([(r.ms if field == WALL else r.cpu_ms).mean() for r in runs])
 
 
-def _zeta(runs):
-    """The measured SAM fraction of the timed steps."""
-    return float(np.concatenate([r.sam for r in runs]).mean())
+def _ratios(results, key, base, field):
+    """Per-round ratios of the mean steps of ``key`` and ``base``."""
+    return _step_means(results[key], field) / _step_means(results[base], field)
 
 
-def _ratio(runs, base_runs, stat=np.mean, field=WALL):
-    """``(pooled, min, max)``: ``stat`` of ``runs`` over ``stat`` of ``base_runs``,
-    pooled over repeats, and the extremes of the per-repeat ratios."""
-    pooled = stat(_pooled(runs, field)) / stat(_pooled(base_runs, field))
-    per_repeat = [
-        stat(getattr(r, field)) / stat(getattr(b, field)) for r, b in zip(runs, base_runs)
-    ]
-    return pooled, min(per_repeat), max(per_repeat)
-
-
-def _kind_ratio(runs, want_sam, base_runs, field=WALL):
-    """Like ``_ratio`` of means, for only the SAM (or only the non-SAM) steps of ``runs``."""
-    chosen = [getattr(r, field)[r.sam == want_sam] for r in runs]
-    pooled = np.concatenate(chosen)
-    if not pooled.size:
-        return float("nan"), float("nan"), float("nan")
-    per_repeat = [
-        c.mean() / getattr(b, field).mean() for c, b in zip(chosen, base_runs) if c.size
-    ]
-    return pooled.mean() / _pooled(base_runs, field).mean(), min(per_repeat), max(per_repeat)
-
-
-def _ae_ratio(runs, base_runs, field=WALL):
-    """``mean / ((1+ζ)·base mean)``, pooled and per-repeat (each with its own ζ)."""
-    pooled = _pooled(runs, field).mean() / ((1.0 + _zeta(runs)) * _pooled(base_runs, field).mean())
-    per_repeat = [
-        getattr(r, field).mean() / ((1.0 + r.sam.mean()) * getattr(b, field).mean())
-        for r, b in zip(runs, base_runs)
-    ]
-    return pooled, min(per_repeat), max(per_repeat)
-
-
-def _fmt(ratio):
-    value, low, high = ratio
-    return f"{value:.3f} ({low:.3f}–{high:.3f})"
+def _fmt(values):
+    values = np.asarray(values)
+    return f"{np.median(values):.3f} ({values.min():.3f}–{values.max():.3f})"
 
 
 def _verdict(value, bound) -> str:
-    return "**PASS**" if value <= bound else "**FAIL**"
+    return f"≤ {bound:.2f}: **{'PASS' if value <= bound else 'FAIL'}**"
+
+
+def _limits(parts, results, base, field):
+    """Per-round ``(2P+A)/(P+A)`` and ``1 + P / base step``."""
+    p = np.array([round_parts["pass"][field] for round_parts in parts])
+    a = np.array([round_parts["apply"][field] for round_parts in parts])
+    return (2 * p + a) / (p + a), 1.0 + p / _step_means(results[base], field)
 
 
 def main_table(results, configs):
-    """Markdown rows: every configuration's step times and ratios to plain ``fit``."""
-    plain = results["plain"]
+    """Markdown rows: each configuration's step and its ratios to its base."""
     lines = [
-        "| configuration | n timed steps | median ms | mean ms | ratio to plain (mean) "
-        "| ratio to plain (median) | CPU ms (mean) | CPU ratio (mean) | SAM fraction ζ |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| configuration | median step, ms | ratio, process CPU time | ratio, wall time "
+        "| SAM fraction ζ |",
+        "|---|---:|---:|---:|---:|",
     ]
     for config in configs:
         runs = results[config.key]
-        ms, cpu = _pooled(runs), _pooled(runs, CPU)
-        zeta = "–" if runs[0].sam is None else f"{_zeta(runs):.3f}"
-        median = "–" if config.mixed else _fmt(_ratio(runs, plain, np.median))
+        zeta = "–" if runs[0].sam is None else f"{np.concatenate([r.sam for r in runs]).mean():.3f}"
+        median = np.median(np.concatenate([r.ms for r in runs]))
         lines.append(
-            f"| {config.label} | {ms.size} | {np.median(ms):.1f} | {ms.mean():.1f} "
-            f"| {_fmt(_ratio(runs, plain))} | {median} | {cpu.mean():.1f} "
-            f"| {_fmt(_ratio(runs, plain, field=CPU))} | {zeta} |"
+            f"| {config.label} | {median:.2f} | {_fmt(_ratios(results, config.key, config.base, CPU))} "
+            f"| {_fmt(_ratios(results, config.key, config.base, WALL))} | {zeta} |"
         )
+    return lines
+
+
+def limit_rows(parts, results, base, label):
+    """Markdown rows: the measured parts of a step and the two-pass limits."""
+    lines = []
+    for name in ("pass", "apply"):
+        cpu = np.array([p[name][CPU] for p in parts])
+        wall = np.array([p[name][WALL] for p in parts])
+        lines.append(
+            f"| {label}: one {'forward-backward pass P' if name == 'pass' else 'optimizer update A'}"
+            f" (ms) | {np.median(wall):.2f} | CPU {np.median(cpu):.2f} ms | wall {np.median(wall):.2f} ms | |"
+        )
+    cpu_limit, cpu_fit = _limits(parts, results, base, CPU)
+    wall_limit, wall_fit = _limits(parts, results, base, WALL)
+    lines.append(f"| {label}: two-pass limit (2P+A)/(P+A) | | {_fmt(cpu_limit)} | {_fmt(wall_limit)} | |")
+    lines.append(f"| {label}: plain step + one pass, 1 + P/plain | | {_fmt(cpu_fit)} | {_fmt(wall_fit)} | |")
     return lines
 
 
 def kind_table(results, configs):
-    """Markdown rows: SAM and non-SAM steps of the mixed policies, against the ERM method."""
-    erm, plain = results["erm"], results["plain"]
+    """Markdown rows: SAM and non-SAM steps of the mixed policies, to the ERM method."""
     lines = [
-        "| configuration | n SAM | SAM step ms | SAM / ERM | n non-SAM | non-SAM step ms "
-        "| non-SAM / ERM | non-SAM / plain | non-SAM / ERM (CPU) |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| configuration | n SAM | SAM step / ERM step | n non-SAM | non-SAM step / ERM step |",
+        "|---|---:|---:|---:|---:|",
     ]
+    erm = _step_means(results["erm"], WALL)
     for config in configs:
         if not config.mixed:
             continue
-        runs = results[config.key]
-        base = erm if not config.jit_compile else results["plain_xla"]
-        base_name = "ERM" if not config.jit_compile else "plain XLA"
-        sam = np.concatenate([r.ms[r.sam] for r in runs])
-        non = np.concatenate([r.ms[~r.sam] for r in runs])
-        sam_ms = f"{sam.mean():.1f}" if sam.size else "–"
-        non_ms = f"{non.mean():.1f}" if non.size else "–"
-        label = config.label if base is erm else f"{config.label} (vs {base_name})"
-        lines.append(
-            f"| {label} | {sam.size} | {sam_ms} | {_fmt(_kind_ratio(runs, True, base))} "
-            f"| {non.size} | {non_ms} | {_fmt(_kind_ratio(runs, False, base))} "
-            f"| {_fmt(_kind_ratio(runs, False, results['plain_xla'] if config.jit_compile else plain))} "
-            f"| {_fmt(_kind_ratio(runs, False, base, CPU))} |"
-        )
+        cells = []
+        for want in (True, False):
+            chosen = [r.ms[r.sam == want] for r in results[config.key]]
+            ratios = [c.mean() / e for c, e in zip(chosen, erm) if c.size]
+            n = sum(c.size for c in chosen)
+            cells += [str(n), _fmt(ratios) if ratios else "–"]
+        lines.append(f"| {config.label} | " + " | ".join(cells) + " |")
     return lines
 
 
-def target_table(results):
-    """Markdown rows: each target, measured on wall time (the verdict) and on CPU time."""
-    plain = results["plain"]
+def graph_table(contenders, batch):
+    """Markdown rows: what one step executes, counted in its traced graph."""
     lines = [
-        "| target | wall time: pooled (per-repeat min–max) | verdict "
-        "| CPU time: pooled (min–max) | verdict |",
-        "|---|---|---|---|---|",
+        "| configuration | step | ops | passes over the gradient for norms "
+        "| cond predicates (host synchronisations on a GPU) |",
+        "|---|---|---:|---:|---:|",
     ]
-    for key, bound, name in (
-        ("never", NEVER_SAM_TARGET, "never-SAM"),
-        ("always", ALWAYS_SAM_TARGET, "always-SAM"),
-    ):
-        mean, median = _ratio(results[key], plain), _ratio(results[key], plain, np.median)
-        cpu = _ratio(results[key], plain, field=CPU)
-        lines.append(
-            f"| {name} ≤ {bound:.2f}× plain | mean {_fmt(mean)}; median {_fmt(median)} "
-            f"| {_verdict(mean[0], bound)} (mean), {_verdict(median[0], bound)} (median) "
-            f"| mean {_fmt(cpu)} | {_verdict(cpu[0], bound)} |"
+    for contender in contenders:
+        config = contender.config
+        if config.jit_compile:
+            continue
+        model = contender.model
+        graph = _step_graph.step_graph(model, batch)
+        params = getattr(model, "inner", None) or model
+        kinds = {"plain": [False], "erm": [False], "never": [False], "always": [True], "msam": [False]}.get(
+            config.key, [False, True]
         )
-    ae_rows = [("ae_sam", "plain", "AE-SAM")]
-    if "ae_sam_xla" in results:
-        ae_rows.append(("ae_sam_xla", "plain_xla", "AE-SAM + XLA"))
-    for key, base, name in ae_rows:
-        zeta = _zeta(results[key])
-        wall = _ae_ratio(results[key], results[base])
-        cpu = _ae_ratio(results[key], results[base], CPU)
-        lines.append(
-            f"| {name} mean ≤ (1+ζ)·{AE_SAM_SLACK:.2f}× {base} mean "
-            f"(ζ = {zeta:.3f}: ≤ {(1 + zeta) * AE_SAM_SLACK:.3f}×) "
-            f"| mean/((1+ζ)·{base}) {_fmt(wall)}; ratio {_fmt(_ratio(results[key], results[base]))} "
-            f"| {_verdict(wall[0], AE_SAM_SLACK)} | {_fmt(cpu)} | {_verdict(cpu[0], AE_SAM_SLACK)} |"
-        )
-    wall = _kind_ratio(results["looksam"], False, results["erm"])
-    cpu = _kind_ratio(results["looksam"], False, results["erm"], CPU)
-    lines.append(
-        f"| LookSAM non-SAM step ≈ ERM step (≤ {LOOKSAM_ERM_TARGET:.2f}× the ERM "
-        f"method's mean) | {_fmt(wall)} | {_verdict(wall[0], LOOKSAM_ERM_TARGET)} "
-        f"| {_fmt(cpu)} | {_verdict(cpu[0], LOOKSAM_ERM_TARGET)} |"
-    )
-    wall = _ratio(results["msam"], results["erm"])
-    cpu = _ratio(results["msam"], results["erm"], field=CPU)
-    lines.append(
-        f"| MSAM step ≤ {MSAM_ERM_TARGET:.2f}× the ERM method's mean | {_fmt(wall)} "
-        f"| {_verdict(wall[0], MSAM_ERM_TARGET)} | {_fmt(cpu)} | {_verdict(cpu[0], MSAM_ERM_TARGET)} |"
-    )
+        for sam_step in kinds:
+            count = _step_graph.count_step(graph, sam_step)
+            kind = "SAM step" if sam_step else ("step" if len(kinds) == 1 else "ERM step")
+            lines.append(
+                f"| {config.label} | {kind} | {count.ops} "
+                f"| {count.squared(params.count_params()):.2f} | {count.predicates} |"
+            )
     return lines
 
 
-def report(results, configs, meta) -> str:
-    """The Markdown report: setup, the main table, the step-kind breakdown, the targets."""
+def target_lines(results):
+    """The fixed-cost targets, on the CPU-time and the wall-time medians."""
+    lines = []
+    for key, bound in (("erm", ERM_TARGET), ("never", NEVER_SAM_TARGET)):
+        cpu = np.median(_ratios(results, key, "plain", CPU))
+        wall = np.median(_ratios(results, key, "plain", WALL))
+        lines.append(f"- {key}: CPU time {cpu:.3f} {_verdict(cpu, bound)}; "
+                     f"wall time {wall:.3f} {_verdict(wall, bound)}")
+    if "msam" in results:
+        cpu = np.median(_ratios(results, "msam", "erm", CPU))
+        wall = np.median(_ratios(results, "msam", "erm", WALL))
+        lines.append(f"- msam ≤ {MSAM_ERM_TARGET:.2f}× erm: CPU time {cpu:.3f} {_verdict(cpu, MSAM_ERM_TARGET)}; "
+                     f"wall time {wall:.3f} {_verdict(wall, MSAM_ERM_TARGET)}")
+    return lines
+
+
+def report(results, configs, parts, meta, graph_lines=(), targets=True) -> str:
+    """The Markdown report: setup, the table, the mixed policies' step kinds, the targets."""
     lines = ["# keras_aesam step time", ""]
     lines += [f"- {name}: {value}" for name, value in meta]
     lines += [
         "",
-        "Step times are wall times (`time.perf_counter`) between `on_train_batch_begin` "
-        "and `on_train_batch_end`; CPU times are this process's CPU time over the same "
-        "steps (all threads; less sensitive to other load on the machine). Ratios are "
-        "to plain `fit`, pooled over the repeats, with the min–max of the per-repeat "
-        "ratios in parentheses. Medians only for configurations whose every step does "
-        "the same work; the targets' verdicts use the wall-time means.",
+        "Ratios are to plain `fit` (to plain `fit` + XLA for the XLA rows): the median "
+        "over rounds of the per-round ratio of mean steps, with the min–max over rounds.",
         "",
     ]
     lines += main_table(results, configs)
-    lines += ["", "SAM and non-SAM steps of the mixed policies (ratios of means):", ""]
-    lines += kind_table(results, configs)
-    lines += ["", "Targets:", ""]
-    lines += target_table(results)
+    for base, label in (("plain", "no XLA"), ("plain_xla", "XLA")):
+        if base in results:
+            lines += limit_rows(parts[base], results, base, label)
+    if any(c.mixed for c in configs):
+        lines += ["", "SAM and non-SAM steps of the mixed policies (wall time):", ""]
+        lines += kind_table(results, configs)
+    if graph_lines:
+        lines += ["", "What one step executes, counted in the traced `train_step` "
+                  "(`benchmarks/_step_graph.py`; ops that do work):", ""]
+        lines += list(graph_lines)
+    if targets:
+        lines += ["", "Targets at batch 128 on the MLP (ratios to plain `fit`):", ""]
+        lines += target_lines(results)
     lines.append("")
     return "\n".join(lines)
 
@@ -567,90 +580,96 @@ def report(results, configs, meta) -> str:
 # ----------------------------------------------------------------------------
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true",
-                        help="smoke check: 2 rounds of 20 steps (< 4 minutes)")
-    parser.add_argument("--steps", type=int, default=None,
-                        help="timed steps per fit (default 30, 20 with --quick)")
-    parser.add_argument("--warmup", type=int, default=None,
-                        help="untimed first steps of every fit (default 3)")
-    parser.add_argument("--repeats", type=int, default=None,
-                        help="interleaved rounds over all configurations, >= 2 "
-                             "(default 8, 2 with --quick)")
-    parser.add_argument("--xla", action="store_true",
-                        help="also run plain and AE-SAM with jit_compile=True (slow: "
-                             "on CPU an XLA step of this CNN takes seconds)")
+    parser.add_argument("--network", choices=sorted(NETWORKS), default="mlp")
     parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--quick", action="store_true",
+                        help="smoke check: 2 rounds of 10 timed steps")
+    parser.add_argument("--steps", type=int, default=None,
+                        help="timed steps per fit (default 80 for the MLP, 30 for the CNN)")
+    parser.add_argument("--warmup", type=int, default=5,
+                        help="untimed first steps of every fit (default 5)")
+    parser.add_argument("--repeats", "--rounds", dest="rounds", type=int, default=None,
+                        help="interleaved rounds over all configurations, >= 2 (default 7)")
+    parser.add_argument("--all", action="store_true",
+                        help="also SAM, AE-SAM, LookSAM and AE-LookSAM with their defaults")
+    parser.add_argument("--xla", action="store_true",
+                        help="also plain, ERM, never- and always-SAM with jit_compile=True")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output", help="also write the Markdown report here")
     args = parser.parse_args(argv)
     if args.steps is None:
-        args.steps = 20 if args.quick else 30
-    if args.warmup is None:
-        args.warmup = 3
-    if args.repeats is None:
-        args.repeats = 2 if args.quick else 8
-    if args.repeats < 2:
+        args.steps = 10 if args.quick else (80 if args.network == "mlp" else 30)
+    if args.rounds is None:
+        args.rounds = 2 if args.quick else 7
+    if args.rounds < 2:
         parser.error("--repeats must be at least 2 (a ratio needs its spread)")
-    if args.steps < 1 or args.warmup < 1:
-        parser.error("--steps and --warmup must be positive")
+    if args.steps < 1 or args.warmup < 1 or args.batch_size < 1:
+        parser.error("--steps, --warmup and --batch-size must be positive")
     return args
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
     started = time.perf_counter()
-    load_before = os.getloadavg()[0]
+    loads = [os.getloadavg()]
     x, y, source = load_training_arrays(args.seed)
     log(f"data: {source}")
     dataset, num_batches = make_pipeline(x, y, args.batch_size, args.seed)
+    batch = next(iter(dataset))
 
+    build, description = NETWORKS[args.network]
     keras.utils.set_random_seed(args.seed)
-    initial = build_cnn()
+    initial = build()
     initial_weights = initial.get_weights()
     params = initial.count_params()
 
-    configs = configurations(args.xla)
+    configs = configurations(args.xla, args.all)
     log("building and compiling the models …")
-    contenders = [
-        Contender(c, initial_weights, args.warmup + args.steps, args.seed) for c in configs
-    ]
+    total_steps = args.warmup + args.steps
+    contenders = [Contender(c, build, initial_weights, total_steps, args.seed) for c in configs]
+    bases = sorted({c.base for c in configs})
+    costs = {b: PassCost(build, initial_weights, batch, jit_compile=b.endswith("_xla")) for b in bases}
     results = {c.key: [] for c in configs}
+    parts = {b: [] for b in bases}
     data_ms = []
-    for repeat in range(args.repeats):
-        tag = f"[repeat {repeat + 1}/{args.repeats}]"
+    for round_index in range(args.rounds):
+        tag = f"[round {round_index + 1}/{args.rounds}]"
         data_ms.append(data_only_ms(dataset, args.steps))
-        log(f"{tag} data-only loop: {data_ms[-1]:.2f} ms/batch")
-        for contender in contenders:
+        order = contenders if round_index % 2 == 0 else contenders[::-1]
+        for contender in order:
             run = contender.fit(dataset, args.warmup, args.steps)
             results[contender.config.key].append(run)
             extra = f", ζ={run.sam.mean():.2f}" if run.sam is not None else ""
-            log(
-                f"{tag} {contender.config.key}: mean {run.ms.mean():.1f} ms, "
-                f"median {np.median(run.ms):.1f} ms{extra} (fit {run.fit_seconds:.1f} s)"
-            )
+            log(f"{tag} {contender.config.key}: mean {run.ms.mean():.2f} ms, "
+                f"CPU {run.cpu_ms.mean():.2f} ms{extra}")
+        for base, cost in costs.items():
+            parts[base].append(cost.measure(args.steps))
+            log(f"{tag} {base} parts: pass {parts[base][-1]['pass'][WALL]:.2f} ms, "
+                f"apply {parts[base][-1]['apply'][WALL]:.2f} ms")
+        loads.append(os.getloadavg())
 
-    plain_mean = float(_pooled(results["plain"]).mean())
+    plain_mean = float(np.mean(_step_means(results["plain"], WALL)))
+    one_minute = [load[0] for load in loads]
     meta = [
+        ("command", "python benchmarks/step_time.py " + " ".join(sys.argv[1:] if argv is None else argv)),
         ("machine", cpu_model()),
         ("software", f"Python {sys.version.split()[0]}, TensorFlow {tf.__version__}, "
                      f"Keras {keras.__version__}, keras_aesam {keras_aesam.__version__} "
                      f"({library_revision()})"),
-        ("network", f"small CNN (2 × conv-BN-ReLU-pool-dropout, dense 64), "
-                    f"{params:,} parameters, SGD(0.05, momentum 0.9)"),
+        ("network", f"{description}, {params:,} parameters, SGD(0.05, momentum 0.9)"),
         ("data", f"{source}; tf.data cache → shuffle → repeat → prefetch, "
                  f"{num_batches} batches per epoch"),
         ("batch size", str(args.batch_size)),
-        ("XLA", "off, plus the `+ XLA` rows with jit_compile=True" if args.xla
-         else "off (jit_compile=False)"),
         ("steps", f"{args.warmup} warm-up + {args.steps} timed steps per fit, "
-                  f"{args.repeats} interleaved repeats, same initial weights"),
-        ("machine load", f"1-minute load average {load_before:.1f} at the start, "
-                         f"{os.getloadavg()[0]:.1f} at the end (above {os.cpu_count()}, "
-                         "other processes were competing for the CPUs)"),
+                  f"{args.rounds} interleaved rounds in alternating order, same initial state"),
+        ("machine load", f"1-minute load average {one_minute[0]:.2f} at the start, "
+                         f"{min(one_minute):.2f}–{max(one_minute):.2f} over the rounds, "
+                         f"{one_minute[-1]:.2f} at the end; {os.cpu_count()} logical CPUs"),
         ("data-only loop", f"{np.mean(data_ms):.2f} ms per batch "
                            f"({np.mean(data_ms) / plain_mean:.1%} of a plain step)"),
     ]
-    text = report(results, configs, meta)
+    targets = args.network == "mlp" and args.batch_size == 128
+    text = report(results, configs, parts, meta, graph_table(contenders, batch), targets)
     text += f"\nTotal benchmark time: {time.perf_counter() - started:.0f} s.\n"
     print(text)
     if args.output:

@@ -13,31 +13,6 @@ from keras import ops
 from keras_aesam import _keras_compat as compat, ops as sam_ops
 
 
-@keras.saving.register_keras_serializable(package="keras_aesam")
-class ReplicatedCount(keras.metrics.Sum):
-    """A ``Sum`` of a per-step value every replica computes alike (a skipped
-    step is skipped on all of them), reported once, not once per replica.
-
-    Keras reads a metric two ways under a strategy: the logs a step returns
-    (each replica's own total, averaged over replicas) and, at the end of an
-    epoch, ``metric.result()`` outside the replicas, where the variables are
-    summed over them. Each replica counts the step, so the second read is the
-    count times the replica count: it is divided back here. The count is the
-    strategy's in whose scope the metric was made (where its variables live).
-    """
-
-    def __init__(self, name=None, dtype=None):
-        super().__init__(name=name, dtype=dtype)
-        self._replicas = tf.distribute.get_strategy().num_replicas_in_sync
-
-    def result(self):
-        total = super().result()
-        ctx = tf.distribute.get_replica_context()
-        if ctx is not None and ctx.num_replicas_in_sync > 1:
-            return total  # inside one replica: its own count
-        return total / self._replicas
-
-
 def loss_scale(optimizer):
     """The dynamic loss scale of a ``LossScaleOptimizer``, else ``None``."""
     if isinstance(optimizer, keras.optimizers.LossScaleOptimizer):

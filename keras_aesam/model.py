@@ -62,6 +62,50 @@ def _per_replica_map(fn, grads, replicas):
     return [sam_ops.map_values(fn, g) for g in grads] if replicas > 1 else grads
 
 
+@keras.saving.register_keras_serializable(package=_PACKAGE)
+class StepStatistics(keras.metrics.Metric):
+    """The step's own metrics: ``sam_fraction`` (the share of applied SAM
+    steps), ``skipped_steps`` (non-finite steps) and, unless the policy never
+    takes SAM, ``sharpness`` (``L(w+e) - L(w)`` averaged over the SAM steps).
+
+    One vector of sums ``[steps, SAM steps, skipped steps, Σ sharpness]``
+    takes one ``assign_add`` per step: three Keras metrics cost three times
+    the ops on every step, a fixed cost a small network notices.
+
+    Keras reads a metric two ways under a strategy: the logs a step returns
+    (each replica's own sums) and, at the end of an epoch, ``result()``
+    outside the replicas, where the sums are added over replicas. The ratios
+    are the same either way; every replica counts a skipped step, so outside
+    the replicas the count is divided back by the replica count of the
+    strategy in whose scope the metric was made (where its variable lives).
+    """
+
+    def __init__(self, sharpness=True, name="step_statistics", dtype=None):
+        super().__init__(name=name, dtype=dtype)
+        self.sharpness = bool(sharpness)
+        self._replicas = tf.distribute.get_strategy().num_replicas_in_sync
+        self.sums = self.add_variable(shape=(4,), initializer="zeros", name="sums")
+
+    def update_state(self, ok, use_sam, sharpness):
+        counted = tf.logical_and(use_sam, ok)
+        ones = tf.cast(tf.stack([True, counted, tf.logical_not(ok)]), "float32")
+        rise = tf.where(counted, ops.cast(sharpness, "float32"), 0.0)
+        self.sums.assign_add(tf.concat([ones, rise[None]], axis=0))
+
+    def result(self):
+        steps, sam, skipped, rise = tf.unstack(ops.convert_to_tensor(self.sums))
+        ctx = tf.distribute.get_replica_context()
+        if self._replicas > 1 and (ctx is None or ctx.num_replicas_in_sync == 1):
+            skipped = skipped / self._replicas
+        results = {"sam_fraction": tf.math.divide_no_nan(sam, steps), "skipped_steps": skipped}
+        if self.sharpness:
+            results["sharpness"] = tf.math.divide_no_nan(rise, sam)
+        return results
+
+    def get_config(self):
+        return {"name": self.name, "dtype": self.dtype, "sharpness": self.sharpness}
+
+
 _Decision = collections.namedtuple(
     "_Decision", ["use_sam", "finite", "step", "old_state", "new_state", "logs"]
 )
@@ -200,12 +244,9 @@ class SharpnessAwareModel(keras.Model):
         self._perturb_mask = None
         self._xla_passes = False
 
-        self.sam_fraction_tracker = keras.metrics.Mean(name="sam_fraction")
-        self.skipped_steps_tracker = distribution.ReplicatedCount(name="skipped_steps")
-        # L(w+e) - L(w), averaged over the epoch's SAM steps; ERM has none.
-        self.sharpness_tracker = (
-            None if self.policy.never_sam
-            else keras.metrics.Mean(name="sharpness")
+        # sam_fraction, skipped_steps and (ERM has none) sharpness
+        self.step_statistics = StepStatistics(
+            sharpness=not self.policy.never_sam, name="step_statistics"
         )
         self._create_policy_state()
         self._direction_state = None
@@ -617,14 +658,14 @@ class SharpnessAwareModel(keras.Model):
         global_grads, perturb_from, grad_norm_sq = self._gradient_statistic(local_grads, run)
         decision = self._decide(grad_norm_sq)
         # 3. the second pass at w + e, on SAM steps only
-        pass_grads, sharpness = self._second_pass(
+        pass_grads, sharpness, pass_finite = self._second_pass(
             decision, run, (x, y, sample_weight), y_pred, loss, local_grads, perturb_from
         )
         # 4. the direction d, applied only where the whole step is finite
         d, new_direction_state, direction_state = self._direction(
             decision.use_sam, global_grads, pass_grads, run
         )
-        ok = tf.logical_and(decision.finite, self._all_finite(d, run))
+        ok = tf.logical_and(decision.finite, self._d_finite(d, pass_finite, run))
         self._apply(ok, d, run)
         # 5. keep the step's state updates, or roll them back
         self._commit(ok, decision, zip(guarded, guarded_before),
@@ -685,9 +726,10 @@ class SharpnessAwareModel(keras.Model):
         """The policy's ``use_sam`` and new state; a non-finite or zero ‖g‖²
         makes an ERM step (a zero gradient has no direction to perturb along)."""
         finite = tf.math.is_finite(grad_norm_sq)
-        step = self.applied_steps.value
-        total_steps = self.sam_total_steps.value
-        old_state = {k: v.value for k, v in self._policy_state.items()}
+        # read once: the commit reuses these tensors
+        step = tf.convert_to_tensor(self.applied_steps.value)
+        total_steps = tf.convert_to_tensor(self.sam_total_steps.value)
+        old_state = {k: tf.convert_to_tensor(v.value) for k, v in self._policy_state.items()}
         use_sam, new_state, logs = self.policy.decide(
             old_state, tf.where(finite, grad_norm_sq, 0.0), step, total_steps
         )
@@ -697,10 +739,11 @@ class SharpnessAwareModel(keras.Model):
         return _Decision(use_sam, finite, step, old_state, new_state, logs)
 
     def _second_pass(self, decision, run, batch, y_pred, loss, local_grads, perturb_from):
-        """``(gradient to form d from, sharpness)``: ``ĝ`` at ``w + e`` on a SAM
-        step, else ``g`` and 0. No ``tf.cond`` when the policy never uses SAM."""
+        """``(gradient to form d from, sharpness, is it finite here)``: ``ĝ`` at
+        ``w + e`` on a SAM step, else ``g``, 0 and ``True`` (``‖g‖²`` already said
+        whether ``g`` is finite). No ``tf.cond`` when the policy never uses SAM."""
         x, y, sample_weight = batch
-        skip = lambda: (local_grads, tf.constant(0.0))
+        skip = lambda: (local_grads, tf.constant(0.0), tf.constant(True))
         if self.policy.never_sam:
             return skip()
 
@@ -709,7 +752,8 @@ class SharpnessAwareModel(keras.Model):
             e = self._perturbation(run.unscale(perturb_from), variables, decision.step)
             if self.direction.selects_samples:
                 xs, ys, sws, rise = self._select_samples(x, y, sample_weight, y_pred, e)
-                return self._xla(self._sam_pass)(xs, ys, sws, e)[0], rise
+                grads = self._xla(self._sam_pass)(xs, ys, sws, e)[0]
+                return grads, rise, self._locally_finite(grads)
             grads, loss_after = self._xla(self._sam_pass)(x, y, sample_weight, e)
             # sharpness L(w+e) - L(w) of this replica's batch (the mean over
             # replicas is the global batch's when e is synced)
@@ -718,7 +762,7 @@ class SharpnessAwareModel(keras.Model):
                 - compat.unscale_loss_for_distribution(loss),
                 "float32",
             )
-            return grads, rise
+            return grads, rise, self._locally_finite(grads)
 
         return tf.cond(decision.use_sam, sam_branch, skip)
 
@@ -747,6 +791,23 @@ class SharpnessAwareModel(keras.Model):
         d = _per_replica_map(lambda v: v / replicas, d, replicas)
         return distribution.rescaled(d, run.units), new_direction_state, direction_state
 
+    def _locally_finite(self, grads):
+        """Whether ``grads`` is finite on this replica (one fused pass over
+        them), if ``_d_finite`` will ask: a rule with state checks ``d`` itself."""
+        if self.direction.has_state:
+            return tf.constant(True)
+        return tf.math.is_finite(sam_ops.global_sq_norm(grads))
+
+    def _d_finite(self, d, pass_finite, run):
+        """Whether ``d`` is finite on every replica, without a second pass over
+        it when the direction keeps no state: ``d`` is then the pass's
+        gradient, ``g`` (checked by ``‖g‖²``) or ``ĝ`` (checked in the SAM branch)."""
+        if self.direction.has_state:
+            return self._all_finite(d, run)
+        if self.policy.never_sam:
+            return pass_finite  # d is g: ‖g‖², global already, said it all
+        return distribution.all_replicas_true(run.ctx, pass_finite)
+
     @staticmethod
     def _all_finite(d, run):
         """Whether ``d`` is finite on every replica."""
@@ -772,13 +833,7 @@ class SharpnessAwareModel(keras.Model):
         self.applied_steps.assign_add(tf.cast(ok, "int64"))
 
     def _track_step(self, ok, use_sam, sharpness):
-        counted = tf.logical_and(use_sam, ok)
-        self.sam_fraction_tracker.update_state(tf.cast(counted, "float32"))
-        self.skipped_steps_tracker.update_state(tf.cast(tf.logical_not(ok), "float32"))
-        if self.sharpness_tracker is not None:
-            self.sharpness_tracker.update_state(
-                tf.where(counted, sharpness, 0.0), sample_weight=tf.cast(counted, "float32")
-            )
+        self.step_statistics.update_state(ok, use_sam, sharpness)
 
 
 def wrap(model, method="ae_sam", **hyperparameters):
