@@ -132,6 +132,15 @@ def test_bench_hands_the_noisy_labels_profile_its_own_arguments():
     assert bench._noisy_labels_argv(["--profile", "quick"]) is None
 
 
+def test_reverse_seeds_runs_the_last_seed_first(monkeypatch, tmp_path):
+    seen = {}
+    monkeypatch.setattr(noisy_labels, "run_profile", lambda out, **kw: seen.update(kw))
+    noisy_labels.main(["--output", str(tmp_path), "--seeds", "3", "--label-noise", "0.6", "--reverse-seeds"])
+    assert seen["seeds"] == (2, 1, 0) and seen["settings"] == (0.6,)
+    noisy_labels.main(["--output", str(tmp_path), "--seeds", "3", "--budget-seeds"])
+    assert seen["seeds"] == (0, 1, 2) and seen["budget_seeds"] == ()
+
+
 def test_the_profile_takes_label_noise_settings_under_the_shared_name():
     parser = noisy_labels.build_parser()
     assert parser.parse_args(["--output", "x", "--label-noise", "0.4", "0.0"]).noise == [0.4, 0.0]

@@ -388,6 +388,9 @@ def build_parser(prog="keras-aesam bench --profile noisy-labels"):
                         help="label-noise settings of the main stage (default 0.4 0.0 0.6)")
     parser.add_argument("--budget-seeds", type=int, nargs="*", default=None,
                         help="seeds of the fixed-budget stage on the 0.4 setting (default: all; none: skip)")
+    parser.add_argument("--reverse-seeds", action="store_true",
+                        help="take the seeds last first: a second process on the same settings meets the first "
+                             "in the middle instead of repeating its runs")
     parser.add_argument("--report-only", action="store_true", help="redraw the report from the stored runs")
     return parser
 
@@ -414,7 +417,7 @@ def main(argv=None, prog="keras-aesam bench --profile noisy-labels"):
         noisy_labels_report.write_report(args.output)
         print(f"report: {Path(args.output) / 'report.md'}")
         return 0
-    seeds = tuple(range(args.seeds))
+    seeds = tuple(range(args.seeds))[::-1 if args.reverse_seeds else 1]
     budget_seeds = seeds if args.budget_seeds is None else tuple(args.budget_seeds)
     record_command(args.output, argv, prog)
     run_profile(args.output, settings=tuple(args.noise), seeds=seeds, budget_seeds=budget_seeds)
