@@ -22,7 +22,7 @@ def _value_for(hp):
     """A value of the right type for each hyperparameter flag (switches take none)."""
     if hp.type is None:
         return []
-    return [{int: "3", float: "0.25", str: "constant"}[hp.type]]
+    return [{int: "3", flags.int_or_none: "3", float: "0.25", str: "constant"}[hp.type]]
 
 
 def test_train_and_bench_share_one_hyperparameter_table_and_one_bad_input():
