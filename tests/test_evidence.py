@@ -242,6 +242,60 @@ def csv_rows(path):
 
 
 # --------------------------------------------------------------------------
+# Several processes on one folder, damaged result files
+# --------------------------------------------------------------------------
+def _fake_run_one(calls):
+    def run_one(spec, stream):
+        calls.append(noisy_labels.run_id(spec))
+        return {"val_accuracy": 0.5, "test_accuracy": 0.5, "sam_fraction": 0.0}
+    return run_one
+
+
+def test_a_run_another_process_is_doing_is_waited_for_not_run_twice(monkeypatch, tmp_path):
+    import io
+    import threading
+
+    from keras_aesam.cli.run_lock import RunLock
+
+    calls = []
+    monkeypatch.setattr(noisy_labels, "run_one", _fake_run_one(calls))
+    spec = noisy_labels.main_specs(0.4, 0, 0.1)[0]
+    run = noisy_labels.run_id(spec)
+    other = RunLock.acquire(tmp_path / "locks" / run, "the other process")  # a second open file: flock conflicts
+    stream, done = io.StringIO(), {}
+    progress = noisy_labels.Progress(1, stream, name=noisy_labels.run_id)
+    worker = threading.Thread(target=lambda: done.update(
+        r=noisy_labels._run_once(tmp_path, spec, stream, 0.0, poll_seconds=0.05)))
+    worker.start()
+    worker.join(0.5)
+    assert worker.is_alive() and "waiting" in stream.getvalue() and "the other process" in stream.getvalue()
+    stored = {"run_id": run, "spec": spec, "test_accuracy": 0.75, "sam_fraction": 0.0}
+    noisy_labels.write_json(tmp_path / "runs" / f"{run}.json", stored)
+    other.release()
+    worker.join(10)
+    assert done["r"] == (stored, False) and calls == []  # the holder's result, not a second run
+    assert noisy_labels.run_specs(tmp_path, [spec], progress, stream) == [stored]
+
+
+def test_a_damaged_result_file_is_reported_and_its_run_redone(monkeypatch, tmp_path):
+    import io
+
+    calls = []
+    monkeypatch.setattr(noisy_labels, "run_one", _fake_run_one(calls))
+    spec = noisy_labels.main_specs(0.4, 0, 0.1)[0]
+    path = tmp_path / "runs" / f"{noisy_labels.run_id(spec)}.json"
+    path.parent.mkdir(parents=True)
+    path.write_text('{"run_id": "cut sho')
+    stream = io.StringIO()
+    progress = noisy_labels.Progress(1, stream, name=noisy_labels.run_id)
+    [result] = noisy_labels.run_specs(tmp_path, [spec], progress, stream)
+    assert calls == [noisy_labels.run_id(spec)] and result["test_accuracy"] == 0.5
+    assert f"note: damaged result file {path}" in stream.getvalue()
+    assert json.loads(path.read_text())["spec"] == spec  # written whole again
+    assert not (tmp_path / "locks").exists()
+
+
+# --------------------------------------------------------------------------
 # One real run, at the smallest size
 # --------------------------------------------------------------------------
 def test_one_run_trains_and_records_what_the_report_needs(monkeypatch):

@@ -41,6 +41,7 @@ import numpy as np
 
 from keras_aesam.bench.progress import Progress, is_degenerate  # noqa: F401 - is_degenerate: the report's
 from keras_aesam.cli.flags import write_json
+from keras_aesam.cli.run_lock import Locked, RunLock
 from keras_aesam.methods import PRETTY_NAMES
 
 #: The regime (a 2-core CPU runs one model in 15-40 s).
@@ -250,31 +251,76 @@ def _result_path(out, spec):
     return Path(out) / "runs" / f"{run_id(spec)}.json"
 
 
-def finished(out, spec):
-    """The stored result of ``spec`` if it ran with exactly this spec, else None."""
+def finished(out, spec, stream=None):
+    """The stored result of ``spec`` if it ran with exactly this spec, else None.
+
+    A result file that does not parse (a crash or a full disk while it was
+    copied) is reported on ``stream`` and counts as not run: the run is redone.
+    """
     path = _result_path(out, spec)
     if not path.is_file():
         return None
-    result = json.loads(path.read_text())
-    return result if result.get("spec") == spec else None
+    try:
+        result = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        print(f"note: damaged result file {path} ({err}): run {run_id(spec)} is run again",
+              file=stream or sys.stderr, flush=True)
+        return None
+    return result if isinstance(result, dict) and result.get("spec") == spec else None
 
 
 def run_specs(out, specs, progress, stream):
     results = []
     for spec in specs:
-        result = finished(out, spec)
         progress.start(spec)
         started = time.perf_counter()
-        ran = result is None
-        if ran:
+        result, ran = _run_once(out, spec, stream, started)
+        progress.end(spec, result, time.perf_counter() - started, ran)
+        results.append(result)
+    return results
+
+
+def _run_once(out, spec, stream, started, poll_seconds=10):
+    """``(result, ran)``: the stored result of ``spec``, or its run by this process.
+
+    Several processes may share the profile's folder (each takes the runs in
+    its own order, e.g. ``--reverse-seeds``), so a run is done under a lock of
+    its own (``locks/RUN_ID``): a process that meets a run another live process
+    is doing waits for its result instead of running it a second time; a lock
+    left by a killed process is taken over.
+    """
+    lock_dir = Path(out) / "locks" / run_id(spec)
+    waiting = False
+    while True:
+        result = finished(out, spec, stream)
+        if result is not None:
+            return result, False
+        try:
+            lock = RunLock.acquire(lock_dir, f"keras-aesam bench --profile noisy-labels ({run_id(spec)})",
+                                   stream=stream)
+        except Locked as held:
+            if not waiting:
+                print(f"    waiting: {held}", file=stream, flush=True)
+                waiting = True
+            time.sleep(poll_seconds)
+            continue
+        try:
+            result = finished(out, spec, stream)  # done by the holder we waited for
+            if result is not None:
+                return result, False
             body = run_one(spec, stream)
             result = {"run_id": run_id(spec), "spec": spec, **body,
                       "run_seconds": round(time.perf_counter() - started, 2),
                       "finished_at": datetime.datetime.now().isoformat(timespec="seconds")}
             write_json(_result_path(out, spec), result)
-        progress.end(spec, result, time.perf_counter() - started, ran)
-        results.append(result)
-    return results
+            return result, True
+        finally:
+            lock.release()
+            try:
+                lock_dir.rmdir()
+                lock_dir.parent.rmdir()  # the last run's lock takes the folder with it
+            except OSError:
+                pass  # another process's lock is in it
 
 
 def choose_rho(results):
