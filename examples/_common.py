@@ -70,9 +70,15 @@ def train_argv(args, run_dir, **flags):
         argv += ["--lr", str(args.lr)]
     if not args.verbose:
         argv.append("--quiet")
+    from keras_aesam.cli import flags as cli_flags
+
+    hyperparameters = {hp.name for hp in cli_flags.HYPERPARAMETER_FLAGS}
+    takes = set(cli_flags.method_takes(flags["method"])) if "method" in flags else hyperparameters
     for key, value in flags.items():
         if value is None or value is False:
             continue
+        if key in hyperparameters and key not in takes:
+            continue  # one --rho for all methods: erm takes none (train refuses a flag a method does not take)
         flag = "--" + key.replace("_", "-")
         argv += [flag] if value is True else [flag, str(value)]
     return argv

@@ -29,6 +29,7 @@ import numpy as np
 import pytest
 
 import keras_aesam
+from keras_aesam import directions
 from test_distribute import max_rel_diff
 from test_model import compile_sgd, small_net, toy_data
 from test_reference import EPS, LR, assert_close, loss_grad, make_data, sq_norm
@@ -56,14 +57,18 @@ def decide(method, s, t, T, state, lambda1, lambda2, delta, k):
 
 
 def reference(X, Y, params, method, epochs, batch, accumulation=1, mask=(True, True),
-              rho=0.05, lambda1=-1.0, lambda2=1.0, delta=0.9, k=5, alpha=0.7):
-    """Returns the final weights, and per epoch the SAM fraction and mean sharpness."""
+              rho=0.05, lambda1=-1.0, lambda2=1.0, delta=0.9, k=5, alpha=0.7, max_age=None):
+    """Returns the final weights, and per epoch the SAM fraction and mean sharpness.
+
+    ``max_age``: LookSAM reuses ``g_v`` on the ``max_age`` micro-batches after
+    its SAM step only (``None``: until the next one)."""
     params = [p.astype(np.float64).copy() for p in params]
     X, Y = X.astype(np.float64), Y.astype(np.float64)
     state = {"mu": 0.0, "var": math.exp(-10.0)}
     t = 0
     T = epochs * math.ceil(len(X) / batch)
     g_v = [np.zeros_like(p) for p in params]
+    age = 0
     total = [np.zeros_like(p) for p in params]
     pending = 0
     looks = method in ("looksam", "ae_looksam")
@@ -84,9 +89,12 @@ def reference(X, Y, params, method, epochs, batch, accumulation=1, mask=(True, T
                 if looks:
                     coef = sum(np.sum(a * b) for a, b in zip(g_hat, g)) / (s + EPS)
                     g_v = [a - coef * b for a, b in zip(g_hat, g)]
+                    age = 0
                 d = g_hat
             elif looks:
-                scale = alpha * math.sqrt(s) / (math.sqrt(sq_norm(g_v)) + EPS)
+                age += 1
+                weight = alpha if max_age is None or age <= max_age else 0.0
+                scale = weight * math.sqrt(s) / (math.sqrt(sq_norm(g_v)) + EPS)
                 d = [gi + scale * v for gi, v in zip(g, g_v)]
             else:
                 d = g
@@ -121,7 +129,7 @@ def keras_fit(X, Y, w0, b0, method, epochs, batch, accumulation=None, **hp):
 # weights agree to rtol 1e-5 (asserted), moving each loss by ≲ ‖∇L‖·‖Δw‖,
 # which cancels to first order between L(w+e) and L(w). Hence 2e-5 absolute.
 SHARPNESS_ATOL = 2e-5
-AE_LOOKSAM = {"lambda1": 0.0, "lambda2": 2.0}
+AE_LOOKSAM = {"lambda1": 0.0, "lambda2": 2.0, "max_age": directions.DEFAULT_MAX_AGE}
 
 
 # --------------------------------------------------------------------------

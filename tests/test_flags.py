@@ -49,7 +49,7 @@ def test_no_hyperparameter_flag_given_means_none():
 def test_the_table_unpacks_as_name_flag_type_help():
     for name, flag, kind, text in flags.HYPERPARAMETER_FLAGS:
         assert flag.startswith("--") and text
-        assert kind in (None, int, float, str), name
+        assert kind in (None, int, float, str, flags.int_or_none), name
 
 
 @pytest.mark.parametrize("old", ["--model", "--noise", "--hist-epochs", "--hist-batches"])

@@ -41,6 +41,7 @@ METHOD_CLASSES = {
     "late_sam": keras_aesam.LateSAMModel,
     "rst": keras_aesam.RSTModel,
     "quantile_sam": keras_aesam.QuantileSAMModel,
+    "msam": keras_aesam.MSAMModel,
 }
 METHODS = sorted(keras_aesam.METHODS)
 
@@ -155,6 +156,7 @@ SPECS = {
     "seed": Seed(),
     "p": Real(0.0, 1.0, low_open=True, nullable=True),
     "k": Integer(1),
+    "max_age": Integer(1, nullable=True),
     "lambda1": Real(nullable=True),
     "lambda2": Real(nullable=True),
     "delta": Real(0.0, 1.0, low_open=True, high_open=True),

@@ -26,6 +26,7 @@ SCRIPTS = {
     "benchmarks/step_time.py": ["--steps", "1", "--warmup", "1", "--repeats", "2",
                                 "--batch-size", "16"],
     "benchmarks/distributed.py": ["--steps", "6", "--repeats", "1", "--batch-size", "16"],
+    "benchmarks/sparse_gradients.py": ["--steps", "1", "--repeats", "1", "--batch", "4"],
 }
 
 
@@ -57,6 +58,8 @@ def test_script_runs_at_tiny_settings(script, tmp_path):
         assert any((tmp_path / "out").rglob("history.csv")), done.stdout[-2000:]
     elif "step_time" in script:
         assert (tmp_path / "report.md").read_text().strip()
+    elif "sparse_gradients" in script:
+        assert all(f"| {method} |" in done.stdout for method in ("plain", "erm", "sam", "looksam", "msam"))
     else:
         assert "2 replicas" in done.stdout
 

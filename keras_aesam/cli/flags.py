@@ -163,17 +163,19 @@ def method_takes(method) -> list:
     """The hyperparameter names ``method`` takes that have a flag.
 
     Those of :func:`keras_aesam.methods.method_parameters` (its policy's and its
-    direction's), except that a method whose policy never takes a SAM step
-    (``erm``) takes none of its direction's: ``--rho`` would change nothing.
+    direction's), except that a method whose policy never takes a SAM step and
+    whose direction needs one (``erm``) takes none of its direction's: ``--rho``
+    would change nothing. (``msam``'s direction perturbs its only pass, so its
+    ``--rho`` counts.)
     """
     import inspect
 
-    from keras_aesam.methods import METHODS, method_parameters
+    from keras_aesam.methods import build_method, method_parameters
 
     names = [p for p in method_parameters(method) if p not in _NOT_FLAGS]
-    policy = METHODS[method][0]
-    if policy.never_sam:
-        names = [p for p in names if p in inspect.signature(policy.__init__).parameters]
+    policy, direction = build_method(method)
+    if policy.never_sam and not direction.perturbs_before_pass:
+        names = [p for p in names if p in inspect.signature(type(policy).__init__).parameters]
     return names
 
 
