@@ -14,7 +14,7 @@ from keras_aesam.bench import noisy_labels, noisy_labels_report
 # --------------------------------------------------------------------------
 def test_rho_is_searched_on_the_rho_seeds_only():
     specs = noisy_labels.rho_specs(0.4)
-    assert {s["hyperparameters"]["rho"] for s in specs} == set(noisy_labels.RHO_GRID)
+    assert {s["hyperparameters"]["rho"] for s in specs} == set(noisy_labels.MLP.rho_grid)
     assert {s["seed"] for s in specs} == set(noisy_labels.RHO_SEEDS)
     assert all(s["method"] == "sam" for s in specs)
 
@@ -50,7 +50,7 @@ def test_planned_runs_counts_each_run_once():
     n = noisy_labels.planned_runs((0.4,), (0, 1, 2), (0,))
     per_seed = len(noisy_labels.main_specs(0.4, 0, 0.1, zeta=0.5, zeta_look=0.2))
     per_seed += len(noisy_labels.rival_specs(0.4, 0, 0.1, 1.0))
-    search = (len(noisy_labels.RHO_GRID) + len(noisy_labels.MSAM_RHO_GRID)) * len(noisy_labels.RHO_SEEDS)
+    search = (len(noisy_labels.MLP.rho_grid) + len(noisy_labels.MLP.msam_rho_grid)) * len(noisy_labels.RHO_SEEDS)
     # SAM and MSAM at their chosen ρ on seeds 0 and 1 are search runs too
     assert n == search + 3 * per_seed - 2 * 2 + len(noisy_labels.BUDGETS) * len(noisy_labels.BUDGETED)
 
@@ -144,7 +144,7 @@ def test_reverse_seeds_runs_the_last_seed_first(monkeypatch, tmp_path):
 def test_the_profile_takes_label_noise_settings_under_the_shared_name():
     parser = noisy_labels.build_parser()
     assert parser.parse_args(["--output", "x", "--label-noise", "0.4", "0.0"]).noise == [0.4, 0.0]
-    assert parser.parse_args(["--output", "x"]).noise == list(noisy_labels.SETTINGS)
+    assert parser.parse_args(["--output", "x"]).noise is None  # the regime's settings
     assert "--noise" not in parser.format_help()
 
 
@@ -299,8 +299,8 @@ def test_a_damaged_result_file_is_reported_and_its_run_redone(monkeypatch, tmp_p
 # One real run, at the smallest size
 # --------------------------------------------------------------------------
 def test_one_run_trains_and_records_what_the_report_needs(monkeypatch):
-    monkeypatch.setitem(noisy_labels.RECIPE, "epochs", 2)
-    monkeypatch.setitem(noisy_labels.RECIPE, "train_size", 512)
+    monkeypatch.setitem(noisy_labels.MLP.recipe, "epochs", 2)
+    monkeypatch.setitem(noisy_labels.MLP.recipe, "train_size", 512)
     monkeypatch.setattr(noisy_labels, "CURVE_EVERY", 1)
     spec = noisy_labels.main_specs(0.4, 0, 0.1, zeta=0.3, zeta_look=0.3)[5 + 2]  # late SAM at 30 %
     result = noisy_labels.run_one(spec, stream=open("/dev/null", "w"))

@@ -18,9 +18,9 @@ from keras_aesam.bench.noisy_labels import (
     BUDGETED,
     BUDGETS,
     COMMANDS_FILE,
-    MAIN_NOISE,
     MAX_AGE,
-    RECIPE,
+    MLP,
+    REGIMES,
     RHO_SEEDS,
     SEEDS,
     machine,
@@ -35,6 +35,13 @@ from keras_aesam.bench.stats import paired_difference
 
 RUN_COLUMNS = ("setting", "label", "seed", "test_accuracy", "val_accuracy", "train_accuracy",
                "sam_fraction", "target", "grad_evals", "steps", "sharpness", "degenerate", "run_seconds")
+
+
+def load_regime(out):
+    """The regime whose runs ``out`` holds, as its ``profile.json`` names it (the MLP's if it names none)."""
+    path = Path(out) / "profile.json"
+    name = json.loads(path.read_text()).get("regime", MLP.name) if path.is_file() else MLP.name
+    return REGIMES[name]
 
 
 def load_runs(out):
@@ -354,13 +361,13 @@ def _commands(out):
             *(f"{c['command']}  # {c['started']}" for c in recorded), "```"]
 
 
-def _header(out, runs, rhos):
+def _header(out, runs, rhos, regime=MLP):
     seconds = sum(r.get("run_seconds", 0.0) for r in runs)
     stamps = sorted(r["finished_at"] for r in runs if r.get("finished_at"))
     m = machine()
-    recipe = ", ".join(f"{k}={v}" for k, v in RECIPE.items())
+    recipe = ", ".join(f"{k}={v}" for k, v in regime.recipe.items())
     lines = [
-        "# When to take SAM steps: the noisy-labels profile",
+        f"# When to take SAM steps: the noisy-labels profile, {regime.name.upper()} regime",
         "",
         "Written by `keras_aesam.bench.noisy_labels_report` from the run files in `runs/`; every number below is read "
         "from them.",
@@ -393,7 +400,7 @@ def _header(out, runs, rhos):
     return lines
 
 
-def incomplete_rows(runs, rhos, msam_rhos):
+def incomplete_rows(runs, rhos, msam_rhos, regime=MLP):
     """``{setting: [(label, seeds done, seeds planned)]}`` of the planned rows that lack seeds.
 
     The plan is the profile's main and rivals stages (the budget stage runs on the
@@ -405,10 +412,10 @@ def incomplete_rows(runs, rhos, msam_rhos):
     missing = {}
     for setting, rho in rhos.items():
         noise = int(setting[len("noise"):]) / 100
-        planned = {s["label"]: SEEDS for s in main_specs(noise, 0, rho, zeta=0.5, zeta_look=0.2)}
-        planned.update({s["label"]: RHO_SEEDS for s in msam_rho_specs(noise)})
+        planned = {s["label"]: SEEDS for s in main_specs(noise, 0, rho, zeta=0.5, zeta_look=0.2, regime=regime)}
+        planned.update({s["label"]: RHO_SEEDS for s in msam_rho_specs(noise, regime)})
         msam_rho = msam_rhos.get(setting)
-        for s in rival_specs(noise, 0, rho, 1.0 if msam_rho is None else msam_rho):
+        for s in rival_specs(noise, 0, rho, 1.0 if msam_rho is None else msam_rho, regime):
             if s["method"] != "msam" or msam_rho is not None:
                 planned[s["label"]] = SEEDS
         rows = [(label, len(done.get((setting, label), set()) & set(seeds)), len(seeds))
@@ -425,11 +432,11 @@ def _incomplete_lines(missing, setting):
             + "; ".join(f"{pretty(label)} {n}/{m} seeds" for label, n, m in rows) + "."]
 
 
-def report_text(out, runs, summary, tests, rhos, plots, msam_rhos=None):
+def report_text(out, runs, summary, tests, rhos, plots, msam_rhos=None, regime=MLP):
     msam_rhos = msam_rhos or {}
-    lines = _header(out, runs, rhos)
-    missing = incomplete_rows(runs, rhos, msam_rhos)
-    order = sorted({r["setting"] for r in runs}, key=lambda s: (s != setting_name(MAIN_NOISE), s))
+    lines = _header(out, runs, rhos, regime)
+    missing = incomplete_rows(runs, rhos, msam_rhos, regime)
+    order = sorted({r["setting"] for r in runs}, key=lambda s: (s != setting_name(regime.main_noise), s))
     for setting in order:
         if setting not in rhos:
             continue
@@ -456,6 +463,7 @@ def report_text(out, runs, summary, tests, rhos, plots, msam_rhos=None):
 def write_report(out):
     """Redraw every table and plot from the stored runs; returns the summary rows."""
     out = Path(out)
+    regime = load_regime(out)
     runs = load_runs(out)
     if not runs:
         raise FileNotFoundError(f"no runs under {out / 'runs'}")
@@ -474,5 +482,5 @@ def write_report(out):
                           write_curves(out, runs, setting, ["erm", sam_label, "ae_sam", "late_sam@ae",
                                                             "quantile_sam@ae", "ss_sam@ae", "looksam",
                                                             "ae_looksam", "ae_looksam_unbounded"])]
-    (out / "report.md").write_text(report_text(out, runs, summary, tests, rhos, plots, msam_rhos))
+    (out / "report.md").write_text(report_text(out, runs, summary, tests, rhos, plots, msam_rhos, regime))
     return summary

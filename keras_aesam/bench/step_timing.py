@@ -1,0 +1,159 @@
+"""Seconds per step of a profile's rows, measured side by side in one process.
+
+A run's own fit time says little about its method's cost: the runs of a
+profile are spread over hours and share the machine with whatever else runs.
+So the cost axis in seconds comes from a separate measurement. Every row's
+model (built from its spec on the spec's network and data) is fitted for a
+few steps, once per round, the rows in alternating order from round to round;
+a row's figure is the median over rounds of its mean step time over ERM's mean
+step time in the same round, so slow drift of the machine cancels.
+
+A row's SAM and non-SAM steps are timed apart (which step was which is read
+from the ``sam_fraction`` log), because the share of SAM steps in a short timed
+fit is not the share of a whole run: a row's seconds per step at its run's SAM
+share ``ζ`` is ``(1 − ζ)·t_plain + ζ·t_sam`` (:func:`seconds_per_step`).
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+
+import numpy as np
+
+
+class StepTimer:
+    """Wall and process CPU time of every training step, and whether it was a SAM step.
+
+    A Keras callback (made by :func:`step_timer`). The SAM flag of step ``k`` is
+    the increase of ``round(sam_fraction·(k+1))``, the epoch's SAM-step count;
+    it is ``None`` for models without the log.
+    """
+
+    def __init__(self):
+        self.seconds = []
+        self.cpu_seconds = []
+        self.sam = []
+        self._start = 0.0
+        self._cpu_start = 0.0
+        self._sam_count = 0
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._sam_count = 0
+
+    def on_train_batch_begin(self, batch, logs=None):
+        self._cpu_start = time.process_time()
+        self._start = time.perf_counter()
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.seconds.append(time.perf_counter() - self._start)
+        self.cpu_seconds.append(time.process_time() - self._cpu_start)
+        fraction = (logs or {}).get("sam_fraction")
+        if fraction is None:
+            self.sam.append(None)
+            return
+        count = int(round(float(fraction) * (batch + 1)))
+        step_was_sam = count - self._sam_count
+        if step_was_sam not in (0, 1):
+            raise RuntimeError(f"sam_fraction {fraction} at batch {batch} does not match a running mean of SAM "
+                               "flags (is the log not reset each epoch?)")
+        self._sam_count = count
+        self.sam.append(bool(step_was_sam))
+
+
+def step_timer():
+    """A :class:`StepTimer` that is a ``keras.callbacks.Callback``."""
+    import keras
+
+    class _Timer(StepTimer, keras.callbacks.Callback):
+        def __init__(self):
+            keras.callbacks.Callback.__init__(self)
+            StepTimer.__init__(self)
+
+    return _Timer()
+
+
+def split_means(seconds, sam):
+    """``(mean non-SAM step, mean SAM step)`` of the timed steps; ``None`` for a kind with no step."""
+    seconds = np.asarray(seconds, dtype=float)
+    flags = np.array([bool(s) for s in sam], dtype=bool)
+    plain = float(seconds[~flags].mean()) if (~flags).any() else None
+    sam_mean = float(seconds[flags].mean()) if flags.any() else None
+    return plain, sam_mean
+
+
+def seconds_per_step(timing, zeta):
+    """A row's seconds per step at SAM share ``zeta``: ``(1 − ζ)·t_plain + ζ·t_sam``.
+
+    ``None`` when the share needs a kind of step the timing never saw.
+    """
+    plain, sam = timing.get("plain"), timing.get("sam")
+    if zeta > 0 and sam is None or zeta < 1 and plain is None:
+        return None
+    return (1.0 - zeta) * (plain or 0.0) + zeta * (sam or 0.0)
+
+
+def _fit_once(spec, data, weights, steps, warmup):
+    """Fit ``spec``'s model from ``weights`` for ``warmup + steps`` steps; the timer of the timed ones."""
+    import keras
+
+    from keras_aesam.bench.networks import build_network
+    from keras_aesam.bench.noisy_labels import _compile, build_model
+
+    inner = build_network(keras, spec["network"], num_classes=data.num_classes, input_shape=data.input_shape)
+    inner.set_weights(weights)
+    total = warmup + steps
+    model = build_model(spec, inner, total)
+    _compile(model, spec, total)
+    timer = step_timer()
+    model.fit(data.train.repeat(), epochs=1, steps_per_epoch=total, verbose=0, callbacks=[timer], shuffle=False)
+    return timer.seconds[warmup:], timer.sam[warmup:]
+
+
+def time_rows(specs, steps=60, rounds=5, warmup=10, stream=sys.stderr):
+    """Time every spec's step (the first spec must be ERM's), interleaved over ``rounds``.
+
+    Returns ``{label: {"plain": s, "sam": s, "plain_ratio": r, "sam_ratio": r}}``:
+    seconds of a non-SAM and of a SAM step (ERM's median over rounds times the
+    row's median ratio to ERM), ``None`` for a kind of step the row never took.
+    """
+    import keras
+
+    from keras_aesam import data as data_module
+    from keras_aesam.bench.networks import build_network
+
+    if specs[0]["method"] != "erm":
+        raise ValueError("the first spec to time must be ERM's (the reference of every ratio)")
+    first = specs[0]
+    keras.utils.set_random_seed(first["seed"])
+    data = data_module.get_dataset(first["dataset"], batch_size=first["batch_size"], seed=first["seed"],
+                                   label_noise=first["noise"], train_size=first["train_size"],
+                                   validation_fraction=first["validation_fraction"])
+    weights = build_network(keras, first["network"], num_classes=data.num_classes,
+                            input_shape=data.input_shape).get_weights()
+    ratios = {s["label"]: {"plain": [], "sam": []} for s in specs}
+    erm_seconds = []
+    for r in range(rounds):
+        order = specs if r % 2 == 0 else specs[:1] + specs[:0:-1]
+        means = {}
+        for spec in order:
+            seconds, sam = _fit_once(spec, data, weights, steps, warmup)
+            means[spec["label"]] = split_means(seconds, [bool(s) for s in sam])
+        erm = means[first["label"]][0]
+        erm_seconds.append(erm)
+        for label, (plain, sam_mean) in means.items():
+            for kind, value in (("plain", plain), ("sam", sam_mean)):
+                if value is not None:
+                    ratios[label][kind].append(value / erm)
+        print(f"    timing round {r + 1}/{rounds}: ERM {1000 * erm:.2f} ms a step", file=stream, flush=True)
+    base = float(np.median(erm_seconds))
+    out = {}
+    for label, kinds in ratios.items():
+        row = {}
+        for kind, values in kinds.items():
+            ratio = float(np.median(values)) if values else None
+            row[f"{kind}_ratio"] = ratio
+            row[kind] = None if ratio is None else base * ratio
+            row[f"{kind}_rounds"] = len(values)
+        out[label] = row
+    return out
