@@ -277,6 +277,33 @@ def test_a_run_another_process_is_doing_is_waited_for_not_run_twice(monkeypatch,
     assert noisy_labels.run_specs(tmp_path, [spec], progress, stream) == [stored]
 
 
+def test_a_run_another_process_holds_is_put_off_and_the_next_ones_run_first(monkeypatch, tmp_path):
+    import io
+    import threading
+
+    from keras_aesam.cli.run_lock import RunLock
+
+    calls = []
+    monkeypatch.setattr(noisy_labels, "run_one", _fake_run_one(calls))
+    specs = noisy_labels.main_specs(0.4, 0, 0.1)[:3]
+    held = noisy_labels.run_id(specs[0])
+    other = RunLock.acquire(tmp_path / "locks" / held, "the other process")
+    stream, done = io.StringIO(), {}
+    progress = noisy_labels.Progress(3, stream, name=noisy_labels.run_id)
+    worker = threading.Thread(target=lambda: done.update(
+        r=noisy_labels.run_specs(tmp_path, specs, progress, stream, poll_seconds=0.05)))
+    worker.start()
+    worker.join(5)  # the two free runs are done while the first is held
+    assert calls == [noisy_labels.run_id(s) for s in specs[1:]]
+    assert f"put off {held}" in stream.getvalue()
+    stored = {"run_id": held, "spec": specs[0], "test_accuracy": 0.75, "sam_fraction": 0.0}
+    noisy_labels.write_json(tmp_path / "runs" / f"{held}.json", stored)
+    other.release()
+    worker.join(30)
+    assert not worker.is_alive() and len(calls) == 2  # the held run was not run a second time
+    assert done["r"][0] == stored and [r["test_accuracy"] for r in done["r"][1:]] == [0.5, 0.5]  # in spec order
+
+
 def test_a_damaged_result_file_is_reported_and_its_run_redone(monkeypatch, tmp_path):
     import io
 

@@ -317,42 +317,65 @@ def finished(out, spec, stream=None):
     return result if isinstance(result, dict) and result.get("spec") == spec else None
 
 
-def run_specs(out, specs, progress, stream):
-    results = []
-    for spec in specs:
-        progress.start(spec)
+def run_specs(out, specs, progress, stream, poll_seconds=10):
+    """The results of ``specs``, in their order: stored ones read, the others run.
+
+    A run that another live process is doing is put off: this process goes on
+    with the next ones and waits for that result only when nothing else is left.
+    """
+    results = [None] * len(specs)
+    put_off = []
+    for i, spec in enumerate(specs):
         started = time.perf_counter()
-        result, ran = _run_once(out, spec, stream, started)
+        result, ran = _run_once(out, spec, stream, started, wait=False, progress=progress)
+        if result is None:
+            put_off.append(i)
+            continue
         progress.end(spec, result, time.perf_counter() - started, ran)
-        results.append(result)
+        results[i] = result
+    for i in put_off:
+        progress.start(specs[i])
+        started = time.perf_counter()
+        result, ran = _run_once(out, specs[i], stream, started, poll_seconds)
+        progress.end(specs[i], result, time.perf_counter() - started, ran)
+        results[i] = result
     return results
 
 
-def _run_once(out, spec, stream, started, poll_seconds=10):
+def _run_once(out, spec, stream, started, poll_seconds=10, wait=True, progress=None):
     """``(result, ran)``: the stored result of ``spec``, or its run by this process.
 
     Several processes may share the profile's folder (each takes the runs in
     its own order, e.g. ``--reverse-seeds``), so a run is done under a lock of
     its own (``locks/RUN_ID``): a process that meets a run another live process
-    is doing waits for its result instead of running it a second time; a lock
-    left by a killed process is taken over.
+    is doing waits for its result instead of running it a second time (or,
+    with ``wait=False``, returns ``(None, False)`` at once); a lock left by a
+    killed process is taken over. ``progress`` (given with ``wait=False``) is
+    told of the start of a run that is not put off.
     """
     lock_dir = Path(out) / "locks" / run_id(spec)
     waiting = False
     while True:
         result = finished(out, spec, stream)
         if result is not None:
+            if progress is not None:
+                progress.start(spec)
             return result, False
         try:
             lock = RunLock.acquire(lock_dir, f"keras-aesam bench --profile noisy-labels ({run_id(spec)})",
                                    stream=stream)
         except Locked as held:
+            if not wait:
+                print(f"    put off {run_id(spec)}: {held}", file=stream, flush=True)
+                return None, False
             if not waiting:
                 print(f"    waiting: {held}", file=stream, flush=True)
                 waiting = True
             time.sleep(poll_seconds)
             continue
         try:
+            if progress is not None:
+                progress.start(spec)
             result = finished(out, spec, stream)  # done by the holder we waited for
             if result is not None:
                 return result, False
