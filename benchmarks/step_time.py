@@ -60,6 +60,7 @@ import tensorflow as tf  # noqa: E402
 
 import keras_aesam  # noqa: E402
 from keras_aesam import networks, recipe  # noqa: E402
+from keras_aesam.bench.step_timing import step_timer  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _step_graph  # noqa: E402
@@ -276,51 +277,6 @@ def configurations(xla: bool = False, extended: bool = False) -> list:
 # ----------------------------------------------------------------------------
 # Timing
 # ----------------------------------------------------------------------------
-class StepTimer(keras.callbacks.Callback):
-    """Wall and process CPU time of every training step, and whether it was a SAM step.
-
-    The process CPU time (all threads of this process) counts the work a step
-    does whatever else runs on the machine, so it is far less noisy than the
-    wall time on a shared machine; it is reported next to it.
-
-    The SAM flag of step ``k`` is the increase of ``round(sam_fraction·(k+1))``,
-    the epoch's SAM-step count; it is ``None`` for models without the log.
-    """
-
-    def __init__(self):
-        super().__init__()
-        self.seconds = []
-        self.cpu_seconds = []
-        self.sam = []
-        self._start = 0.0
-        self._cpu_start = 0.0
-        self._sam_count = 0
-
-    def on_epoch_begin(self, epoch, logs=None):
-        self._sam_count = 0
-
-    def on_train_batch_begin(self, batch, logs=None):
-        self._cpu_start = time.process_time()
-        self._start = time.perf_counter()
-
-    def on_train_batch_end(self, batch, logs=None):
-        self.seconds.append(time.perf_counter() - self._start)
-        self.cpu_seconds.append(time.process_time() - self._cpu_start)
-        fraction = (logs or {}).get("sam_fraction")
-        if fraction is None:
-            self.sam.append(None)
-            return
-        count = int(round(float(fraction) * (batch + 1)))
-        step_was_sam = count - self._sam_count
-        if step_was_sam not in (0, 1):
-            raise RuntimeError(
-                f"sam_fraction {fraction} at batch {batch} does not match a running "
-                "mean of SAM flags (is the log not reset each epoch?)"
-            )
-        self._sam_count = count
-        self.sam.append(bool(step_was_sam))
-
-
 @dataclasses.dataclass
 class Run:
     """The timed steps of one fit (warm-up dropped), in milliseconds."""
@@ -355,7 +311,7 @@ class Contender:
         """Reset, then fit ``warmup + steps`` steps and time them."""
         for variable, value in self._initial:
             variable.assign(value)
-        timer = StepTimer()
+        timer = step_timer()
         self.model.fit(
             dataset, epochs=1, steps_per_epoch=warmup + steps, shuffle=False,
             callbacks=[timer], verbose=0,

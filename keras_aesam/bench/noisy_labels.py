@@ -460,6 +460,50 @@ def run_profile(out, settings=None, seeds=SEEDS, budget_seeds=SEEDS, stream=sys.
     return noisy_labels_report.write_report(out)
 
 
+#: The side-by-side timing of the rows (:mod:`keras_aesam.bench.step_timing`).
+TIMING_FILE = "timing.json"
+TIMING_STEPS, TIMING_ROUNDS, TIMING_WARMUP = 60, 5, 10
+
+
+def timing_key(label):
+    """The timing a row uses: its label, SAM's and MSAM's ρ rows collapsed (ρ does not change a step's cost)."""
+    for prefix, key in (("sam_rho", "sam"), ("msam_rho", "msam")):
+        if label.startswith(prefix):
+            return key
+    return label
+
+
+def timing_specs(out):
+    """One stored spec per timing key, from seed 0 of the folder's first setting that has it; ERM's first."""
+    specs = {}
+    for path in sorted((Path(out) / "runs").glob("*.json")):
+        spec = json.loads(path.read_text())["spec"]
+        if spec["seed"] == 0:
+            specs.setdefault(timing_key(spec["label"]), spec)
+    if "erm" not in specs:
+        raise FileNotFoundError(f"no ERM run of seed 0 under {Path(out) / 'runs'}: nothing to time against")
+    return [specs.pop("erm"), *(specs[k] for k in sorted(specs))]
+
+
+def measure_timing(out, stream=sys.stdout, steps=TIMING_STEPS, rounds=TIMING_ROUNDS, warmup=TIMING_WARMUP):
+    """Time every row of the folder side by side and write ``timing.json``."""
+    from keras_aesam.bench.step_timing import time_rows
+
+    specs = timing_specs(out)
+    load_before = os.getloadavg()[0]
+    started = time.perf_counter()
+    print(f"timing {len(specs)} rows: {rounds} rounds of {warmup} + {steps} steps each", file=stream, flush=True)
+    rows = time_rows([{**s, "label": timing_key(s["label"])} for s in specs], steps=steps, rounds=rounds,
+                     warmup=warmup, stream=stream)
+    write_json(Path(out) / TIMING_FILE, {
+        "rows": rows, "steps": steps, "rounds": rounds, "warmup": warmup,
+        "load_average": [round(load_before, 2), round(os.getloadavg()[0], 2)],
+        "seconds": round(time.perf_counter() - started, 1), "machine": machine(),
+        "measured_at": datetime.datetime.now().isoformat(timespec="seconds"),
+    })
+    return rows
+
+
 def _rho_path(out, noise, method=""):
     return Path(out) / f"{method}rho_{setting_name(noise)}.json"
 
@@ -524,6 +568,9 @@ def build_parser(prog="keras-aesam bench --profile noisy-labels"):
                         help="take the seeds last first: a second process on the same settings meets the first "
                              "in the middle instead of repeating its runs")
     parser.add_argument("--report-only", action="store_true", help="redraw the report from the stored runs")
+    parser.add_argument("--timing", action="store_true",
+                        help="time every row's step side by side in this process (timing.json; the seconds axis "
+                             "of the report), then redraw the report; run it after the runs, on a quiet machine")
     return parser
 
 
@@ -543,7 +590,10 @@ def record_command(out, argv, prog="keras-aesam bench --profile noisy-labels"):
 def main(argv=None, prog="keras-aesam bench --profile noisy-labels"):
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser(prog).parse_args(argv)
-    if args.report_only:
+    if args.timing:
+        record_command(args.output, argv, prog)
+        measure_timing(args.output)
+    if args.report_only or args.timing:
         from keras_aesam.bench import noisy_labels_report
 
         noisy_labels_report.write_report(args.output)

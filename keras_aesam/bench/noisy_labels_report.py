@@ -23,15 +23,18 @@ from keras_aesam.bench.noisy_labels import (
     REGIMES,
     RHO_SEEDS,
     SEEDS,
+    TIMING_FILE,
     machine,
     main_specs,
     msam_rho_specs,
     pretty,
     rival_specs,
     setting_name,
+    timing_key,
 )
 from keras_aesam.bench.progress import is_degenerate
 from keras_aesam.bench.stats import paired_difference
+from keras_aesam.bench.step_timing import seconds_per_step
 
 RUN_COLUMNS = ("setting", "label", "seed", "test_accuracy", "val_accuracy", "train_accuracy",
                "sam_fraction", "target", "grad_evals", "steps", "sharpness", "degenerate", "run_seconds")
@@ -72,8 +75,18 @@ def is_search_row(label, sam_label, msam_label=None):
             or (label.startswith("msam_rho") and label != msam_label))
 
 
-def summarize(runs):
-    """Per (setting, label): mean and std over seeds of every number the report shows."""
+def load_timing(out):
+    """``timing.json``'s record (rows by timing key), or None before ``--timing`` ran."""
+    path = Path(out) / TIMING_FILE
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def summarize(runs, timing=None):
+    """Per (setting, label): mean and std over seeds of every number the report shows.
+
+    ``seconds_per_step``: the row's timed non-SAM and SAM steps mixed at its
+    realised SAM share (None without a timing of the row).
+    """
     groups = {}
     for r in runs:
         groups.setdefault((r["setting"], r["label"]), []).append(r)
@@ -91,8 +104,14 @@ def summarize(runs):
             "peak_acc": float(np.mean([max(a for _, a in r["curve"]) for r in rs])) if rs[0]["curve"] else None,
             "degenerate": sum(r["degenerate"] for r in rs),
             "target": rs[0]["target"],
+            "seconds_per_step": _seconds(timing, label, float(frac.mean())),
         })
     return rows
+
+
+def _seconds(timing, label, zeta):
+    row = (timing or {}).get("rows", {}).get(timing_key(label))
+    return None if row is None else seconds_per_step(row, zeta)
 
 
 def _max_dev(rs):
@@ -174,32 +193,43 @@ def _policy_of(label):
     return name
 
 
-def write_pareto(out, summary, setting, sam_label, msam_label=None):
-    """Test accuracy against gradient evaluations per step, every method at every budget."""
+#: The Pareto plots' cost axes: (summary key, scale, axis label, file prefix).
+COST_AXES = {
+    "evals": ("evals_ratio", 1.0, "gradient evaluations per step (ERM = 1, SAM = 2)", "pareto"),
+    "seconds": ("seconds_per_step", 1000.0, "measured milliseconds per step (side by side, timing.json)",
+                "pareto_seconds"),
+}
+
+
+def write_pareto(out, summary, setting, sam_label, msam_label=None, axis="evals", regime=MLP):
+    """Test accuracy against a cost (``axis``: gradient evaluations or timed seconds per step)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [r for r in summary if r["setting"] == setting
+    key, scale, xlabel, prefix = COST_AXES[axis]
+    rows = [r for r in summary if r["setting"] == setting and r.get(key) is not None
             and not is_search_row(r["label"], sam_label, msam_label)]
+    if not rows:
+        return None
     fig, ax = plt.subplots(figsize=(8, 5.5))
     markers = dict(zip(("erm", "sam", "ae_sam", "ss_sam", "rst", "late_sam", "quantile_sam", "looksam",
                         "ae_looksam", "late_sam+looksam", "quantile_sam+looksam", "ae_looksam_unbounded",
                         "msam", "esam"), "os^vD<>Ppx*hXd"))
     for policy in markers:
-        pts = sorted([r for r in rows if _policy_of(r["label"]) == policy], key=lambda r: r["evals_ratio"])
+        pts = sorted([r for r in rows if _policy_of(r["label"]) == policy], key=lambda r: r[key])
         if not pts:
             continue
-        ax.errorbar([p["evals_ratio"] for p in pts], [100 * p["acc_mean"] for p in pts],
+        ax.errorbar([scale * p[key] for p in pts], [100 * p["acc_mean"] for p in pts],
                     yerr=[100 * p["acc_std"] for p in pts], marker=markers[policy], capsize=3,
                     linestyle="-" if len(pts) > 1 else "none", label=pretty(policy))
-    front = pareto_front(rows)
-    ax.plot([p["evals_ratio"] for p in front], [100 * p["acc_mean"] for p in front], color="k",
+    front = pareto_front(rows, key)
+    ax.plot([scale * p[key] for p in front], [100 * p["acc_mean"] for p in front], color="k",
             linestyle=":", linewidth=1, label="Pareto front")
-    labels = ("gradient evaluations per step (ERM = 1, SAM = 2)", "final test accuracy (%), mean ± std over seeds",
-              f"Fashion-MNIST, {setting}: accuracy against cost")
-    return _finish(fig, ax, labels, Path(out) / f"pareto_{setting}.png", legend_size=7)
+    labels = (xlabel, "final test accuracy (%), mean ± std over seeds",
+              f"Fashion-MNIST, {regime.name.upper()} regime, {setting}: accuracy against cost")
+    return _finish(fig, ax, labels, Path(out) / f"{prefix}_{setting}.png", legend_size=7)
 
 
 def _finish(fig, ax, labels, path, legend_size=8):
@@ -218,10 +248,10 @@ def _finish(fig, ax, labels, path, legend_size=8):
     return path
 
 
-def pareto_front(rows):
-    """The rows no other row beats on both cost (fewer evaluations) and accuracy."""
+def pareto_front(rows, key="evals_ratio"):
+    """The rows no other row beats on both cost (``key``, lower is better) and accuracy."""
     front = []
-    for r in sorted(rows, key=lambda r: (r["evals_ratio"], -r["acc_mean"])):
+    for r in sorted(rows, key=lambda r: (r[key], -r["acc_mean"])):
         if not front or r["acc_mean"] > front[-1]["acc_mean"]:
             front.append(r)
     return front
@@ -256,16 +286,17 @@ def _p(p):
 
 def _summary_table(summary, setting, sam_label, msam_label=None):
     lines = ["| method | seeds | final test acc. (%) | peak test acc. (%) | SAM steps (%) | grad. evals / step "
-             "| sharpness | chance-level runs |", "|---|---|---|---|---|---|---|---|"]
+             "| ms / step (timed) | sharpness | chance-level runs |", "|---|---|---|---|---|---|---|---|---|"]
     for r in sorted((r for r in summary if r["setting"] == setting),
                     key=lambda r: (r["label"].startswith("sam_rho") and r["label"] != sam_label,
                                    r["target"] or 0, r["evals_ratio"])):
         flag = f"**{r['degenerate']} ⚠**" if r["degenerate"] else "0"
         tuned = " (ρ search)" if is_search_row(r["label"], sam_label, msam_label) else ""
         peak = "" if r["peak_acc"] is None else f"{100 * r['peak_acc']:.2f}"
+        ms = "" if r.get("seconds_per_step") is None else f"{1000 * r['seconds_per_step']:.2f}"
         lines.append(f"| {pretty(r['label'])}{tuned} | {r['n']} | {100 * r['acc_mean']:.2f} ± "
                      f"{100 * r['acc_std']:.2f} | {peak} | {100 * r['sam_fraction']:.1f} | "
-                     f"{r['evals_ratio']:.3f} | {r['sharpness']:.4f} | {flag} |")
+                     f"{r['evals_ratio']:.3f} | {ms} | {r['sharpness']:.4f} | {flag} |")
     return lines
 
 
@@ -361,7 +392,7 @@ def _commands(out):
             *(f"{c['command']}  # {c['started']}" for c in recorded), "```"]
 
 
-def _header(out, runs, rhos, regime=MLP):
+def _header(out, runs, rhos, regime=MLP, timing=None):
     seconds = sum(r.get("run_seconds", 0.0) for r in runs)
     stamps = sorted(r["finished_at"] for r in runs if r.get("finished_at"))
     m = machine()
@@ -384,6 +415,7 @@ def _header(out, runs, rhos, regime=MLP):
         + (f", finished between {stamps[0]} and {stamps[-1]}." if stamps else "."),
         "- *Sharpness*: mean over 8 training batches of L(w + e) − L(w), e = 0.05·g/‖g‖, at the final "
         "weights (first-order worst case in a ρ-ball, the same ρ for every method).",
+        _timing_line(timing),
         "- *Grad. evals / step*: forward-backward passes per step (1 + SAM share); the cost axis. MSAM takes its "
         "one pass at w + e (1.0); ESAM's second pass counts as one although it runs on half the batch and "
         "perturbs 60 % of the weight tensors (plus a forward pass to choose the samples).",
@@ -398,6 +430,19 @@ def _header(out, runs, rhos, regime=MLP):
                   + ", ".join(r["run_id"] for r in bad) + ". Their numbers are included in the tables but are "
                   "not ordinary results."]
     return lines
+
+
+def _timing_line(timing):
+    if timing is None:
+        return ("- *ms / step (timed)*: not measured yet (`--timing` times every row side by side, after the "
+                "runs); the seconds axis is then drawn.")
+    low, high = timing["load_average"]
+    return (f"- *ms / step (timed)*: every row's step timed side by side in one process (`--timing`, "
+            f"{timing['measured_at']}: {timing['rounds']} interleaved rounds of {timing['warmup']} + "
+            f"{timing['steps']} steps from seed 0's weights, load average {low:g} → {high:g}); a row's "
+            "non-SAM and SAM steps are timed apart and mixed at its realised SAM share, ERM's median step "
+            "times the row's median per-round ratio to ERM. The runs' own fit times are not used: they "
+            "shared the machine with other runs.")
 
 
 def incomplete_rows(runs, rhos, msam_rhos, regime=MLP):
@@ -432,9 +477,9 @@ def _incomplete_lines(missing, setting):
             + "; ".join(f"{pretty(label)} {n}/{m} seeds" for label, n, m in rows) + "."]
 
 
-def report_text(out, runs, summary, tests, rhos, plots, msam_rhos=None, regime=MLP):
+def report_text(out, runs, summary, tests, rhos, plots, msam_rhos=None, regime=MLP, timing=None):
     msam_rhos = msam_rhos or {}
-    lines = _header(out, runs, rhos, regime)
+    lines = _header(out, runs, rhos, regime, timing)
     missing = incomplete_rows(runs, rhos, msam_rhos, regime)
     order = sorted({r["setting"] for r in runs}, key=lambda s: (s != setting_name(regime.main_noise), s))
     for setting in order:
@@ -468,7 +513,8 @@ def write_report(out):
     if not runs:
         raise FileNotFoundError(f"no runs under {out / 'runs'}")
     rhos, msam_rhos = chosen_rhos(out), chosen_rhos(out, "msam_")
-    summary = summarize(runs)
+    timing = load_timing(out)
+    summary = summarize(runs, timing)
     tests = paired_tests(runs, rhos, msam_rhos)
     write_csv(out / "results.csv", runs, RUN_COLUMNS)
     write_csv(out / "summary.csv", summary, list(summary[0]))
@@ -478,9 +524,11 @@ def write_report(out):
     for setting, rho in rhos.items():
         sam_label = _sam_label(rho)
         msam_label = _sam_label(msam_rhos[setting], "msam") if setting in msam_rhos else None
-        plots[setting] = [write_pareto(out, summary, setting, sam_label, msam_label),
+        plots[setting] = [write_pareto(out, summary, setting, sam_label, msam_label, regime=regime),
+                          write_pareto(out, summary, setting, sam_label, msam_label, "seconds", regime),
                           write_curves(out, runs, setting, ["erm", sam_label, "ae_sam", "late_sam@ae",
                                                             "quantile_sam@ae", "ss_sam@ae", "looksam",
                                                             "ae_looksam", "ae_looksam_unbounded"])]
-    (out / "report.md").write_text(report_text(out, runs, summary, tests, rhos, plots, msam_rhos, regime))
+    plots = {setting: [p for p in paths if p is not None] for setting, paths in plots.items()}
+    (out / "report.md").write_text(report_text(out, runs, summary, tests, rhos, plots, msam_rhos, regime, timing))
     return summary
