@@ -1,24 +1,26 @@
 """The noisy-labels bench profile: when to take SAM steps, compared at equal cost.
 
 A regime on real data where sharpness matters: Fashion-MNIST with symmetric
-label noise on a 10,000-image training subset, a 784-512-512-10 ReLU MLP
-trained for 40 epochs (SGD momentum 0.9, cosine from lr 0.05, no weight decay).
-ERM memorizes the flipped labels late in training; SAM resists. On top of
-that regime every *when* policy is run at the same budget of SAM steps:
+label noise on a 10,000-image training subset, trained with SGD momentum 0.9
+and a cosine schedule from lr 0.05, no weight decay; ERM memorizes the flipped
+labels late in training, SAM resists. Two regimes (:class:`Regime`): the MLP
+(784-512-512-10, 40 epochs; clean, 40 % and 60 % noise) and the CNN (``bn_cnn``,
+a narrow BatchNorm CNN, 30 epochs; 40 % noise). In each setting, in order:
 
-1. ``rho``: SAM with each ρ of ``RHO_GRID`` on the first seeds; the ρ with the
-   best mean *validation* accuracy (clean held-out labels, never the test set)
-   is used by every method of that setting.
-2. ``main``: ERM, SAM, AE-SAM, LookSAM, AE-LookSAM; then, at the SAM fraction
-   ζ that AE-SAM realised on the same seed, SS-SAM, RST, late SAM and quantile
-   SAM; and at AE-LookSAM's realised ζ, the LookSAM direction under late SAM
-   and quantile SAM, and LookSAM with ``k = round(1/ζ)``; and the paper's
-   AE-LookSAM with ``g_v`` reused without bound (``max_age=None``).
-3. ``budget`` (main setting only): AE-SAM, SS-SAM, RST, late SAM and quantile
-   SAM at fixed budgets of 10, 25, 50 and 75 % SAM steps.
-4. ``rivals`` (every setting, after the others): Momentum-SAM with its own ρ
-   chosen on validation from ``MSAM_RHO_GRID`` (on the ρ seeds, as SAM's),
-   LookSAM at ``k`` of ``LOOKSAM_PERIODS``, and ESAM, at SAM's ρ.
+1. ``rho``: SAM with each ρ of the regime's grid on the first seeds; the ρ with
+   the best mean *validation* accuracy (clean held-out labels, never the test
+   set) is used by every method of that setting. Then Momentum-SAM's own ρ,
+   chosen the same way from its grid (its ρ is on another scale).
+2. ``main``, seed by seed: ERM, SAM, AE-SAM, LookSAM, AE-LookSAM; then, at the
+   SAM fraction ζ that AE-SAM realised on the same seed, the regime's matched
+   policies (MLP: SS-SAM, RST, late SAM, quantile SAM; CNN: SS-SAM, quantile
+   SAM); in the MLP regime also, at AE-LookSAM's realised ζ, the LookSAM
+   direction under late SAM and quantile SAM, LookSAM with ``k = round(1/ζ)``,
+   and the paper's AE-LookSAM with ``g_v`` reused without bound
+   (``max_age=None``). Then the rivals: Momentum-SAM at its ρ, LookSAM at
+   ``k`` of ``LOOKSAM_PERIODS``, and ESAM at SAM's ρ.
+3. ``budget`` (the MLP's main setting only): AE-SAM, SS-SAM, RST, late SAM and
+   quantile SAM at fixed budgets of 10, 25, 50 and 75 % SAM steps.
 
 Every run of a seed starts from the same initial weights and sees the same
 labels and batch order. Each result is a JSON file written when its run ends,
@@ -435,26 +437,23 @@ def run_profile(out, settings=None, seeds=SEEDS, budget_seeds=SEEDS, stream=sys.
     write_json(out / "profile.json", profile_record(regime))
     budget_seeds = budget_seeds if regime.budget_stage else ()
     progress = Progress(planned_runs(settings, seeds, budget_seeds, regime), stream, name=run_id)
-    rhos = {}
     for noise in settings:
-        rho = rhos[noise] = choose_rho(run_specs(out, rho_specs(noise, regime), progress, stream))
+        rho = choose_rho(run_specs(out, rho_specs(noise, regime), progress, stream))
         write_json(_rho_path(out, noise), {"rho": rho})
         print(f"{setting_name(noise)}: rho = {rho:g} (best validation accuracy)", file=stream, flush=True)
+        msam_rho = choose_rho(run_specs(out, msam_rho_specs(noise, regime), progress, stream))
+        write_json(_rho_path(out, noise, "msam_"), {"rho": msam_rho})
+        print(f"{setting_name(noise)}: MSAM rho = {msam_rho:g} (best validation accuracy)", file=stream, flush=True)
         for seed in seeds:
             first = run_specs(out, main_specs(noise, seed, rho, regime=regime), progress, stream)
             zeta = max(round(first[2]["sam_fraction"], 3), 0.001)  # a budget must be > 0
             zeta_look = max(round(first[4]["sam_fraction"], 3), 0.001)
             run_specs(out, main_specs(noise, seed, rho, zeta, zeta_look, regime)[5:], progress, stream)
+            run_specs(out, rival_specs(noise, seed, rho, msam_rho, regime), progress, stream)
     if budget_seeds:
         rho = _wait_for_rho(out, regime.main_noise, stream)
         for seed in budget_seeds:
             run_specs(out, budget_specs(regime.main_noise, seed, rho, regime), progress, stream)
-    for noise in settings:
-        msam_rho = choose_rho(run_specs(out, msam_rho_specs(noise, regime), progress, stream))
-        write_json(_rho_path(out, noise, "msam_"), {"rho": msam_rho})
-        print(f"{setting_name(noise)}: MSAM rho = {msam_rho:g} (best validation accuracy)", file=stream, flush=True)
-        for seed in seeds:
-            run_specs(out, rival_specs(noise, seed, rhos[noise], msam_rho, regime), progress, stream)
     from keras_aesam.bench import noisy_labels_report
 
     return noisy_labels_report.write_report(out)
