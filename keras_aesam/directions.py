@@ -59,8 +59,12 @@ class Direction(abc.ABC):
         return False
 
     @abc.abstractmethod
-    def perturbation(self, grads, weights, step):
-        """The ``e`` at which a SAM step takes its second gradient."""
+    def perturbation(self, grads, weights, step, grad_norm_sq=None):
+        """The ``e`` at which a SAM step takes its second gradient.
+
+        ``grad_norm_sq`` is ``‖grads‖²`` when the step already has it (or None):
+        a rule whose ``e`` needs that norm uses it instead of a pass over ``grads``.
+        """
 
     @abc.abstractmethod
     def on_sam_step(self, grads, sam_grads, state):
@@ -91,10 +95,10 @@ class SAM(Direction):
         self.rho = check_range("rho", rho, 0.0, low_open=True)
         self.adaptive = check_bool("adaptive", adaptive)
 
-    def perturbation(self, grads, weights, step):
+    def perturbation(self, grads, weights, step, grad_norm_sq=None):
         if self.adaptive:
             return sam_ops.asam_perturbation(grads, weights, self.rho)
-        return sam_ops.sam_perturbation(grads, self.rho)
+        return sam_ops.sam_perturbation(grads, self.rho, sq_norm=grad_norm_sq)
 
     def on_sam_step(self, grads, sam_grads, state):
         return sam_grads, state
@@ -190,8 +194,8 @@ class ESAM(SAM):
         draws = sam_ops.uniform_from_counter((num_tensors,), self.seed, 2, step)
         return [draws[i] < self.beta for i in range(num_tensors)]
 
-    def perturbation(self, grads, weights, step):
-        e = super().perturbation(grads, weights, step)
+    def perturbation(self, grads, weights, step, grad_norm_sq=None):
+        e = super().perturbation(grads, weights, step, grad_norm_sq)
         if self.beta >= 1.0:
             return e
         return sam_ops.swp_perturbation(e, self.swp_mask(len(e), step), self.beta)
@@ -222,8 +226,8 @@ class MSAM(Direction):
     def perturbs_before_pass(self):
         return True
 
-    def perturbation(self, velocity, weights, step):
-        """``e`` from the momentum ``v`` (``velocity``, one tensor per weight)."""
+    def perturbation(self, velocity, weights, step, grad_norm_sq=None):
+        """``e`` from the momentum ``v`` (``velocity``, one tensor per weight; no gradient norm)."""
         return sam_ops.momentum_perturbation(velocity, self.rho)
 
     def on_sam_step(self, grads, sam_grads, state):

@@ -607,12 +607,16 @@ class SharpnessAwareModel(keras.Model):
             scaled = self.optimizer.scale_loss(loss)
         return _zeros_for_none(tape.gradient(scaled, values), variables), loss
 
-    def _perturbation(self, grads, variables, step):
-        """The direction's ``e``, over the weights ``perturb_filter`` chose (0 elsewhere)."""
+    def _perturbation(self, grads, variables, step, grad_norm_sq=None):
+        """The direction's ``e``, over the weights ``perturb_filter`` chose (0 elsewhere).
+
+        ``grad_norm_sq``: ``‖grads‖²`` if the step has it (used only when every
+        weight is perturbed: a filter changes the norm).
+        """
         weights = [v.value for v in variables]
         mask = self._perturb_mask
         if mask is None:
-            return self.direction.perturbation(grads, weights, step)
+            return self.direction.perturbation(grads, weights, step, grad_norm_sq)
         e = self.direction.perturbation(
             sam_ops.select(grads, mask), sam_ops.select(weights, mask), step
         )
@@ -659,7 +663,7 @@ class SharpnessAwareModel(keras.Model):
         decision = self._decide(grad_norm_sq)
         # 3. the second pass at w + e, on SAM steps only
         pass_grads, sharpness, pass_finite = self._second_pass(
-            decision, run, (x, y, sample_weight), y_pred, loss, local_grads, perturb_from
+            decision, run, (x, y, sample_weight), y_pred, loss, local_grads, perturb_from, grad_norm_sq
         )
         # 4. the direction d, applied only where the whole step is finite
         d, new_direction_state, direction_state = self._direction(
@@ -738,18 +742,24 @@ class SharpnessAwareModel(keras.Model):
         )
         return _Decision(use_sam, finite, step, old_state, new_state, logs)
 
-    def _second_pass(self, decision, run, batch, y_pred, loss, local_grads, perturb_from):
+    def _second_pass(self, decision, run, batch, y_pred, loss, local_grads, perturb_from, grad_norm_sq):
         """``(gradient to form d from, sharpness, is it finite here)``: ``ĝ`` at
         ``w + e`` on a SAM step, else ``g``, 0 and ``True`` (``‖g‖²`` already said
-        whether ``g`` is finite). No ``tf.cond`` when the policy never uses SAM."""
+        whether ``g`` is finite). No ``tf.cond`` when the policy never uses SAM.
+
+        ``e``'s norm is the statistic's ``‖g‖²`` where that is the norm of the
+        ``g`` perturbed along (one replica, or ``e`` synced): no third pass over ``g``.
+        """
         x, y, sample_weight = batch
         skip = lambda: (local_grads, tf.constant(0.0), tf.constant(True))
         if self.policy.never_sam:
             return skip()
+        same_norm = run.replicas == 1 or self.sync_perturbation
 
         def sam_branch():
             variables = self.trainable_variables
-            e = self._perturbation(run.unscale(perturb_from), variables, decision.step)
+            e = self._perturbation(run.unscale(perturb_from), variables, decision.step,
+                                   grad_norm_sq if same_norm else None)
             if self.direction.selects_samples:
                 xs, ys, sws, rise = self._select_samples(x, y, sample_weight, y_pred, e)
                 grads = self._xla(self._sam_pass)(xs, ys, sws, e)[0]

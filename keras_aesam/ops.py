@@ -89,9 +89,14 @@ def _scaled(tensors, scale):
     return [map_values(lambda v: ops.cast(scale, v.dtype) * v, t) for t in tensors]
 
 
-def sam_perturbation(grads, rho, eps=EPS):
-    """``e = ρ · g / (‖g‖ + eps)``: the first-order worst case in a ρ-ball (eq. 2)."""
-    return _scaled(grads, rho / (global_norm(grads) + eps))
+def sam_perturbation(grads, rho, eps=EPS, sq_norm=None):
+    """``e = ρ · g / (‖g‖ + eps)``: the first-order worst case in a ρ-ball (eq. 2).
+
+    ``sq_norm``: ``‖g‖²`` (float32) when the caller has it already, as the step
+    does from the policy's statistic; ``e`` then takes no pass over ``g`` for it.
+    """
+    norm = global_norm(grads) if sq_norm is None else ops.sqrt(sq_norm)
+    return _scaled(grads, rho / (norm + eps))
 
 
 def asam_perturbation(grads, weights, rho, eps=EPS):

@@ -27,6 +27,15 @@ def test_sam_perturbation_has_norm_rho_along_g():
         np.testing.assert_allclose(ei, 0.05 * gi / norm, rtol=1e-5)
 
 
+def test_sam_perturbation_from_a_known_squared_norm_is_the_same_bits():
+    """The step hands e the policy's ‖g‖² instead of a second pass over g: nothing changes."""
+    g = [tf.constant(t) for t in tensors((3, 4), (4,))]
+    direct = sam_ops.sam_perturbation(g, 0.05)
+    reused = sam_ops.sam_perturbation(g, 0.05, sq_norm=sam_ops.global_sq_norm(g))
+    for a, b in zip(direct, reused):
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
+
+
 def test_momentum_perturbation_has_norm_rho_against_the_momentum():
     """MSAM: ``e = -ρ·v/‖v‖`` over all tensors (one global norm)."""
     v = tensors((3, 4), (4,))
