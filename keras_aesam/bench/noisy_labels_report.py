@@ -1,6 +1,7 @@
 """The noisy-labels profile's report: tables, paired tests, the Pareto plot.
 
-Reads the run JSON files that :mod:`keras_aesam.bench.noisy_labels` wrote and writes
+Reads the run JSON files that :mod:`keras_aesam.bench.noisy_labels` wrote (the runs of the plan in
+:mod:`keras_aesam.bench.noisy_labels_plan`) and writes
 ``results.csv``, ``summary.csv``, ``tests.csv``, ``pareto.png``,
 ``curves.png`` and ``report.md`` next to them. Nothing here trains: the report
 can be redrawn at any time from the stored runs, also while the profile runs.
@@ -14,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from keras_aesam.bench.noisy_labels import (
+from keras_aesam.bench.noisy_labels_plan import (
     BUDGETED,
     BUDGETS,
     COMMANDS_FILE,
@@ -24,7 +25,6 @@ from keras_aesam.bench.noisy_labels import (
     RHO_SEEDS,
     SEEDS,
     TIMING_FILE,
-    machine,
     main_specs,
     msam_rho_specs,
     pretty,
@@ -33,6 +33,7 @@ from keras_aesam.bench.noisy_labels import (
     timing_key,
 )
 from keras_aesam.bench.progress import is_degenerate
+from keras_aesam.bench.records import machine
 from keras_aesam.bench.stats import paired_difference
 from keras_aesam.bench.step_timing import seconds_per_step
 
