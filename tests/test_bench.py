@@ -152,6 +152,31 @@ def _synthetic_rows():
     return rows
 
 
+def test_a_verdict_names_a_or_says_only_better_worse_or_no_difference():
+    better = {"a": "ae_sam", "n": 3, "ci_low": 0.01, "ci_high": 0.03}
+    worse = {**better, "ci_low": -0.03, "ci_high": -0.01}
+    neither = {**better, "ci_low": -0.01, "ci_high": 0.01}
+    assert bench.verdict(better) == "AE-SAM better (95 % CI excludes 0)"
+    assert [bench.verdict(t, "a", reason=False) for t in (better, worse, neither)] == [
+        "a better", "a worse", "no significant difference"]
+
+
+def test_the_reports_numbers_tables_and_csv(tmp_path):
+    from keras_aesam.bench import tables
+
+    assert (tables.number(0.12345, 1, 100), tables.number(None), tables.plus_minus(0.5, None)) == ("12.3", "–", "0.50")
+    assert tables.plus_minus(0.9012, 0.0123, 2, 100) == "90.12 ± 1.23"
+    assert tables.interval({"ci_low": -0.0012, "ci_high": 0.0134}) == "[-0.12, +1.34]"
+    assert tables.interval({"ci_low": None, "ci_high": None}) == "–"
+    assert [tables.p_value(p) for p in (0.01234, 0.00012, None)] == ["0.012", "1.2e-04", "–"]
+    assert tables.p_value(0.00012, floor=True) == "< 0.001"
+    assert tables.column_table([{"x": 1}, {"x": None}], [("x", lambda r: r["x"]), ("2x", lambda r: "")]) == [
+        "| x | 2x |", "|---|---|", "| 1 |  |", "| None |  |"]
+    assert tables.degenerate_warning([]) == []
+    tables.write_csv(tmp_path / "t.csv", [{"a": 1 / 3, "b": None, "c": "x", "extra": 1}], ("a", "b", "c"))
+    assert (tmp_path / "t.csv").read_bytes() == b"a,b,c\r\n0.333333,,x\r\n"
+
+
 def test_time_ratios_pair_each_run_with_the_erm_of_its_group():
     rows = _synthetic_rows()
     ratios = bench.time_ratios(rows)
@@ -218,10 +243,10 @@ def test_a_run_at_chance_level_is_flagged_in_the_report(tmp_path):
     for row in rows:
         (tmp_path / "runs" / f"{row['run_id']}.json").write_text(json.dumps(row))
     text = bench.write_report(tmp_path)["report"].read_text()
-    assert f"**WARNING: 1 run(s) ended at chance-level accuracy (or a non-finite loss): {rows[0]['run_id']}.**" in text
+    assert f"1 run(s) ended at chance-level accuracy or with a non-finite loss:** {rows[0]['run_id']}." in text
     rows[0]["test_accuracy"] = 0.8
     (tmp_path / "runs" / f"{rows[0]['run_id']}.json").write_text(json.dumps(rows[0]))
-    assert "WARNING" not in bench.write_report(tmp_path)["report"].read_text()
+    assert "chance-level accuracy" not in bench.write_report(tmp_path)["report"].read_text()
 
 
 def test_the_console_line_of_a_run_gives_the_time_left_and_flags_chance_level():

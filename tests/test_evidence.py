@@ -6,21 +6,22 @@ import numpy as np
 import pytest
 
 from keras_aesam import bench
-from keras_aesam.bench import noisy_labels, noisy_labels_report
+from keras_aesam.bench import noisy_labels, noisy_labels_plan as plan, noisy_labels_report
+from keras_aesam.bench.progress import is_degenerate
 
 
 # --------------------------------------------------------------------------
 # The plan
 # --------------------------------------------------------------------------
 def test_rho_is_searched_on_the_rho_seeds_only():
-    specs = noisy_labels.rho_specs(0.4)
-    assert {s["hyperparameters"]["rho"] for s in specs} == set(noisy_labels.MLP.rho_grid)
-    assert {s["seed"] for s in specs} == set(noisy_labels.RHO_SEEDS)
+    specs = plan.rho_specs(0.4)
+    assert {s["hyperparameters"]["rho"] for s in specs} == set(plan.MLP.rho_grid)
+    assert {s["seed"] for s in specs} == set(plan.RHO_SEEDS)
     assert all(s["method"] == "sam" for s in specs)
 
 
 def test_main_stage_matches_rivals_to_the_seeds_ae_budgets():
-    specs = noisy_labels.main_specs(0.4, 3, 0.2, zeta=0.41, zeta_look=0.17)
+    specs = plan.main_specs(0.4, 3, 0.2, zeta=0.41, zeta_look=0.17)
     by_label = {s["label"]: s for s in specs}
     for method in ("ss_sam", "rst", "late_sam", "quantile_sam"):
         assert by_label[f"{method}@ae"]["hyperparameters"] == {"rho": 0.2, "target_sam_fraction": 0.41}
@@ -33,44 +34,44 @@ def test_main_stage_matches_rivals_to_the_seeds_ae_budgets():
 
 
 def test_sam_at_the_chosen_rho_is_shared_between_the_search_and_the_main_stage():
-    search = {noisy_labels.run_id(s): s for s in noisy_labels.rho_specs(0.4)}
-    main = {noisy_labels.run_id(s): s for s in noisy_labels.main_specs(0.4, 0, 0.1)}
+    search = {plan.run_id(s): s for s in plan.rho_specs(0.4)}
+    main = {plan.run_id(s): s for s in plan.main_specs(0.4, 0, 0.1)}
     shared = set(search) & set(main)
     assert shared == {"noise40__sam_rho0.1__s0"}
     assert all(search[k] == main[k] for k in shared)
 
 
 def test_budget_stage_covers_every_budgeted_policy_at_every_budget():
-    specs = noisy_labels.budget_specs(0.4, 0, 0.2)
+    specs = plan.budget_specs(0.4, 0, 0.2)
     pairs = {(s["method"], s["hyperparameters"]["target_sam_fraction"]) for s in specs}
-    assert pairs == {(m, f) for m in noisy_labels.BUDGETED for f in noisy_labels.BUDGETS}
+    assert pairs == {(m, f) for m in plan.BUDGETED for f in plan.BUDGETS}
 
 
 def test_planned_runs_counts_each_run_once():
-    n = noisy_labels.planned_runs((0.4,), (0, 1, 2), (0,))
-    per_seed = len(noisy_labels.main_specs(0.4, 0, 0.1, zeta=0.5, zeta_look=0.2))
-    per_seed += len(noisy_labels.rival_specs(0.4, 0, 0.1, 1.0))
-    search = (len(noisy_labels.MLP.rho_grid) + len(noisy_labels.MLP.msam_rho_grid)) * len(noisy_labels.RHO_SEEDS)
+    n = plan.planned_runs((0.4,), (0, 1, 2), (0,))
+    per_seed = len(plan.main_specs(0.4, 0, 0.1, zeta=0.5, zeta_look=0.2))
+    per_seed += len(plan.rival_specs(0.4, 0, 0.1, 1.0))
+    search = (len(plan.MLP.rho_grid) + len(plan.MLP.msam_rho_grid)) * len(plan.RHO_SEEDS)
     # SAM and MSAM at their chosen ρ on seeds 0 and 1 are search runs too
-    assert n == search + 3 * per_seed - 2 * 2 + len(noisy_labels.BUDGETS) * len(noisy_labels.BUDGETED)
+    assert n == search + 3 * per_seed - 2 * 2 + len(plan.BUDGETS) * len(plan.BUDGETED)
 
 
 def test_policy_and_direction_come_from_their_methods():
     import keras
 
     inner = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)])
-    specs = {s["label"]: s for s in noisy_labels.main_specs(0.4, 0, 0.2, zeta=0.3, zeta_look=0.2)}
+    specs = {s["label"]: s for s in plan.main_specs(0.4, 0, 0.2, zeta=0.3, zeta_look=0.2)}
     model = noisy_labels.build_model(specs["quantile_sam+looksam@ae"], inner, total_steps=100)
     assert type(model.policy).__name__ == "Quantile"
     assert type(model.direction).__name__ == "LookSAM"
     assert model.policy.target_sam_fraction == 0.2 and model.direction.rho == 0.2
-    assert model.direction.max_age == noisy_labels.MAX_AGE  # the rivals get the bounded direction too
+    assert model.direction.max_age == plan.MAX_AGE  # the rivals get the bounded direction too
 
 
 def test_every_looksam_direction_row_but_looksams_own_bounds_the_age_of_g_v():
     import keras
 
-    specs = {s["label"]: s for s in noisy_labels.main_specs(0.4, 0, 0.2, zeta=0.3, zeta_look=0.12)}
+    specs = {s["label"]: s for s in plan.main_specs(0.4, 0, 0.2, zeta=0.3, zeta_look=0.12)}
     ages = {}
     for label in ("ae_looksam", "late_sam+looksam@ae", "quantile_sam+looksam@ae", "looksam", "looksam@ae",
                   "ae_looksam_unbounded"):
@@ -83,10 +84,10 @@ def test_every_looksam_direction_row_but_looksams_own_bounds_the_age_of_g_v():
 def test_rivals_stage_msam_at_its_own_rho_looksam_periods_and_esam():
     import keras
 
-    specs = {s["label"]: s for s in noisy_labels.rival_specs(0.6, 2, 0.2, msam_rho=0.6)}
+    specs = {s["label"]: s for s in plan.rival_specs(0.6, 2, 0.2, msam_rho=0.6)}
     assert set(specs) == {"msam_rho0.6", "looksam_k2", "looksam_k10", "esam"}
-    search = {noisy_labels.run_id(s) for s in noisy_labels.msam_rho_specs(0.6)}
-    assert noisy_labels.run_id({**specs["msam_rho0.6"], "seed": 0}) in search  # shared with the search
+    search = {plan.run_id(s) for s in plan.msam_rho_specs(0.6)}
+    assert plan.run_id({**specs["msam_rho0.6"], "seed": 0}) in search  # shared with the search
     built = {}
     for label, spec in specs.items():
         inner = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)])
@@ -97,10 +98,10 @@ def test_rivals_stage_msam_at_its_own_rho_looksam_periods_and_esam():
 
 
 def test_looksam_at_ae_looksams_budget_takes_the_nearest_period():
-    specs = {s["label"]: s for s in noisy_labels.main_specs(0.4, 0, 0.2, zeta=0.3, zeta_look=0.13)}
+    specs = {s["label"]: s for s in plan.main_specs(0.4, 0, 0.2, zeta=0.3, zeta_look=0.13)}
     assert specs["looksam@ae"]["hyperparameters"] == {"rho": 0.2, "k": 8}
     assert specs["looksam@ae"]["budget"] == "ae_looksam"
-    assert [noisy_labels.looksam_k(z) for z in (0.2, 0.11, 0.15, 0.9)] == [5, 9, 7, 1]
+    assert [plan.looksam_k(z) for z in (0.2, 0.11, 0.15, 0.9)] == [5, 9, 7, 1]
 
 
 # --------------------------------------------------------------------------
@@ -123,7 +124,7 @@ def test_rho_is_chosen_on_validation_accuracy_never_test():
     [(0.10, 2.30, True), (0.115, 2.2, True), (0.50, 1.2, False), (0.90, float("nan"), True)],
 )
 def test_chance_level_runs_are_flagged(accuracy, loss, degenerate):
-    assert noisy_labels.is_degenerate({"test_accuracy": accuracy, "test_loss": loss, "num_classes": 10}) is degenerate
+    assert is_degenerate({"test_accuracy": accuracy, "test_loss": loss, "num_classes": 10}) is degenerate
 
 
 def test_bench_hands_the_noisy_labels_profile_its_own_arguments():
@@ -160,8 +161,8 @@ def _fake_runs(out, rng):
         for label, acc in base.items():
             method = label.split("@")[0].replace("_rho0.1", "")
             hp = {"rho": 0.1, **({"target_sam_fraction": 0.45} if "@" in label else {})}
-            spec = {**noisy_labels._spec(0.4, seed, label, method, hp), "label": label}
-            run = {"run_id": noisy_labels.run_id(spec), "spec": spec,
+            spec = {**plan._spec(0.4, seed, label, method, hp), "label": label}
+            run = {"run_id": plan.run_id(spec), "spec": spec,
                    "test_accuracy": acc + rng.normal(0, 0.002), "test_loss": 1.0, "val_accuracy": acc,
                    "train_accuracy": 0.9, "steps": 100, "sam_steps": int(100 * frac[label]),
                    "sam_fraction": frac[label], "grad_evals": 100 + int(100 * frac[label]),
@@ -188,8 +189,8 @@ def test_report_reads_the_runs_and_tests_the_claims(tmp_path):
 
 
 def _add_run(out, label, method, hp, seed, acc, frac=0.0):
-    spec = noisy_labels._spec(0.4, seed, label, method, hp)
-    run = {"run_id": noisy_labels.run_id(spec), "spec": spec, "test_accuracy": acc, "test_loss": 1.0,
+    spec = plan._spec(0.4, seed, label, method, hp)
+    run = {"run_id": plan.run_id(spec), "spec": spec, "test_accuracy": acc, "test_loss": 1.0,
            "val_accuracy": acc, "train_accuracy": 0.9, "steps": 100, "sam_steps": int(100 * frac),
            "sam_fraction": frac, "grad_evals": 100 + int(100 * frac), "curve": [[5, acc]], "sharpness": 0.1,
            "num_classes": 10, "run_seconds": 10.0, "finished_at": "2026-01-01T00:00:00"}
@@ -246,7 +247,7 @@ def csv_rows(path):
 # --------------------------------------------------------------------------
 def _fake_run_one(calls):
     def run_one(spec, stream):
-        calls.append(noisy_labels.run_id(spec))
+        calls.append(plan.run_id(spec))
         return {"val_accuracy": 0.5, "test_accuracy": 0.5, "sam_fraction": 0.0}
     return run_one
 
@@ -259,11 +260,11 @@ def test_a_run_another_process_is_doing_is_waited_for_not_run_twice(monkeypatch,
 
     calls = []
     monkeypatch.setattr(noisy_labels, "run_one", _fake_run_one(calls))
-    spec = noisy_labels.main_specs(0.4, 0, 0.1)[0]
-    run = noisy_labels.run_id(spec)
+    spec = plan.main_specs(0.4, 0, 0.1)[0]
+    run = plan.run_id(spec)
     other = RunLock.acquire(tmp_path / "locks" / run, "the other process")  # a second open file: flock conflicts
     stream, done = io.StringIO(), {}
-    progress = noisy_labels.Progress(1, stream, name=noisy_labels.run_id)
+    progress = noisy_labels.Progress(1, stream, name=plan.run_id)
     worker = threading.Thread(target=lambda: done.update(
         r=noisy_labels._run_once(tmp_path, spec, stream, 0.0, poll_seconds=0.05)))
     worker.start()
@@ -285,16 +286,16 @@ def test_a_run_another_process_holds_is_put_off_and_the_next_ones_run_first(monk
 
     calls = []
     monkeypatch.setattr(noisy_labels, "run_one", _fake_run_one(calls))
-    specs = noisy_labels.main_specs(0.4, 0, 0.1)[:3]
-    held = noisy_labels.run_id(specs[0])
+    specs = plan.main_specs(0.4, 0, 0.1)[:3]
+    held = plan.run_id(specs[0])
     other = RunLock.acquire(tmp_path / "locks" / held, "the other process")
     stream, done = io.StringIO(), {}
-    progress = noisy_labels.Progress(3, stream, name=noisy_labels.run_id)
+    progress = noisy_labels.Progress(3, stream, name=plan.run_id)
     worker = threading.Thread(target=lambda: done.update(
         r=noisy_labels.run_specs(tmp_path, specs, progress, stream, poll_seconds=0.05)))
     worker.start()
     worker.join(5)  # the two free runs are done while the first is held
-    assert calls == [noisy_labels.run_id(s) for s in specs[1:]]
+    assert calls == [plan.run_id(s) for s in specs[1:]]
     assert f"put off {held}" in stream.getvalue()
     stored = {"run_id": held, "spec": specs[0], "test_accuracy": 0.75, "sam_fraction": 0.0}
     noisy_labels.write_json(tmp_path / "runs" / f"{held}.json", stored)
@@ -309,14 +310,14 @@ def test_a_damaged_result_file_is_reported_and_its_run_redone(monkeypatch, tmp_p
 
     calls = []
     monkeypatch.setattr(noisy_labels, "run_one", _fake_run_one(calls))
-    spec = noisy_labels.main_specs(0.4, 0, 0.1)[0]
-    path = tmp_path / "runs" / f"{noisy_labels.run_id(spec)}.json"
+    spec = plan.main_specs(0.4, 0, 0.1)[0]
+    path = tmp_path / "runs" / f"{plan.run_id(spec)}.json"
     path.parent.mkdir(parents=True)
     path.write_text('{"run_id": "cut sho')
     stream = io.StringIO()
-    progress = noisy_labels.Progress(1, stream, name=noisy_labels.run_id)
+    progress = noisy_labels.Progress(1, stream, name=plan.run_id)
     [result] = noisy_labels.run_specs(tmp_path, [spec], progress, stream)
-    assert calls == [noisy_labels.run_id(spec)] and result["test_accuracy"] == 0.5
+    assert calls == [plan.run_id(spec)] and result["test_accuracy"] == 0.5
     assert f"note: damaged result file {path}" in stream.getvalue()
     assert json.loads(path.read_text())["spec"] == spec  # written whole again
     assert not (tmp_path / "locks").exists()
@@ -326,10 +327,10 @@ def test_a_damaged_result_file_is_reported_and_its_run_redone(monkeypatch, tmp_p
 # One real run, at the smallest size
 # --------------------------------------------------------------------------
 def test_one_run_trains_and_records_what_the_report_needs(monkeypatch):
-    monkeypatch.setitem(noisy_labels.MLP.recipe, "epochs", 2)
-    monkeypatch.setitem(noisy_labels.MLP.recipe, "train_size", 512)
+    monkeypatch.setitem(plan.MLP.recipe, "epochs", 2)
+    monkeypatch.setitem(plan.MLP.recipe, "train_size", 512)
     monkeypatch.setattr(noisy_labels, "CURVE_EVERY", 1)
-    spec = noisy_labels.main_specs(0.4, 0, 0.1, zeta=0.3, zeta_look=0.3)[5 + 2]  # late SAM at 30 %
+    spec = plan.main_specs(0.4, 0, 0.1, zeta=0.3, zeta_look=0.3)[5 + 2]  # late SAM at 30 %
     result = noisy_labels.run_one(spec, stream=open("/dev/null", "w"))
     assert result["steps"] == 8 and result["sam_steps"] == round(0.3 * 8)
     assert [e for e, _ in result["curve"]] == [1, 2]

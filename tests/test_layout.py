@@ -1,5 +1,6 @@
 """The package layout: ``keras_aesam`` is the library, ``keras_aesam.cli`` the command, ``keras_aesam.bench`` the
-experiments. The library never imports the other two; the command loads the bench only to run ``keras-aesam bench``.
+experiments. The library never imports the other two; the command loads the bench only to run ``keras-aesam bench``;
+the bench's modules import one another without a cycle.
 """
 
 import ast
@@ -27,6 +28,48 @@ def _imported_names(path: Path, package: str):
                 base = ".".join(parent + ([base] if base else []))
             yield base
             yield from (f"{base}.{alias.name}" for alias in node.names)  # `from keras_aesam import cli`
+
+
+def _import_graph(folder: Path, package: str):
+    """``{module: the modules of package it imports}`` for the ``.py`` files of ``folder`` (the package).
+
+    A name the package's ``__init__`` provides (``from package import main``) is an import of ``__init__``.
+    """
+    modules = {path.stem for path in folder.glob("*.py")}
+    graph = {}
+    for path in sorted(folder.glob("*.py")):
+        targets = set()
+        for name in _imported_names(path, package):
+            if name.startswith(package + "."):
+                first = name[len(package) + 1:].split(".")[0]
+                targets.add(first if first in modules else "__init__")
+        graph[path.stem] = targets - {path.stem}
+    return graph
+
+
+def _cycle(graph):
+    """One cycle of ``graph`` as ``[a, b, …, a]``, or None (depth-first, modules in name order)."""
+    done, open_path = set(), []
+
+    def visit(node):
+        open_path.append(node)
+        for target in sorted(graph.get(node, ())):
+            if target in open_path:
+                return open_path[open_path.index(target):] + [target]
+            if target not in done:
+                found = visit(target)
+                if found:
+                    return found
+        open_path.pop()
+        done.add(node)
+        return None
+
+    for node in sorted(graph):
+        if node not in done:
+            found = visit(node)
+            if found:
+                return found
+    return None
 
 
 def _is_application(name: str) -> bool:
@@ -80,3 +123,22 @@ def test_importing_the_command_does_not_load_the_bench():
     loaded = _loaded_after("import keras_aesam.cli")
     assert "keras_aesam.cli.training" in loaded
     assert not {m for m in loaded if m == "keras_aesam.bench" or m.startswith("keras_aesam.bench.")}, sorted(loaded)
+
+
+def test_the_bench_modules_import_one_another_without_a_cycle():
+    graph = _import_graph(PACKAGE / "bench", "keras_aesam.bench")
+    assert {"noisy_labels_plan", "noisy_labels_report", "stats"} <= graph["noisy_labels"] | graph["noisy_labels_report"]
+    cycle = _cycle(graph)
+    assert cycle is None, "import cycle: " + " -> ".join(cycle)
+
+
+def test_the_cycle_check_sees_imports_in_functions_relative_ones_and_the_package_itself(tmp_path):
+    (tmp_path / "__init__.py").write_text("from pkg.a import run\n")
+    (tmp_path / "a.py").write_text("from pkg import b\nrun = 1\n")
+    (tmp_path / "b.py").write_text("def f():\n    from pkg.c import g\n")
+    (tmp_path / "c.py").write_text("from . import a\n")
+    assert _cycle(_import_graph(tmp_path, "pkg")) == ["a", "b", "c", "a"]
+    (tmp_path / "c.py").write_text("import os\n")
+    assert _cycle(_import_graph(tmp_path, "pkg")) is None
+    (tmp_path / "c.py").write_text("import pkg\nfrom pkg import run\n")  # the package's __init__ imports a
+    assert _cycle(_import_graph(tmp_path, "pkg")) == ["__init__", "a", "b", "c", "__init__"]

@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from keras_aesam.bench import noisy_labels, step_timing
+from keras_aesam.bench import noisy_labels, noisy_labels_plan as plan, step_timing
 
 
 def test_a_row_is_its_non_sam_and_sam_steps_mixed_at_its_sam_share():
@@ -41,19 +41,20 @@ def test_the_sam_flag_of_each_step_is_read_from_the_running_mean():
 
 
 def test_rho_rows_share_one_timing_and_erm_comes_first(tmp_path):
-    assert noisy_labels.timing_key("sam_rho0.2") == "sam" and noisy_labels.timing_key("msam_rho1.5") == "msam"
-    assert noisy_labels.timing_key("ss_sam@ae") == "ss_sam@ae"
-    for spec in (*noisy_labels.rho_specs(0.4), *noisy_labels.main_specs(0.4, 0, 0.2)):
-        noisy_labels.write_json(tmp_path / "runs" / f"{noisy_labels.run_id(spec)}.json", {"spec": spec})
+    assert plan.timing_key("sam_rho0.2") == "sam" and plan.timing_key("msam_rho1.5") == "msam"
+    assert plan.timing_key("ss_sam@ae") == "ss_sam@ae"
+    for spec in (*plan.rho_specs(0.4), *plan.main_specs(0.4, 0, 0.2)):
+        noisy_labels.write_json(tmp_path / "runs" / f"{plan.run_id(spec)}.json", {"spec": spec})
     specs = noisy_labels.timing_specs(tmp_path)
-    keys = [noisy_labels.timing_key(s["label"]) for s in specs]
+    keys = [plan.timing_key(s["label"]) for s in specs]
     assert keys[0] == "erm" and sorted(keys[1:]) == ["ae_looksam", "ae_sam", "looksam", "sam"]
 
 
 def test_rows_are_timed_against_erm_in_one_process():
-    specs = noisy_labels.main_specs(0.4, 0, 0.1)
+    specs = plan.main_specs(0.4, 0, 0.1)
     specs = [{**s, "train_size": 1024} for s in specs if s["label"] in ("erm", "sam_rho0.1")]
-    rows = step_timing.time_rows(specs, steps=4, rounds=2, warmup=1, stream=open("/dev/null", "w"))
+    rows = step_timing.time_rows(specs, noisy_labels.compiled_model, steps=4, rounds=2, warmup=1,
+                                 stream=open("/dev/null", "w"))
     erm, sam = rows["erm"], rows["sam_rho0.1"]
     assert erm["plain_ratio"] == 1.0 and erm["sam"] is None and erm["plain_rounds"] == 2
     assert sam["plain"] is None and sam["sam"] > 0 and sam["sam_rounds"] == 2  # SAM: every step a SAM step
@@ -61,4 +62,4 @@ def test_rows_are_timed_against_erm_in_one_process():
 
 def test_the_first_row_must_be_erm():
     with pytest.raises(ValueError, match="ERM"):
-        step_timing.time_rows(noisy_labels.main_specs(0.4, 0, 0.1)[1:2])
+        step_timing.time_rows(plan.main_specs(0.4, 0, 0.1)[1:2], noisy_labels.compiled_model)

@@ -119,12 +119,12 @@ from keras_aesam.bench.records import (  # noqa: F401
     finished_result,
     load_results,
 )
-from keras_aesam.bench.report import CSV_COLUMNS, _report_text, write_csv, write_report  # noqa: F401
+from keras_aesam.bench.report import CSV_COLUMNS, _report_text, write_report, write_results_csv  # noqa: F401
 from keras_aesam.bench.session import run_bench  # noqa: F401
 from keras_aesam.bench.stats import (  # noqa: F401
     COMPARISONS,
-    _mean_std,
     aggregate,
+    mean_std,
     paired_difference,
     paired_tests,
     time_ratios,

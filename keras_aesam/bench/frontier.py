@@ -25,6 +25,9 @@ import math
 import sys
 from pathlib import Path
 
+from keras_aesam.bench.noisy_labels_plan import pretty
+from keras_aesam.bench.tables import interval, points
+
 MAX_PASSES = 1.25
 GAIN_SHARE = 0.9
 CONFIDENCE = 0.95
@@ -134,13 +137,7 @@ def frontier(settings, max_passes=MAX_PASSES, gain_share=GAIN_SHARE):
 
 
 def _name(key):
-    from keras_aesam.bench.noisy_labels import pretty
-
     return FAMILY.get(key) or pretty(key)
-
-
-def _pts(x):
-    return "n/a" if x is None else f"{100 * x:+.2f}"
 
 
 def report(settings, max_passes=MAX_PASSES, gain_share=GAIN_SHARE, sources=()):
@@ -182,7 +179,7 @@ def report(settings, max_passes=MAX_PASSES, gain_share=GAIN_SHARE, sources=()):
                   "gain | qualifies |", "|---|---|---|---|---|---|---|"]
         for key, v in sorted(verdict.items(), key=lambda kv: kv[1]["passes"]):
             t = v["vs_sam"]
-            paired = "" if not t else f"{_pts(t['mean_diff'])} [{_pts(t['ci_low'])}, {_pts(t['ci_high'])}]"
+            paired = "" if not t else f"{points(t['mean_diff'])} {interval(t)}"
             share = "" if v["gain_share"] is None else f"{100 * v['gain_share']:.0f} %"
             why = ("yes" if v["qualifies"] else "no") + (" (collapsed)" if v["degenerate"] else "") + (
                 "" if v["cheap"] else f" (> {max_passes:g} evals)")

@@ -1,6 +1,7 @@
 """The noisy-labels profile's report: tables, paired tests, the Pareto plot.
 
-Reads the run JSON files that :mod:`keras_aesam.bench.noisy_labels` wrote and writes
+Reads the run JSON files that :mod:`keras_aesam.bench.noisy_labels` wrote (the runs of the plan in
+:mod:`keras_aesam.bench.noisy_labels_plan`) and writes
 ``results.csv``, ``summary.csv``, ``tests.csv``, ``pareto.png``,
 ``curves.png`` and ``report.md`` next to them. Nothing here trains: the report
 can be redrawn at any time from the stored runs, also while the profile runs.
@@ -8,13 +9,12 @@ can be redrawn at any time from the stored runs, also while the profile runs.
 
 from __future__ import annotations
 
-import csv
 import json
 from pathlib import Path
 
 import numpy as np
 
-from keras_aesam.bench.noisy_labels import (
+from keras_aesam.bench.noisy_labels_plan import (
     BUDGETED,
     BUDGETS,
     COMMANDS_FILE,
@@ -24,7 +24,6 @@ from keras_aesam.bench.noisy_labels import (
     RHO_SEEDS,
     SEEDS,
     TIMING_FILE,
-    machine,
     main_specs,
     msam_rho_specs,
     pretty,
@@ -32,9 +31,12 @@ from keras_aesam.bench.noisy_labels import (
     setting_name,
     timing_key,
 )
+from keras_aesam.bench.plots import label_axes, pyplot, save
 from keras_aesam.bench.progress import is_degenerate
-from keras_aesam.bench.stats import paired_difference
+from keras_aesam.bench.records import machine
+from keras_aesam.bench.stats import group_by, mean_std, paired_difference, verdict
 from keras_aesam.bench.step_timing import seconds_per_step
+from keras_aesam.bench.tables import column_table, degenerate_warning, interval, p_value, points, write_csv
 
 RUN_COLUMNS = ("setting", "label", "seed", "test_accuracy", "val_accuracy", "train_accuracy",
                "sam_fraction", "target", "grad_evals", "steps", "sharpness", "degenerate", "run_seconds")
@@ -87,24 +89,21 @@ def summarize(runs, timing=None):
     ``seconds_per_step``: the row's timed non-SAM and SAM steps mixed at its
     realised SAM share (None without a timing of the row).
     """
-    groups = {}
-    for r in runs:
-        groups.setdefault((r["setting"], r["label"]), []).append(r)
     rows = []
-    for (setting, label), rs in sorted(groups.items()):
-        acc = np.array([r["test_accuracy"] for r in rs])
-        frac = np.array([r["sam_fraction"] for r in rs])
+    for (setting, label), rs in sorted(group_by(runs, "setting", "label").items()):
+        acc_mean, acc_std, _ = mean_std([r["test_accuracy"] for r in rs])
+        zeta = mean_std([r["sam_fraction"] for r in rs])[0]
         rows.append({
             "setting": setting, "label": label, "n": len(rs),
-            "acc_mean": float(acc.mean()), "acc_std": float(acc.std(ddof=1)) if len(rs) > 1 else 0.0,
-            "sam_fraction": float(frac.mean()),
+            "acc_mean": acc_mean, "acc_std": 0.0 if acc_std is None else acc_std,
+            "sam_fraction": zeta,
             "sam_fraction_max_dev": _max_dev(rs),
             "evals_ratio": float(np.mean([r["grad_evals"] / r["steps"] for r in rs])),
             "sharpness": float(np.mean([r["sharpness"] for r in rs])),
             "peak_acc": float(np.mean([max(a for _, a in r["curve"]) for r in rs])) if rs[0]["curve"] else None,
             "degenerate": sum(r["degenerate"] for r in rs),
             "target": rs[0]["target"],
-            "seconds_per_step": _seconds(timing, label, float(frac.mean())),
+            "seconds_per_step": _seconds(timing, label, zeta),
         })
     return rows
 
@@ -159,31 +158,7 @@ def paired_tests(runs, rhos, msam_rhos=None):
     return tests
 
 
-def verdict(test):
-    if test["ci_low"] is None:
-        return "n/a"
-    if test["ci_low"] > 0:
-        return "a better"
-    if test["ci_high"] < 0:
-        return "a worse"
-    return "no significant difference"
-
-
 # ---------------------------------------------------------------- files
-def write_csv(path, rows, columns):
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(columns), extrasaction="ignore")
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({k: _cell(row.get(k)) for k in columns})
-
-
-def _cell(value):
-    if isinstance(value, float):
-        return f"{value:.6g}"
-    return value
-
-
 def _policy_of(label):
     """The line of the Pareto plot a row belongs to (LookSAM's periods on one line, SAM's ρ on another)."""
     name = label.partition("@")[0]
@@ -203,15 +178,11 @@ COST_AXES = {
 
 def write_pareto(out, summary, setting, sam_label, msam_label=None, axis="evals", regime=MLP):
     """Test accuracy against a cost (``axis``: gradient evaluations or timed seconds per step)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     key, scale, xlabel, prefix = COST_AXES[axis]
     rows = [r for r in summary if r["setting"] == setting and r.get(key) is not None
             and not is_search_row(r["label"], sam_label, msam_label)]
-    if not rows:
+    plt = pyplot()
+    if not rows or plt is None:
         return None
     fig, ax = plt.subplots(figsize=(8, 5.5))
     markers = dict(zip(("erm", "sam", "ae_sam", "ss_sam", "rst", "late_sam", "quantile_sam", "looksam",
@@ -229,23 +200,8 @@ def write_pareto(out, summary, setting, sam_label, msam_label=None, axis="evals"
             linestyle=":", linewidth=1, label="Pareto front")
     labels = (xlabel, "final test accuracy (%), mean ± std over seeds",
               f"Fashion-MNIST, {regime.name.upper()} regime, {setting}: accuracy against cost")
-    return _finish(fig, ax, labels, Path(out) / f"{prefix}_{setting}.png", legend_size=7)
-
-
-def _finish(fig, ax, labels, path, legend_size=8):
-    """Axis labels, title, grid and legend; save ``path`` and close."""
-    import matplotlib.pyplot as plt
-
-    xlabel, ylabel, title = labels
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel)
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=legend_size, loc="best")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    label_axes(ax, labels, legend_size=7)
+    return save(fig, Path(out) / f"{prefix}_{setting}.png")
 
 
 def pareto_front(rows, key="evals_ratio"):
@@ -258,11 +214,10 @@ def pareto_front(rows, key="evals_ratio"):
 
 
 def write_curves(out, runs, setting, labels):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    """Mean test accuracy over seeds against epochs, one line per label."""
+    plt = pyplot()
+    if plt is None:
+        return None
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for label in labels:
         curves = [r["curve"] for r in runs if r["setting"] == setting and r["label"] == label]
@@ -271,19 +226,11 @@ def write_curves(out, runs, setting, labels):
         epochs = [e for e, _ in curves[0]]
         mean = np.mean([[a for _, a in c] for c in curves if len(c) == len(epochs)], axis=0)
         ax.plot(epochs, 100 * mean, marker="o", markersize=3, label=pretty(label))
-    labels = ("epoch", "test accuracy (%), mean over seeds", f"Learning curves, {setting}")
-    return _finish(fig, ax, labels, Path(out) / f"curves_{setting}.png")
+    label_axes(ax, ("epoch", "test accuracy (%), mean over seeds", f"Learning curves, {setting}"))
+    return save(fig, Path(out) / f"curves_{setting}.png")
 
 
 # ---------------------------------------------------------------- the text
-def _pts(x):
-    return "n/a" if x is None else f"{100 * x:+.2f}"
-
-
-def _p(p):
-    return "n/a" if p is None else ("< 0.001" if p < 1e-3 else f"{p:.3f}")
-
-
 def _summary_table(summary, setting, sam_label, msam_label=None):
     lines = ["| method | seeds | final test acc. (%) | peak test acc. (%) | SAM steps (%) | grad. evals / step "
              "| ms / step (timed) | sharpness | chance-level runs |", "|---|---|---|---|---|---|---|---|---|"]
@@ -314,15 +261,26 @@ def _budget_table(summary, setting):
     return lines
 
 
-def _tests_table(tests, setting):
-    lines = ["| a | b | seeds | a − b (points) | 95 % CI | p (paired t) | reading |", "|---|---|---|---|---|---|---|"]
-    for t in tests:
-        if t["setting"] != setting:
-            continue
-        ci = f"[{_pts(t['ci_low'])}, {_pts(t['ci_high'])}]"
-        lines.append(f"| {pretty(t['a'])} | {pretty(t['b'])} | {t['seeds']} | {_pts(t['mean_diff'])} | {ci} | "
-                     f"{_p(t['p'])} | {verdict(t)} |")
-    return lines
+def _verdict(test):
+    return verdict(test, "a", reason=False)
+
+
+def _reading(test):
+    """A paired test in a sentence: the difference, its 95 % CI, p and the verdict."""
+    return (f"{points(test['mean_diff'])} points, 95 % CI {interval(test)}, p = {p_value(test['p'], floor=True)} "
+            f"→ **{_verdict(test)}**")
+
+
+#: The columns of the paired-tests table.
+_TEST_COLUMNS = (
+    ("a", lambda t: pretty(t["a"])),
+    ("b", lambda t: pretty(t["b"])),
+    ("seeds", lambda t: t["seeds"]),
+    ("a − b (points)", lambda t: points(t["mean_diff"])),
+    ("95 % CI", interval),
+    ("p (paired t)", lambda t: p_value(t["p"], floor=True)),
+    ("reading", _verdict),
+)
 
 
 def _find(tests, setting, a, b):
@@ -330,6 +288,17 @@ def _find(tests, setting, a, b):
         if (t["setting"], t["a"], t["b"]) == (setting, a, b):
             return t
     return None
+
+
+#: The paper's claims read off a paired test: (a, b (None: SAM at the chosen ρ), the claim, a note on it,
+#: whether the two rows' SAM shares are told).
+_CLAIMED_TESTS = (
+    ("ae_sam", "ss_sam@ae", "AE-SAM better than SS-SAM at equal budget", "", False),
+    ("ae_looksam", "looksam@ae", "AE-LookSAM better than LookSAM at equal budget",
+     " (LookSAM at the k nearest AE-LookSAM's realised ζ on each seed)", True),
+    ("ae_looksam", None, "AE-LookSAM against SAM", "", False),
+    ("ae_looksam", "looksam", "AE-LookSAM better than LookSAM", "", True),
+)
 
 
 def claims(summary, tests, setting, sam_label):
@@ -343,27 +312,12 @@ def claims(summary, tests, setting, sam_label):
         reading = "holds" if holds else "does not hold"
         lines.append(f"- *AE-SAM within 0.3 points of SAM with ≤ 55 % SAM steps*: AE-SAM − SAM = {gap:+.2f} "
                      f"points at {100 * ae['sam_fraction']:.1f} % SAM steps → **{reading}**.")
-    t = _find(tests, setting, "ae_sam", "ss_sam@ae")
-    if t:
-        lines.append(f"- *AE-SAM better than SS-SAM at equal budget*: {_pts(t['mean_diff'])} points, 95 % CI "
-                     f"[{_pts(t['ci_low'])}, {_pts(t['ci_high'])}], p = {_p(t['p'])} → **{verdict(t)}**.")
-    t = _find(tests, setting, "ae_looksam", "looksam@ae")
-    if t:
-        lines.append(f"- *AE-LookSAM better than LookSAM at equal budget* (LookSAM at the k nearest AE-LookSAM's "
-                     f"realised ζ on each seed): {_pts(t['mean_diff'])} points, 95 % CI "
-                     f"[{_pts(t['ci_low'])}, {_pts(t['ci_high'])}], p = {_p(t['p'])} → **{verdict(t)}** "
-                     f"(AE-LookSAM {100 * cells['ae_looksam']['sam_fraction']:.1f} % SAM steps, LookSAM "
-                     f"{100 * cells['looksam@ae']['sam_fraction']:.1f} %).")
-    t = _find(tests, setting, "ae_looksam", sam_label)
-    if t:
-        lines.append(f"- *AE-LookSAM against SAM*: {_pts(t['mean_diff'])} points, 95 % CI "
-                     f"[{_pts(t['ci_low'])}, {_pts(t['ci_high'])}], p = {_p(t['p'])} → **{verdict(t)}**.")
-    t = _find(tests, setting, "ae_looksam", "looksam")
-    if t:
-        lines.append(f"- *AE-LookSAM better than LookSAM*: {_pts(t['mean_diff'])} points, 95 % CI "
-                     f"[{_pts(t['ci_low'])}, {_pts(t['ci_high'])}], p = {_p(t['p'])} → **{verdict(t)}** "
-                     f"(AE-LookSAM {100 * cells['ae_looksam']['sam_fraction']:.1f} % SAM steps, LookSAM "
-                     f"{100 * cells['looksam']['sam_fraction']:.1f} %).")
+    for a, b, claim, note, shares in _CLAIMED_TESTS:
+        t = _find(tests, setting, a, b or sam_label)
+        if t:
+            share = (f" (AE-LookSAM {100 * cells[a]['sam_fraction']:.1f} % SAM steps, LookSAM "
+                     f"{100 * cells[b]['sam_fraction']:.1f} %)") if shares else ""
+            lines.append(f"- *{claim}*{note}: {_reading(t)}{share}.")
     return lines
 
 
@@ -424,12 +378,8 @@ def _header(out, runs, rhos, regime=MLP, timing=None):
         "*AE-LookSAM, g_v unbounded (paper's rule)* (`max_age=None`) are the runs of the previous round, made "
         "before the bound existed, kept as the paper's rule.",
     ]
-    bad = [r for r in runs if r["degenerate"]]
-    if bad:
-        lines += ["", f"> ⚠ **{len(bad)} run(s) ended at chance-level accuracy or with a non-finite loss:** "
-                  + ", ".join(r["run_id"] for r in bad) + ". Their numbers are included in the tables but are "
-                  "not ordinary results."]
-    return lines
+    warning = degenerate_warning([r["run_id"] for r in runs if r["degenerate"]])
+    return lines + ([""] + warning if warning else [])
 
 
 def _timing_line(timing):
@@ -451,9 +401,7 @@ def incomplete_rows(runs, rhos, msam_rhos, regime=MLP):
     The plan is the profile's main and rivals stages (the budget stage runs on the
     seeds each invocation names). MSAM's row is planned once its ρ is chosen.
     """
-    done = {}
-    for r in runs:
-        done.setdefault((r["setting"], r["label"]), set()).add(r["seed"])
+    done = {key: {r["seed"] for r in rs} for key, rs in group_by(runs, "setting", "label").items()}
     missing = {}
     for setting, rho in rhos.items():
         noise = int(setting[len("noise"):]) / 100
@@ -499,7 +447,8 @@ def report_text(out, runs, summary, tests, rhos, plots, msam_rhos=None, regime=M
         if any(r["setting"] == setting and r["label"].endswith(f"@{BUDGETS[0]:g}") for r in summary):
             lines += ["", "### Fixed budgets: realised SAM steps against the target", ""]
             lines += _budget_table(summary, setting)
-        lines += ["", "### Paired tests over seeds", ""] + _tests_table(tests, setting)
+        lines += ["", "### Paired tests over seeds", ""]
+        lines += column_table([t for t in tests if t["setting"] == setting], _TEST_COLUMNS)
         for plot in plots.get(setting, []):
             lines += ["", f"![{plot.stem}]({plot.name})"]
     return "\n".join(lines) + "\n"

@@ -1,4 +1,5 @@
-"""The bench's two plots: accuracy against the share of SAM steps, and time per epoch."""
+"""The bench's plots: the figure set-up and finish of every report's plots, and the standard profile's two
+(accuracy against the share of SAM steps, and time per epoch)."""
 
 from __future__ import annotations
 
@@ -15,14 +16,42 @@ from keras_aesam.bench.plan import (
 )
 
 
-def write_plots(rows, summaries, out) -> list[Path]:
-    """``accuracy_vs_sam.png`` and ``time_per_epoch.png`` in ``out``; none without matplotlib or results."""
+def pyplot():
+    """``matplotlib.pyplot`` drawing into files (the Agg backend), or None without matplotlib."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
+        return None
+    return plt
+
+
+def label_axes(ax, labels, legend_size=8):
+    """A panel's axis labels and title (``labels``: x, y, title), a light grid and the legend."""
+    xlabel, ylabel, title = labels
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=legend_size, loc="best")
+
+
+def save(fig, path):
+    """Lay ``fig`` out, save it as ``path`` (110 dpi) and close it; returns ``path``."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def write_plots(rows, summaries, out) -> list[Path]:
+    """``accuracy_vs_sam.png`` and ``time_per_epoch.png`` in ``out``; none without matplotlib or results."""
+    plt = pyplot()
+    if plt is None:
         return []
     settings = []
     for s in summaries:
@@ -45,18 +74,10 @@ def _accuracy_plot(plt, summaries, settings, out):
                         yerr=None if s["acc_std"] is None else 100 * s["acc_std"],
                         fmt=marker, ms=9 if marker == "*" else 6, capsize=3, color=colors.get(s["method"]),
                         label=f"{_pretty(s['method'])} (n={s['n']})")
-        ax.set_xlabel("SAM steps (%)")
-        ax.set_ylabel("test accuracy (%)")
-        ax.set_title(setting)
         ax.set_xlim(-5, 105)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7, loc="best")
+        label_axes(ax, ("SAM steps (%)", "test accuracy (%)", setting), legend_size=7)
     fig.suptitle("Test accuracy vs. share of SAM steps (mean ± std over seeds)")
-    fig.tight_layout()
-    path = Path(out) / "accuracy_vs_sam.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save(fig, Path(out) / "accuracy_vs_sam.png")
 
 
 def _time_plot(plt, summaries, settings, out):
@@ -93,8 +114,4 @@ def _time_plot(plt, summaries, settings, out):
     ax2.set_title("Wall-time ratio to ERM vs. the ideal 1 + ζ")
     ax3.set_ylabel("CPU time per step / ERM's (same seed)")
     ax3.set_title("CPU-time ratio to ERM vs. the ideal 1 + ζ")
-    fig.tight_layout()
-    path = Path(out) / "time_per_epoch.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save(fig, Path(out) / "time_per_epoch.png")

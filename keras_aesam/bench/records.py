@@ -77,6 +77,16 @@ def _machine():
             "python": platform.python_version(), "hostname": platform.node()}
 
 
+def machine():
+    """The machine and the TensorFlow and Keras versions, as the noisy-labels profile records them."""
+    import keras
+    import tensorflow as tf
+
+    return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+            "cpus": os.cpu_count(), "python": platform.python_version(),
+            "tensorflow": tf.__version__, "keras": keras.__version__}
+
+
 def _versions():
     import importlib.metadata as md
 

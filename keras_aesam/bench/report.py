@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import json
 from pathlib import Path
 
@@ -17,13 +16,24 @@ from keras_aesam.bench.plots import write_plots
 from keras_aesam.bench.progress import is_degenerate
 from keras_aesam.bench.records import load_results
 from keras_aesam.bench.stats import (
-    _mean_std,
     _method_order,
     aggregate,
+    mean_std,
     paired_difference,
     paired_tests,
     time_ratios,
     verdict,
+)
+from keras_aesam.bench.tables import (
+    MISSING,
+    column_table,
+    degenerate_warning,
+    interval,
+    number,
+    p_value,
+    plus_minus,
+    points,
+    write_csv,
 )
 
 CSV_COLUMNS = (
@@ -42,49 +52,15 @@ _DECAY_WHERE = {"decoupled": ": Keras SGD(weight_decay=…), outside g",
                 "l2": ": L2 kernel regularizer of weight_decay/2, inside g"}
 
 
-def _fmt(value, digits=2, scale=1.0):
-    if value is None:
-        return "–"
-    return f"{value * scale:.{digits}f}"
-
-
-def _fmt_p(p):
-    if p is None:
-        return "–"
-    return f"{p:.1e}" if p < 0.001 else f"{p:.3f}"
-
-
-def _pm(mean, std, digits=2, scale=1.0):
-    if mean is None:
-        return "–"
-    if std is None:
-        return _fmt(mean, digits, scale)
-    return f"{mean * scale:.{digits}f} ± {std * scale:.{digits}f}"
-
-
-def write_csv(rows, path):
+def write_results_csv(rows, path):
+    """``results.csv``: every run, one row each, with its step-time ratios to ERM."""
     ratios = time_ratios(rows)
     cpu_ratios = time_ratios(rows, "step_cpu_ms")
-    with open(path, "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(CSV_COLUMNS)
-        for r in sorted(rows, key=lambda r: (r["noise"], r["seed"], _method_order(r["method"]))):
-            values = []
-            for col in CSV_COLUMNS:
-                if col == "ratio_to_erm":
-                    value = ratios.get(r["run_id"])
-                elif col == "cpu_ratio_to_erm":
-                    value = cpu_ratios.get(r["run_id"])
-                elif col == "hyperparameters":
-                    value = json.dumps(r.get("resolved_hyperparameters"), sort_keys=True)
-                elif col in ("loadavg_start", "loadavg_end"):
-                    value = " ".join(str(x) for x in (r.get(col) or []))
-                else:
-                    value = r.get(col)
-                if isinstance(value, float):
-                    value = f"{value:.6g}"
-                values.append("" if value is None else value)
-            writer.writerow(values)
+    records = [{**r, "ratio_to_erm": ratios.get(r["run_id"]), "cpu_ratio_to_erm": cpu_ratios.get(r["run_id"]),
+                "hyperparameters": json.dumps(r.get("resolved_hyperparameters"), sort_keys=True),
+                **{k: " ".join(str(x) for x in (r.get(k) or [])) for k in ("loadavg_start", "loadavg_end")}}
+               for r in sorted(rows, key=lambda r: (r["noise"], r["seed"], _method_order(r["method"])))]
+    write_csv(path, records, CSV_COLUMNS)
 
 
 def _title(meta, rows):
@@ -100,12 +76,8 @@ def _title(meta, rows):
     status = "complete" if len(rows) >= expected else f"PARTIAL: {len(rows)} of {expected} runs finished"
     add(f"Status: **{status}**.")
     add("")
-    degenerate = sorted(r["run_id"] for r in rows if is_degenerate(r))
-    if degenerate:
-        add(f"**WARNING: {len(degenerate)} run(s) ended at chance-level accuracy (or a non-finite loss): "
-            f"{', '.join(degenerate)}.** Their numbers below are those of runs that did not learn.")
-        add("")
-    return lines
+    warning = degenerate_warning(sorted(r["run_id"] for r in rows if is_degenerate(r)))
+    return lines + warning + ([""] if warning else [])
 
 
 def _what_ran(meta, rows):
@@ -133,7 +105,7 @@ def _what_ran(meta, rows):
     for i, s in enumerate(sessions):
         wall = s.get("wall_seconds")
         add(f"- Session {i + 1}: started {s.get('started')}, finished {s.get('finished', '?')}, wall "
-            f"{_fmt(None if wall is None else wall / 60, 1)} min, skipped {s.get('skipped_finished_runs', 0)} "
+            f"{number(None if wall is None else wall / 60, 1)} min, skipped {s.get('skipped_finished_runs', 0)} "
             f"finished runs, load average {s.get('loadavg_start')} → {s.get('loadavg_end')}"
             f"{' (interrupted)' if s.get('interrupted') else ''}")
     parameters = next((r.get("parameters") for r in rows if r.get("parameters")), None)
@@ -193,16 +165,31 @@ def _results(rows, summaries):
             "step ms | × ERM (wall) | / ideal (wall) | × ERM (CPU) | / ideal (CPU) |")
         add("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
         for s in items:
-            add(f"| {_pretty(s['method'])} | {s['n']} | {_pm(s['acc_mean'], s['acc_std'], 2, 100)} | "
-                f"{_pm(s['sam_mean'], s['sam_std'], 1, 100)} | {_fmt(s['grad_evals_mean'], 0)} | "
-                f"{_fmt(s['pass_equivalents_mean'], 0)} | {_fmt(s['ideal_mean'], 2)} | "
-                f"{_pm(s['epoch_s_mean'], s['epoch_s_std'], 1)} | {_fmt(s['first_epoch_s_mean'], 1)} | "
-                f"{_fmt(s['step_ms_mean'], 0)} | {_pm(s['ratio_mean'], s['ratio_std'], 2)} | "
-                f"{_pm(s['over_ideal_mean'], s['over_ideal_std'], 2)} | "
-                f"{_pm(s['cpu_ratio_mean'], s['cpu_ratio_std'], 2)} | "
-                f"{_pm(s['cpu_over_ideal_mean'], s['cpu_over_ideal_std'], 2)} |")
+            add(f"| {_pretty(s['method'])} | {s['n']} | {plus_minus(s['acc_mean'], s['acc_std'], 2, 100)} | "
+                f"{plus_minus(s['sam_mean'], s['sam_std'], 1, 100)} | {number(s['grad_evals_mean'], 0)} | "
+                f"{number(s['pass_equivalents_mean'], 0)} | {number(s['ideal_mean'], 2)} | "
+                f"{plus_minus(s['epoch_s_mean'], s['epoch_s_std'], 1)} | {number(s['first_epoch_s_mean'], 1)} | "
+                f"{number(s['step_ms_mean'], 0)} | {plus_minus(s['ratio_mean'], s['ratio_std'], 2)} | "
+                f"{plus_minus(s['over_ideal_mean'], s['over_ideal_std'], 2)} | "
+                f"{plus_minus(s['cpu_ratio_mean'], s['cpu_ratio_std'], 2)} | "
+                f"{plus_minus(s['cpu_over_ideal_mean'], s['cpu_over_ideal_std'], 2)} |")
         add("")
     return lines
+
+
+#: The columns of the paired-tests table.
+_TEST_COLUMNS = (
+    ("a − b", lambda t: f"{_pretty(t['a'])} − {_pretty(t['b'])}"),
+    ("setting", lambda t: t["setting"]),
+    ("n", lambda t: t["n"]),
+    ("mean a (%)", lambda t: number(t["mean_a"], 2, 100)),
+    ("mean b (%)", lambda t: number(t["mean_b"], 2, 100)),
+    ("diff (pp)", lambda t: points(t["mean_diff"])),
+    ("95 % CI (pp)", interval),
+    ("t", lambda t: number(t["t"], 2)),
+    ("p", lambda t: p_value(t["p"])),
+    ("reading", verdict),
+)
 
 
 def _tests_table(tests):
@@ -216,13 +203,7 @@ def _tests_table(tests):
         "`pooled` pairs every (setting, seed) of all settings (n = settings × seeds), a rougher test since the "
         "settings differ.")
     add("")
-    add("| a − b | setting | n | mean a (%) | mean b (%) | diff (pp) | 95 % CI (pp) | t | p | reading |")
-    add("|---|---|---|---|---|---|---|---|---|---|")
-    for t in tests:
-        ci = "–" if t["ci_low"] is None else f"[{100 * t['ci_low']:+.2f}, {100 * t['ci_high']:+.2f}]"
-        diff = "–" if t["mean_diff"] is None else f"{100 * t['mean_diff']:+.2f}"
-        add(f"| {_pretty(t['a'])} − {_pretty(t['b'])} | {t['setting']} | {t['n']} | {_fmt(t['mean_a'], 2, 100)} | "
-            f"{_fmt(t['mean_b'], 2, 100)} | {diff} | {ci} | {_fmt(t['t'], 2)} | {_fmt_p(t['p'])} | {verdict(t)} |")
+    lines += column_table(tests, _TEST_COLUMNS)
     add("")
     return lines
 
@@ -259,14 +240,14 @@ def _peer_table(meta, rows, peers, by):
         for k, v in values.items():
             if v is not None:
                 collected[k].append(v)
-        add(f"| {r['seed']} | {r['setting']} | {_fmt(r['test_accuracy'], 2, 100)} | "
-            f"{_fmt(ours and ours['test_accuracy'], 2, 100)} | {_fmt(r.get('step_ms'), 0)} | "
-            f"{_fmt(ours and ours.get('step_ms'), 0)} | {_fmt(erm and erm.get('step_ms'), 0)} | "
-            f"{_fmt(values['sam_wall'], 2)} | {_fmt(values['sam_cpu'], 2)} | {_fmt(values['erm_wall'], 2)} | "
-            f"{_fmt(values['erm_cpu'], 2)} |")
+        add(f"| {r['seed']} | {r['setting']} | {number(r['test_accuracy'], 2, 100)} | "
+            f"{number(ours and ours['test_accuracy'], 2, 100)} | {number(r.get('step_ms'), 0)} | "
+            f"{number(ours and ours.get('step_ms'), 0)} | {number(erm and erm.get('step_ms'), 0)} | "
+            f"{number(values['sam_wall'], 2)} | {number(values['sam_cpu'], 2)} | {number(values['erm_wall'], 2)} | "
+            f"{number(values['erm_cpu'], 2)} |")
     if collected["sam_wall"]:
         add("")
-        parts = [f"{label}: {_pm(*_mean_std(collected[k])[:2], 2)}" for k, label in (
+        parts = [f"{label}: {plus_minus(*mean_std(collected[k])[:2], 2)}" for k, label in (
             ("sam_wall", "peer / our SAM step time (wall)"), ("sam_cpu", "(CPU)"),
             ("erm_wall", "peer / our ERM (wall)"), ("erm_cpu", "(CPU)"))]
         add("Mean ± std over seeds: " + "; ".join(parts) + f" (n = {len(collected['sam_wall'])}).")
@@ -276,9 +257,8 @@ def _peer_table(meta, rows, peers, by):
                                  [by[(r["setting"], r["seed"], "sam")]["test_accuracy"]
                                   for r in sorted(peers, key=lambda r: r["seed"])
                                   if by.get((r["setting"], r["seed"], "sam"))])
-        ci = "" if test["ci_low"] is None else (
-            f", 95 % CI [{100 * test['ci_low']:+.2f}, {100 * test['ci_high']:+.2f}] pp, p = {_fmt_p(test['p'])}")
-        add(f"Test accuracy, peer − our SAM (paired by seed): {100 * test['mean_diff']:+.2f} pp{ci} "
+        ci = "" if test["ci_low"] is None else f", 95 % CI {interval(test)} pp, p = {p_value(test['p'])}"
+        add(f"Test accuracy, peer − our SAM (paired by seed): {points(test['mean_diff'])} pp{ci} "
             f"(n = {test['n']}).")
     add("")
     return lines
@@ -301,17 +281,16 @@ def _peer_diagnostic(rows, peers, by):
             d = diagnostics.get((r["setting"], r["seed"]))
             ours = by.get((r["setting"], r["seed"], "sam"))
             erm = by.get((r["setting"], r["seed"], "erm"))
-            add(f"| {r['seed']} | {_fmt(r['test_accuracy'], 2, 100)} | {_fmt(d and d['test_accuracy'], 2, 100)} | "
-                f"{_fmt(ours and ours['test_accuracy'], 2, 100)} | {_fmt(erm and erm['test_accuracy'], 2, 100)} |")
+            add(f"| {r['seed']} | {number(r['test_accuracy'], 2, 100)} | {number(d and d['test_accuracy'], 2, 100)} | "
+                f"{number(ours and ours['test_accuracy'], 2, 100)} | {number(erm and erm['test_accuracy'], 2, 100)} |")
             if d and ours:
                 pairs.append((r["test_accuracy"], d["test_accuracy"], ours["test_accuracy"]))
         if pairs:
             add("")
             for label, i, j in (("peer − train-mode peer", 0, 1), ("train-mode peer − our SAM", 1, 2)):
                 t = paired_difference([p[i] for p in pairs], [p[j] for p in pairs])
-                ci = "" if t["ci_low"] is None else (
-                    f", 95 % CI [{100 * t['ci_low']:+.2f}, {100 * t['ci_high']:+.2f}] pp, p = {_fmt_p(t['p'])}")
-                add(f"- {label}: {100 * t['mean_diff']:+.2f} pp{ci} (n = {t['n']})")
+                ci = "" if t["ci_low"] is None else f", 95 % CI {interval(t)} pp, p = {p_value(t['p'])}"
+                add(f"- {label}: {points(t['mean_diff'])} pp{ci} (n = {t['n']})")
         add("")
     return lines
 
@@ -379,10 +358,10 @@ def _claims(tests, summaries):
             continue
         sam_a = next((s["sam_mean"] for s in summaries if s["setting"] == t["setting"] and s["method"] == t["a"]), None)
         sam_b = next((s["sam_mean"] for s in summaries if s["setting"] == t["setting"] and s["method"] == t["b"]), None)
-        diff = "–" if t["mean_diff"] is None else f"{100 * t['mean_diff']:+.2f} pp"
-        ci = "" if t["ci_low"] is None else f", 95 % CI [{100 * t['ci_low']:+.2f}, {100 * t['ci_high']:+.2f}]"
-        add(f"- {t['claim']} — {t['setting']}: {_pretty(t['a'])} {_fmt(sam_a, 1, 100)} % SAM vs "
-            f"{_pretty(t['b'])} {_fmt(sam_b, 1, 100)} % SAM; difference {diff}{ci} (n = {t['n']}): "
+        diff = MISSING if t["mean_diff"] is None else f"{points(t['mean_diff'])} pp"
+        ci = "" if t["ci_low"] is None else f", 95 % CI {interval(t)}"
+        add(f"- {t['claim']} — {t['setting']}: {_pretty(t['a'])} {number(sam_a, 1, 100)} % SAM vs "
+            f"{_pretty(t['b'])} {number(sam_b, 1, 100)} % SAM; difference {diff}{ci} (n = {t['n']}): "
             f"{verdict(t)}.")
     add("")
     return lines
@@ -440,7 +419,7 @@ def write_report(out) -> dict:
                 r["session"] = i + 1
     summaries = aggregate(rows)
     tests = paired_tests([r for r in rows if r["kind"] == "method"])
-    write_csv(rows, out / "results.csv")
+    write_results_csv(rows, out / "results.csv")
     plots = write_plots(rows, summaries, out) if rows else []
     probe = None
     if (out / "framework_probe.json").is_file():

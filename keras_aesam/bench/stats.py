@@ -1,4 +1,8 @@
-"""Aggregation over seeds, time ratios to ERM, paired t-tests and their plain reading."""
+"""Aggregation over seeds, time ratios to ERM, paired t-tests and their plain reading.
+
+The summaries over seeds, the paired test and its reading serve both profiles' reports; ``aggregate``,
+``time_ratios`` and ``paired_tests`` are the standard profile's.
+"""
 
 from __future__ import annotations
 
@@ -9,12 +13,21 @@ import numpy as np
 from keras_aesam.bench.plan import ALL_METHODS, _pretty
 
 
-def _mean_std(values):
+def mean_std(values):
+    """``(mean, sample std, n)`` of the values that are numbers (None and NaN left out); std None below 2."""
     values = [float(v) for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
     if not values:
         return (None, None, 0)
     std = float(np.std(values, ddof=1)) if len(values) > 1 else None
     return (float(np.mean(values)), std, len(values))
+
+
+def group_by(rows, *keys):
+    """``{(row[key] for key in keys): [rows]}``, groups and rows in the order met."""
+    groups = {}
+    for r in rows:
+        groups.setdefault(tuple(r[key] for key in keys), []).append(r)
+    return groups
 
 
 def time_ratios(rows, key="step_ms") -> dict[str, float]:
@@ -49,21 +62,18 @@ def aggregate(rows) -> list[dict]:
     """One summary per (setting, method): means and sample stds over seeds."""
     ratios = time_ratios(rows)
     cpu_ratios = time_ratios(rows, "step_cpu_ms")
-    groups = {}
-    for r in rows:
-        groups.setdefault((r["setting"], r["noise"], r["method"]), []).append(r)
     summaries = []
-    for (setting, noise, method), items in groups.items():
+    for (setting, noise, method), items in group_by(rows, "setting", "noise", "method").items():
         items = sorted(items, key=lambda r: r["seed"])
-        acc = _mean_std([r["test_accuracy"] for r in items])
-        frac = _mean_std([r["sam_fraction"] for r in items])
-        ratio = _mean_std([ratios.get(r["run_id"]) for r in items])
-        cpu_ratio = _mean_std([cpu_ratios.get(r["run_id"]) for r in items])
-        ideal = _mean_std([_ideal(r) for r in items])
-        over_ideal = _mean_std([ratios[r["run_id"]] / _ideal(r) for r in items
-                                if r["run_id"] in ratios and _ideal(r)])
-        cpu_over_ideal = _mean_std([cpu_ratios[r["run_id"]] / _ideal(r) for r in items
-                                    if r["run_id"] in cpu_ratios and _ideal(r)])
+        acc = mean_std([r["test_accuracy"] for r in items])
+        frac = mean_std([r["sam_fraction"] for r in items])
+        ratio = mean_std([ratios.get(r["run_id"]) for r in items])
+        cpu_ratio = mean_std([cpu_ratios.get(r["run_id"]) for r in items])
+        ideal = mean_std([_ideal(r) for r in items])
+        over_ideal = mean_std([ratios[r["run_id"]] / _ideal(r) for r in items
+                               if r["run_id"] in ratios and _ideal(r)])
+        cpu_over_ideal = mean_std([cpu_ratios[r["run_id"]] / _ideal(r) for r in items
+                                   if r["run_id"] in cpu_ratios and _ideal(r)])
         summaries.append({
             "setting": setting,
             "noise": noise,
@@ -72,16 +82,16 @@ def aggregate(rows) -> list[dict]:
             "seeds": [r["seed"] for r in items],
             "acc_mean": acc[0], "acc_std": acc[1],
             "sam_mean": frac[0], "sam_std": frac[1],
-            "grad_evals_mean": _mean_std([r["grad_evals"] for r in items])[0],
-            "pass_equivalents_mean": _mean_std([r["pass_equivalents"] for r in items])[0],
-            "epoch_s_mean": _mean_std([r.get("epoch_seconds_after_first") for r in items])[0],
-            "epoch_s_std": _mean_std([r.get("epoch_seconds_after_first") for r in items])[1],
-            "first_epoch_s_mean": _mean_std([r.get("first_epoch_seconds") for r in items])[0],
-            "step_ms_mean": _mean_std([r.get("step_ms") for r in items])[0],
+            "grad_evals_mean": mean_std([r["grad_evals"] for r in items])[0],
+            "pass_equivalents_mean": mean_std([r["pass_equivalents"] for r in items])[0],
+            "epoch_s_mean": mean_std([r.get("epoch_seconds_after_first") for r in items])[0],
+            "epoch_s_std": mean_std([r.get("epoch_seconds_after_first") for r in items])[1],
+            "first_epoch_s_mean": mean_std([r.get("first_epoch_seconds") for r in items])[0],
+            "step_ms_mean": mean_std([r.get("step_ms") for r in items])[0],
             "timed_steps": int(sum(r.get("timed_steps") or 0 for r in items)),
             "ratio_mean": ratio[0], "ratio_std": ratio[1],
             "cpu_ratio_mean": cpu_ratio[0], "cpu_ratio_std": cpu_ratio[1],
-            "step_cpu_ms_mean": _mean_std([r.get("step_cpu_ms") for r in items])[0],
+            "step_cpu_ms_mean": mean_std([r.get("step_cpu_ms") for r in items])[0],
             "ideal_mean": ideal[0],
             "over_ideal_mean": over_ideal[0], "over_ideal_std": over_ideal[1],
             "cpu_over_ideal_mean": cpu_over_ideal[0], "cpu_over_ideal_std": cpu_over_ideal[1],
@@ -161,12 +171,14 @@ def paired_tests(rows, comparisons=COMPARISONS) -> list[dict]:
     return tests
 
 
-def verdict(test) -> str:
-    """A plain reading of one paired test at 95 %."""
+def verdict(test, name=None, reason=True) -> str:
+    """A plain reading of one paired test at 95 %: ``a`` better, worse, or not told apart from ``b``.
+
+    ``name``: how ``a`` is called (its method's name unless given); ``reason``: say why (the CI and 0).
+    """
     if test["n"] < 2 or test["ci_low"] is None:
         return "too few seeds"
-    if test["ci_low"] > 0:
-        return f"{_pretty(test['a'])} better (95 % CI excludes 0)"
-    if test["ci_high"] < 0:
-        return f"{_pretty(test['a'])} worse (95 % CI excludes 0)"
-    return "no significant difference (95 % CI includes 0)"
+    if test["ci_low"] > 0 or test["ci_high"] < 0:
+        word = "better" if test["ci_low"] > 0 else "worse"
+        return f"{_pretty(test['a']) if name is None else name} {word}" + (" (95 % CI excludes 0)" if reason else "")
+    return "no significant difference" + (" (95 % CI includes 0)" if reason else "")

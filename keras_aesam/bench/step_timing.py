@@ -93,25 +93,26 @@ def seconds_per_step(timing, zeta):
     return (1.0 - zeta) * (plain or 0.0) + zeta * (sam or 0.0)
 
 
-def _fit_once(spec, data, weights, steps, warmup):
+def _fit_once(spec, build, data, weights, steps, warmup):
     """Fit ``spec``'s model from ``weights`` for ``warmup + steps`` steps; the timer of the timed ones."""
     import keras
 
     from keras_aesam.bench.networks import build_network
-    from keras_aesam.bench.noisy_labels import _compile, build_model
 
     inner = build_network(keras, spec["network"], num_classes=data.num_classes, input_shape=data.input_shape)
     inner.set_weights(weights)
     total = warmup + steps
-    model = build_model(spec, inner, total)
-    _compile(model, spec, total)
+    model = build(spec, inner, total)
     timer = step_timer()
     model.fit(data.train.repeat(), epochs=1, steps_per_epoch=total, verbose=0, callbacks=[timer], shuffle=False)
     return timer.seconds[warmup:], timer.sam[warmup:]
 
 
-def time_rows(specs, steps=60, rounds=5, warmup=10, stream=sys.stderr):
+def time_rows(specs, build, steps=60, rounds=5, warmup=10, stream=sys.stderr):
     """Time every spec's step (the first spec must be ERM's), interleaved over ``rounds``.
+
+    ``build(spec, inner, total_steps)`` is the profile's compiled model of a spec
+    around the network ``inner``.
 
     Returns ``{label: {"plain": s, "sam": s, "plain_ratio": r, "sam_ratio": r}}``:
     seconds of a non-SAM and of a SAM step (ERM's median over rounds times the
@@ -137,7 +138,7 @@ def time_rows(specs, steps=60, rounds=5, warmup=10, stream=sys.stderr):
         order = specs if r % 2 == 0 else specs[:1] + specs[:0:-1]
         means = {}
         for spec in order:
-            seconds, sam = _fit_once(spec, data, weights, steps, warmup)
+            seconds, sam = _fit_once(spec, build, data, weights, steps, warmup)
             means[spec["label"]] = split_means(seconds, [bool(s) for s in sam])
         erm = means[first["label"]][0]
         erm_seconds.append(erm)
