@@ -247,10 +247,36 @@ def _ae_sam(lambdas=None):
     return lambda m, t: keras_aesam.wrap(m, "ae_sam", total_steps=t, **extra)
 
 
+class GuardedFit(keras.Model):
+    """Plain ``fit`` plus ERM's finiteness guard alone: ``optimizer.apply`` runs
+    inside a ``tf.cond`` on ``isfinite(‖g‖²)``, nothing else changed. A
+    diagnostic row: what the guard costs by itself (the update waits for the
+    whole gradient and its norm), next to what ``method="erm"`` costs in all.
+    """
+
+    def __init__(self, inner):
+        super().__init__(inner.inputs, inner.outputs, name=f"guarded_{inner.name}")
+
+    def train_step(self, data):
+        from keras_aesam import _keras_compat as compat, distribution, ops as sam_ops
+
+        x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+        with tf.GradientTape() as tape:
+            y_pred = self(x, training=True)
+            loss = self.compute_loss(x=x, y=y, y_pred=y_pred, sample_weight=sample_weight)
+        grads = tape.gradient(loss, self.trainable_variables)
+        finite = tf.math.is_finite(sam_ops.global_sq_norm(grads))
+        distribution.apply_if(finite, self.optimizer, grads, self.trainable_variables)
+        compat.loss_tracker(self).update_state(
+            compat.unscale_loss_for_distribution(loss), sample_weight=tf.shape(tf.nest.flatten(x)[0])[0])
+        return self.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
+
+
 def configurations(xla: bool = False, extended: bool = False) -> list:
     """The configurations, in the order of an even round (odd rounds reverse it)."""
     rows = [
         Config("plain", "plain `keras.Model.fit`", lambda m, t: m),
+        Config("guard", "plain `fit` + the finiteness guard alone (diagnostic)", lambda m, t: GuardedFit(m)),
         Config("erm", "ERM (`method=\"erm\"`)", _wrap("erm")),
         Config("never", "never-SAM (`ae_sam`, λ1=λ2=+1e9)", _ae_sam(1e9)),
         Config("always", "always-SAM (`ae_sam`, λ1=λ2=−1e9)", _ae_sam(-1e9)),
@@ -474,7 +500,8 @@ def graph_table(contenders, batch):
         model = contender.model
         graph = _step_graph.step_graph(model, batch)
         params = getattr(model, "inner", None) or model
-        kinds = {"plain": [False], "erm": [False], "never": [False], "always": [True], "msam": [False]}.get(
+        kinds = {"plain": [False], "guard": [False], "erm": [False], "never": [False], "always": [True],
+                 "msam": [False]}.get(
             config.key, [False, True]
         )
         for sam_step in kinds:
