@@ -350,6 +350,50 @@ class Contender:
         )
 
 
+def block_interleaved(contenders, dataset, blocks: int, block_steps: int) -> dict:
+    """``{key: (wall ratios, CPU ratios)}`` to plain, one per block round: the
+    compiled step alone, called in blocks of ``block_steps`` straight from an
+    iterator (no ``fit`` loop, no callbacks), the configurations' blocks
+    interleaved in alternating order. A block lasts tens of milliseconds, so
+    the machine's drift between the blocks of one round is small; the median
+    over many rounds resolves ratios that whole fits, seconds apart, cannot."""
+    iterator = iter(dataset)
+    functions = {}
+    for contender in contenders:
+        model = contender.model
+        functions[contender.config.key] = model.make_train_function()
+        for _ in range(3):
+            out = functions[contender.config.key](iterator)  # trace and warm up
+        tf.nest.map_structure(lambda t: t.numpy(), out)
+    seconds = {key: [] for key in functions}
+    keys = list(functions)
+    for block in range(blocks):
+        for key in (keys if block % 2 == 0 else keys[::-1]):
+            fn = functions[key]
+            cpu, wall = time.process_time(), time.perf_counter()
+            for _ in range(block_steps):
+                out = fn(iterator)
+            tf.nest.map_structure(lambda t: t.numpy(), out)
+            seconds[key].append((time.perf_counter() - wall, time.process_time() - cpu))
+    base = np.array(seconds["plain"])
+    return {key: (np.array(v)[:, 0] / base[:, 0], np.array(v)[:, 1] / base[:, 1], np.array(v)[:, 0] / block_steps)
+            for key, v in seconds.items()}
+
+
+def block_table(blocked, contenders, blocks: int, block_steps: int) -> list:
+    lines = ["", f"The compiled step alone ({blocks} rounds of interleaved blocks of {block_steps} steps, called from "
+             "an iterator without `fit`'s loop; median ratio to plain over rounds, with the 25–75 % range):", "",
+             "| configuration | median step, ms | ratio, process CPU time | ratio, wall time |", "|---|---:|---:|---:|"]
+    for contender in contenders:
+        key = contender.config.key
+        if key not in blocked:
+            continue
+        wall, cpu, step = blocked[key]
+        q = lambda v: f"{np.median(v):.3f} ({np.percentile(v, 25):.3f}–{np.percentile(v, 75):.3f})"  # noqa: E731
+        lines.append(f"| {contender.config.label} | {1000 * np.median(step):.2f} | {q(cpu)} | {q(wall)} |")
+    return lines
+
+
 class PassCost:
     """The parts of a step, each its own ``tf.function``: a forward-backward
     pass ``P`` (loss and gradient at the current weights, training mode) and
@@ -577,6 +621,9 @@ def parse_args(argv=None):
                         help="also SAM, AE-SAM, LookSAM and AE-LookSAM with their defaults")
     parser.add_argument("--xla", action="store_true",
                         help="also plain, ERM, never- and always-SAM with jit_compile=True")
+    parser.add_argument("--blocks", type=int, default=None,
+                        help="rounds of the compiled-step-alone measurement (default 60; 0: skip)")
+    parser.add_argument("--block-steps", type=int, default=20, help="steps per block (default 20)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output", help="also write the Markdown report here")
     args = parser.parse_args(argv)
@@ -584,8 +631,12 @@ def parse_args(argv=None):
         args.steps = 10 if args.quick else (80 if args.network == "mlp" else 30)
     if args.rounds is None:
         args.rounds = 2 if args.quick else 7
+    if args.blocks is None:
+        args.blocks = 2 if args.quick else 60
     if args.rounds < 2:
         parser.error("--repeats must be at least 2 (a ratio needs its spread)")
+    if args.blocks < 0 or args.block_steps < 1:
+        parser.error("--blocks must be >= 0 and --block-steps >= 1")
     if args.steps < 1 or args.warmup < 1 or args.batch_size < 1:
         parser.error("--steps, --warmup and --batch-size must be positive")
     return args
@@ -651,8 +702,12 @@ def main(argv=None) -> int:
         ("data-only loop", f"{np.mean(data_ms):.2f} ms per batch "
                            f"({np.mean(data_ms) / plain_mean:.1%} of a plain step)"),
     ]
+    plain_only = [c for c in contenders if not c.config.jit_compile]
+    blocked = block_interleaved(plain_only, dataset, args.blocks, args.block_steps) if args.blocks else {}
     targets = args.network == "mlp" and args.batch_size == 128
     text = report(results, configs, parts, meta, graph_table(contenders, batch), targets)
+    if blocked:
+        text += "\n".join(block_table(blocked, plain_only, args.blocks, args.block_steps)) + "\n"
     text += f"\nTotal benchmark time: {time.perf_counter() - started:.0f} s.\n"
     print(text)
     if args.output:
