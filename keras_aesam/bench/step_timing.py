@@ -3,9 +3,9 @@
 A run's own fit time says little about its method's cost: the runs of a
 profile are spread over hours and share the machine with whatever else runs.
 So the cost axis in seconds comes from a separate measurement. Every row's
-model (built from its spec on the spec's network and data) is fitted for a
-few steps, once per round, the rows in alternating order from round to round;
-a row's figure is the median over rounds of its mean step time over ERM's mean
+model (built from its spec on the spec's network and data, traced once) is
+fitted for a few steps from its initial state, once per round, the rows in
+alternating order from round to round; a row's figure is the median over rounds of its mean step time over ERM's mean
 step time in the same round, so slow drift of the machine cancels.
 
 A row's SAM and non-SAM steps are timed apart (which step was which is read
@@ -93,19 +93,30 @@ def seconds_per_step(timing, zeta):
     return (1.0 - zeta) * (plain or 0.0) + zeta * (sam or 0.0)
 
 
-def _fit_once(spec, build, data, weights, steps, warmup):
-    """Fit ``spec``'s model from ``weights`` for ``warmup + steps`` steps; the timer of the timed ones."""
-    import keras
+class _Row:
+    """One spec's compiled model, traced once, put back to its initial state before each timed fit."""
 
-    from keras_aesam.bench.networks import build_network
+    def __init__(self, spec, build, data, weights, total_steps):
+        import keras
 
-    inner = build_network(keras, spec["network"], num_classes=data.num_classes, input_shape=data.input_shape)
-    inner.set_weights(weights)
-    total = warmup + steps
-    model = build(spec, inner, total)
-    timer = step_timer()
-    model.fit(data.train.repeat(), epochs=1, steps_per_epoch=total, verbose=0, callbacks=[timer], shuffle=False)
-    return timer.seconds[warmup:], timer.sam[warmup:]
+        from keras_aesam.bench.networks import build_network
+
+        inner = build_network(keras, spec["network"], num_classes=data.num_classes, input_shape=data.input_shape)
+        inner.set_weights(weights)
+        self.model = build(spec, inner, total_steps)
+        self.model.optimizer.build(self.model.trainable_variables)
+        variables = list(self.model.variables) + list(self.model.optimizer.variables)
+        self._initial = [(v, v.numpy()) for v in variables]
+        self.train = data.train.repeat()
+
+    def fit(self, steps, warmup):
+        """Fit ``warmup + steps`` steps from the initial state; the timed ones' seconds and SAM flags."""
+        for variable, value in self._initial:
+            variable.assign(value)
+        timer = step_timer()
+        self.model.fit(self.train, epochs=1, steps_per_epoch=warmup + steps, verbose=0, callbacks=[timer],
+                       shuffle=False)
+        return timer.seconds[warmup:], timer.sam[warmup:]
 
 
 def time_rows(specs, build, steps=60, rounds=5, warmup=10, stream=sys.stderr):
@@ -132,13 +143,15 @@ def time_rows(specs, build, steps=60, rounds=5, warmup=10, stream=sys.stderr):
                                    validation_fraction=first["validation_fraction"])
     weights = build_network(keras, first["network"], num_classes=data.num_classes,
                             input_shape=data.input_shape).get_weights()
+    rows = [_Row(spec, build, data, weights, warmup + steps) for spec in specs]
     ratios = {s["label"]: {"plain": [], "sam": []} for s in specs}
     erm_seconds = []
     for r in range(rounds):
-        order = specs if r % 2 == 0 else specs[:1] + specs[:0:-1]
+        order = list(zip(specs, rows))
+        order = order if r % 2 == 0 else order[:1] + order[:0:-1]
         means = {}
-        for spec in order:
-            seconds, sam = _fit_once(spec, build, data, weights, steps, warmup)
+        for spec, row in order:
+            seconds, sam = row.fit(steps, warmup)
             means[spec["label"]] = split_means(seconds, [bool(s) for s in sam])
         erm = means[first["label"]][0]
         erm_seconds.append(erm)
