@@ -5,8 +5,9 @@ profile are spread over hours and share the machine with whatever else runs.
 So the cost axis in seconds comes from a separate measurement. Every row's
 model (built from its spec on the spec's network and data, traced once) is
 fitted for a few steps from its initial state, once per round, the rows in
-alternating order from round to round; a row's figure is the median over rounds of its mean step time over ERM's mean
-step time in the same round, so slow drift of the machine cancels.
+alternating order from round to round; a row's figure is the median over
+rounds of its mean step time over ERM's mean step time in the same round, so
+slow drift of the machine cancels.
 
 A row's SAM and non-SAM steps are timed apart (which step was which is read
 from the ``sam_fraction`` log), because the share of SAM steps in a short timed
