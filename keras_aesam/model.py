@@ -860,39 +860,83 @@ def wrap(model, method="ae_sam", **hyperparameters):
     return SharpnessAwareModel(inner=model, method=method, **hyperparameters)
 
 
-def _named(class_name, method_name, doc):
-    cls = type(class_name, (SharpnessAwareModel,), {"method": method_name, "__doc__": doc})
-    cls.__module__ = __name__
-    return keras.saving.register_keras_serializable(package=_PACKAGE)(cls)
+@keras.saving.register_keras_serializable(package=_PACKAGE)
+class ERMModel(SharpnessAwareModel):
+    """Plain ERM steps (``method='erm'``): the baseline, one pass per step."""
+
+    method = "erm"
 
 
-ERMModel = _named("ERMModel", "erm", "Plain ERM steps (``method='erm'``): the baseline, one pass per step.")
-SAMModel = _named("SAMModel", "sam", "SAM on every step (Foret et al., 2021): ``rho``, ``adaptive``.")
-ESAMModel = _named("ESAMModel", "esam", "ESAM (Du et al., 2022a): SAM with SWP (``beta``) and SDS (``gamma``).")
-SSSAMModel = _named("SSSAMModel", "ss_sam", "SS-SAM (Zhao et al., 2022b): SAM with probability ``p``.")
-LookSAMModel = _named(
-    "LookSAMModel", "looksam",
-    "LookSAM (Liu et al., 2022): SAM every ``k`` steps, ``g_v`` reused with ``alpha``.",
-)
-AESAMModel = _named(
-    "AESAMModel", "ae_sam",
-    "AE-SAM (Algorithm 1): SAM where ``‖g‖² ≥ µ + c_t·σ``; ``lambda1``, ``lambda2``, ``delta``.",
-)
-AELookSAMModel = _named(
-    "AELookSAMModel", "ae_looksam",
-    "AE-LookSAM (Algorithm 1): the adaptive policy deciding LookSAM's SAM steps.",
-)
-LateSAMModel = _named("LateSAMModel", "late_sam", "ERM, then SAM for the last ``target_sam_fraction`` of the steps.")
-RSTModel = _named("RSTModel", "rst", "RST (Zhao et al., 2022): SAM by a coin whose probability follows a schedule.")
-QuantileSAMModel = _named(
-    "QuantileSAMModel", "quantile_sam",
-    "SAM where ``‖g‖²`` is above its running ``(1 - f_t)`` quantile.",
-)
-MSAMModel = _named(
-    "MSAMModel", "msam",
-    "Momentum-SAM (Becker et al., 2024): one pass per step, at ``w + ρ·m/‖m‖`` "
-    "from SGD's momentum ``m`` (or Adam's first moment); ``rho``.",
-)
+@keras.saving.register_keras_serializable(package=_PACKAGE)
+class SAMModel(SharpnessAwareModel):
+    """SAM on every step (Foret et al., 2021): ``rho``, ``adaptive``."""
+
+    method = "sam"
+
+
+@keras.saving.register_keras_serializable(package=_PACKAGE)
+class ESAMModel(SharpnessAwareModel):
+    """ESAM (Du et al., 2022a): SAM with SWP (``beta``) and SDS (``gamma``)."""
+
+    method = "esam"
+
+
+@keras.saving.register_keras_serializable(package=_PACKAGE)
+class SSSAMModel(SharpnessAwareModel):
+    """SS-SAM (Zhao et al., 2022b): SAM with probability ``p``."""
+
+    method = "ss_sam"
+
+
+@keras.saving.register_keras_serializable(package=_PACKAGE)
+class LookSAMModel(SharpnessAwareModel):
+    """LookSAM (Liu et al., 2022): SAM every ``k`` steps, ``g_v`` reused with ``alpha``."""
+
+    method = "looksam"
+
+
+@keras.saving.register_keras_serializable(package=_PACKAGE)
+class AESAMModel(SharpnessAwareModel):
+    """AE-SAM (Algorithm 1): SAM where ``‖g‖² ≥ µ + c_t·σ``; ``lambda1``, ``lambda2``, ``delta``."""
+
+    method = "ae_sam"
+
+
+@keras.saving.register_keras_serializable(package=_PACKAGE)
+class AELookSAMModel(SharpnessAwareModel):
+    """AE-LookSAM (Algorithm 1): the adaptive policy deciding LookSAM's SAM steps."""
+
+    method = "ae_looksam"
+
+
+@keras.saving.register_keras_serializable(package=_PACKAGE)
+class LateSAMModel(SharpnessAwareModel):
+    """ERM, then SAM for the last ``target_sam_fraction`` of the steps."""
+
+    method = "late_sam"
+
+
+@keras.saving.register_keras_serializable(package=_PACKAGE)
+class RSTModel(SharpnessAwareModel):
+    """RST (Zhao et al., 2022): SAM by a coin whose probability follows a schedule."""
+
+    method = "rst"
+
+
+@keras.saving.register_keras_serializable(package=_PACKAGE)
+class QuantileSAMModel(SharpnessAwareModel):
+    """SAM where ``‖g‖²`` is above its running ``(1 - f_t)`` quantile."""
+
+    method = "quantile_sam"
+
+
+@keras.saving.register_keras_serializable(package=_PACKAGE)
+class MSAMModel(SharpnessAwareModel):
+    """Momentum-SAM (Becker et al., 2024): one pass per step, at ``w + ρ·m/‖m‖``
+    from SGD's momentum ``m`` (or Adam's first moment); ``rho``."""
+
+    method = "msam"
+
 
 __all__ = [
     "SharpnessAwareModel", "wrap", "method_parameters",
