@@ -305,6 +305,33 @@ def test_a_run_another_process_holds_is_put_off_and_the_next_ones_run_first(monk
     assert done["r"][0] == stored and [r["test_accuracy"] for r in done["r"][1:]] == [0.5, 0.5]  # in spec order
 
 
+def test_methods_runs_only_those_methods_and_reads_the_rest(monkeypatch, tmp_path):
+    import io
+
+    calls = []
+    monkeypatch.setattr(noisy_labels, "run_one", _fake_run_one(calls))
+    monkeypatch.setattr(noisy_labels.noisy_labels_report, "write_report", lambda out: None)
+    for spec in noisy_labels.rho_specs(0.4):  # SAM's rho search, stored
+        noisy_labels.write_json(tmp_path / "runs" / f"{noisy_labels.run_id(spec)}.json",
+                                {"spec": spec, "val_accuracy": spec["hyperparameters"]["rho"]})
+    noisy_labels.run_profile(tmp_path, settings=(0.4,), seeds=(0, 1), budget_seeds=(), stream=io.StringIO(),
+                             methods={"msam"})
+    assert calls and all("msam" in c for c in calls)  # MSAM's search and its rows, nothing else
+    assert {c.split("__")[1] for c in calls} == {f"msam_rho{r:g}" for r in noisy_labels.MLP.msam_rho_grid}
+    assert json.loads((tmp_path / "rho_noise40.json").read_text())["rho"] == 0.2
+
+
+def test_methods_without_sams_search_skips_the_setting(monkeypatch, tmp_path):
+    import io
+
+    calls, stream = [], io.StringIO()
+    monkeypatch.setattr(noisy_labels, "run_one", _fake_run_one(calls))
+    monkeypatch.setattr(noisy_labels.noisy_labels_report, "write_report", lambda out: None)
+    noisy_labels.run_profile(tmp_path, settings=(0.4,), seeds=(0,), budget_seeds=(), stream=stream,
+                             methods={"msam"})
+    assert calls == [] and "skipped" in stream.getvalue()
+
+
 def test_a_damaged_result_file_is_reported_and_its_run_redone(monkeypatch, tmp_path):
     import io
 

@@ -175,15 +175,20 @@ def finished(out, spec, stream=None):
     return result if isinstance(result, dict) and result.get("spec") == spec else None
 
 
-def run_specs(out, specs, progress, stream, poll_seconds=10):
+def run_specs(out, specs, progress, stream, poll_seconds=10, methods=None):
     """The results of ``specs``, in their order: stored ones read, the others run.
 
     A run that another live process is doing is put off: this process goes on
     with the next ones and waits for that result only when nothing else is left.
+    With ``methods``, a spec of another method is not run: its stored result,
+    or None.
     """
     results = [None] * len(specs)
     put_off = []
     for i, spec in enumerate(specs):
+        if methods is not None and spec["method"] not in methods:
+            results[i] = finished(out, spec, stream)
+            continue
         started = time.perf_counter()
         result, ran = _run_once(out, spec, stream, started, wait=False, progress=progress)
         if result is None:
@@ -253,7 +258,9 @@ def _run_once(out, spec, stream, started, poll_seconds=10, wait=True, progress=N
 
 
 def choose_rho(results):
-    """The ρ of the best mean validation accuracy (ties: the smaller ρ)."""
+    """The ρ of the best mean validation accuracy (ties: the smaller ρ); None if a ρ has no result."""
+    if not results or any(r is None for r in results):
+        return None
     by_rho = {}
     for r in results:
         by_rho.setdefault(r["spec"]["hyperparameters"]["rho"], []).append(r["val_accuracy"])
@@ -268,36 +275,49 @@ def profile_record(regime):
             "main_noise": regime.main_noise}
 
 
-def run_profile(out, settings=None, seeds=SEEDS, budget_seeds=SEEDS, stream=sys.stdout, regime=MLP):
+def run_profile(out, settings=None, seeds=SEEDS, budget_seeds=SEEDS, stream=sys.stdout, regime=MLP, methods=None):
     """Run (or resume) the profile of ``regime`` into ``out``, then write the report.
 
     ``settings`` (label-noise rates) default to the regime's. The fixed-budget
     stage (a regime with one) runs on ``budget_seeds`` of the main setting once
     its ρ is known (from this process or from another one writing to ``out``),
-    so two processes can share the work.
+    so two processes can share the work. ``methods`` (names): run only their
+    specs now, reading the others' stored results (a method added to a
+    folder, or the runs that matter most first).
     """
     out = Path(out)
     settings = regime.settings if settings is None else settings
     write_json(out / "profile.json", profile_record(regime))
     budget_seeds = budget_seeds if regime.budget_stage else ()
     progress = Progress(planned_runs(settings, seeds, budget_seeds, regime), stream, name=run_id)
+    def run(specs):
+        return run_specs(out, specs, progress, stream, methods=methods)
+
     for noise in settings:
-        rho = choose_rho(run_specs(out, rho_specs(noise, regime), progress, stream))
+        rho = choose_rho(run(rho_specs(noise, regime)))
+        if rho is None:
+            print(f"{setting_name(noise)}: SAM's rho search is not done and --methods leaves it out: skipped",
+                  file=stream, flush=True)
+            continue
         write_json(_rho_path(out, noise), {"rho": rho})
         print(f"{setting_name(noise)}: rho = {rho:g} (best validation accuracy)", file=stream, flush=True)
-        msam_rho = choose_rho(run_specs(out, msam_rho_specs(noise, regime), progress, stream))
-        write_json(_rho_path(out, noise, "msam_"), {"rho": msam_rho})
-        print(f"{setting_name(noise)}: MSAM rho = {msam_rho:g} (best validation accuracy)", file=stream, flush=True)
+        msam_rho = choose_rho(run(msam_rho_specs(noise, regime)))
+        if msam_rho is not None:
+            write_json(_rho_path(out, noise, "msam_"), {"rho": msam_rho})
+            print(f"{setting_name(noise)}: MSAM rho = {msam_rho:g} (best validation accuracy)", file=stream,
+                  flush=True)
         for seed in seeds:
-            first = run_specs(out, main_specs(noise, seed, rho, regime=regime), progress, stream)
-            zeta = max(round(first[2]["sam_fraction"], 3), 0.001)  # a budget must be > 0
-            zeta_look = max(round(first[4]["sam_fraction"], 3), 0.001)
-            run_specs(out, main_specs(noise, seed, rho, zeta, zeta_look, regime)[5:], progress, stream)
-            run_specs(out, rival_specs(noise, seed, rho, msam_rho, regime), progress, stream)
+            first = run(main_specs(noise, seed, rho, regime=regime))
+            if first[2] is not None and first[4] is not None:  # the zeta-matched runs need AE-SAM's and AE-LookSAM's
+                zeta = max(round(first[2]["sam_fraction"], 3), 0.001)  # a budget must be > 0
+                zeta_look = max(round(first[4]["sam_fraction"], 3), 0.001)
+                run(main_specs(noise, seed, rho, zeta, zeta_look, regime)[5:])
+            run([s for s in rival_specs(noise, seed, rho, msam_rho or 1.0, regime)
+                 if msam_rho is not None or s["method"] != "msam"])
     if budget_seeds:
         rho = _wait_for_rho(out, regime.main_noise, stream)
         for seed in budget_seeds:
-            run_specs(out, budget_specs(regime.main_noise, seed, rho, regime), progress, stream)
+            run(budget_specs(regime.main_noise, seed, rho, regime))
     return noisy_labels_report.write_report(out)
 
 
@@ -366,6 +386,9 @@ def build_parser(prog="keras-aesam bench --profile noisy-labels"):
     parser.add_argument("--reverse-seeds", action="store_true",
                         help="take the seeds last first: a second process on the same settings meets the first "
                              "in the middle instead of repeating its runs")
+    parser.add_argument("--methods", nargs="+", default=None, metavar="METHOD",
+                        help="run only these methods' runs now (e.g. msam), reading the others' stored results; "
+                             "a later invocation without it does the rest")
     parser.add_argument("--report-only", action="store_true", help="redraw the report from the stored runs")
     parser.add_argument("--timing", action="store_true",
                         help="time every row's step side by side in this process (timing.json; the seconds axis "
@@ -403,7 +426,15 @@ def main(argv=None, prog="keras-aesam bench --profile noisy-labels"):
     budget_seeds = seeds if args.budget_seeds is None else tuple(args.budget_seeds)
     record_command(args.output, argv, prog)
     settings = None if args.noise is None else tuple(args.noise)
-    run_profile(args.output, settings=settings, seeds=seeds, budget_seeds=budget_seeds, regime=regime)
+    if args.methods:
+        from keras_aesam.methods import METHODS
+
+        unknown = sorted(set(args.methods) - set(METHODS))
+        if unknown:
+            raise SystemExit(f"error: --methods: unknown method(s) {', '.join(unknown)}; valid: "
+                             f"{', '.join(sorted(METHODS))}")
+    run_profile(args.output, settings=settings, seeds=seeds, budget_seeds=budget_seeds, regime=regime,
+                methods=None if args.methods is None else set(args.methods))
     return 0
 
 
