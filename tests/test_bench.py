@@ -299,6 +299,16 @@ def test_the_bench_trains_with_the_one_recipe_and_the_papers_methods():
     assert len(l2.losses) == len([w for w in l2.weights if "kernel" in w.path]) and not decoupled.losses
 
 
+def test_msam_without_momentum_is_refused_before_any_run(tmp_path):
+    args = bench.build_parser().parse_args(["--methods", "erm,msam", "--momentum", "0", "--no-peer",
+                                            "--output", str(tmp_path)])
+    with pytest.raises(bench.BadInput, match=r"--momentum must be in \(0, 1\), got 0"):
+        bench.resolve(args)
+    args = bench.build_parser().parse_args(["--methods", "erm,sam", "--momentum", "0", "--no-peer",
+                                            "--output", str(tmp_path)])
+    assert bench.resolve(args)["methods"] == ["erm", "sam"]  # momentum 0 is fine without msam
+
+
 # ------------------------------------------------------------------- resume
 
 

@@ -272,6 +272,9 @@ def resolve(args) -> dict:
     seeds = _seeds(args, profile)
     config = _config(args, profile)
     _check_config(config)
+    if "msam" in methods and config["momentum"] <= 0.0:
+        raise BadInput("msam perturbs along SGD's momentum: with msam among --methods, --momentum must be in "
+                       f"(0, 1), got {config['momentum']:g}")
     runs = _method_runs(args, config, methods, noise, seeds)
     peer, peer_note, peer_runs = _peer_runs(args, config, noise, seeds)
     runs = _ordered(runs + peer_runs, noise, seeds)
