@@ -50,6 +50,22 @@ def test_rho_rows_share_one_timing_and_erm_comes_first(tmp_path):
     assert keys[0] == "erm" and sorted(keys[1:]) == ["ae_looksam", "ae_sam", "looksam", "sam"]
 
 
+def test_rows_not_run_yet_are_timed_from_the_plan(tmp_path):
+    """The CNN regime's seed 0 with its main runs stored: the matched rows and the rivals are timed too."""
+    cnn = noisy_labels.REGIMES["cnn"]
+    noisy_labels.write_json(tmp_path / "profile.json", noisy_labels.profile_record(cnn))
+    noisy_labels.write_json(tmp_path / "rho_noise40.json", {"rho": 0.05})
+    noisy_labels.write_json(tmp_path / "msam_rho_noise40.json", {"rho": 1.0})
+    for spec in noisy_labels.main_specs(0.4, 0, 0.05, regime=cnn):
+        noisy_labels.write_json(tmp_path / "runs" / f"{noisy_labels.run_id(spec)}.json",
+                                {"spec": spec, "sam_fraction": 0.3})
+    specs = {noisy_labels.timing_key(s["label"]): s for s in noisy_labels.timing_specs(tmp_path)}
+    assert set(specs) == {"erm", "sam", "ae_sam", "looksam", "ae_looksam", "ss_sam@ae", "quantile_sam@ae",
+                          "msam", "looksam_k2", "looksam_k10", "esam"}
+    assert specs["ss_sam@ae"]["hyperparameters"]["target_sam_fraction"] == 0.3  # AE-SAM's realised budget
+    assert specs["msam"]["hyperparameters"]["rho"] == 1.0 and specs["erm"]["network"] == "bn_cnn"
+
+
 def test_rows_are_timed_against_erm_in_one_process():
     specs = plan.main_specs(0.4, 0, 0.1)
     specs = [{**s, "train_size": 1024} for s in specs if s["label"] in ("erm", "sam_rho0.1")]

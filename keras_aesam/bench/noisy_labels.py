@@ -326,7 +326,8 @@ TIMING_STEPS, TIMING_ROUNDS, TIMING_WARMUP = 60, 5, 10
 
 
 def timing_specs(out):
-    """One stored spec per timing key, from seed 0 of the folder's first setting that has it; ERM's first."""
+    """One spec per timing key, ERM's first: seed 0's stored runs, then seed 0's planned rows of the
+    main setting not run yet (a matched row's budget read from AE-SAM's or AE-LookSAM's stored run)."""
     specs = {}
     for path in sorted((Path(out) / "runs").glob("*.json")):
         spec = json.loads(path.read_text())["spec"]
@@ -334,7 +335,27 @@ def timing_specs(out):
             specs.setdefault(timing_key(spec["label"]), spec)
     if "erm" not in specs:
         raise FileNotFoundError(f"no ERM run of seed 0 under {Path(out) / 'runs'}: nothing to time against")
+    for spec in _planned_seed0(out):
+        specs.setdefault(timing_key(spec["label"]), spec)
     return [specs.pop("erm"), *(specs[k] for k in sorted(specs))]
+
+
+def _planned_seed0(out):
+    """Seed 0's planned rows of the folder's main setting, as far as the stored runs fix them."""
+    record = Path(out) / "profile.json"
+    regime = REGIMES[json.loads(record.read_text()).get("regime", MLP.name)] if record.is_file() else MLP
+    noise = regime.main_noise
+    rho_path, msam_path = _rho_path(out, noise), _rho_path(out, noise, "msam_")
+    if not rho_path.is_file():
+        return []
+    rho = json.loads(rho_path.read_text())["rho"]
+    first = [finished(out, s) for s in main_specs(noise, 0, rho, regime=regime)]
+    zeta = None if first[2] is None else max(round(first[2]["sam_fraction"], 3), 0.001)
+    zeta_look = None if first[4] is None else max(round(first[4]["sam_fraction"], 3), 0.001)
+    planned = main_specs(noise, 0, rho, zeta, zeta_look, regime)
+    if msam_path.is_file():
+        planned += rival_specs(noise, 0, rho, json.loads(msam_path.read_text())["rho"], regime)
+    return planned
 
 
 def measure_timing(out, stream=sys.stdout, steps=TIMING_STEPS, rounds=TIMING_ROUNDS, warmup=TIMING_WARMUP):
