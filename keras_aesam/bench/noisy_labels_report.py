@@ -374,9 +374,9 @@ def _header(out, runs, rhos, regime=MLP, timing=None):
         "one pass at w + e (1.0); ESAM's second pass counts as one although it runs on half the batch and "
         "perturbs 60 % of the weight tensors (plus a forward pass to choose the samples).",
         f"- *The LookSAM direction*: every row with it reuses g_v on at most max_age = {MAX_AGE} steps after the SAM "
-        "step that formed it, then takes ERM steps (LookSAM itself: its period k bounds that age at k − 1). "
-        "*AE-LookSAM, g_v unbounded (paper's rule)* (`max_age=None`) are the runs of the previous round, made "
-        "before the bound existed, kept as the paper's rule.",
+        "step that formed it, then takes ERM steps (LookSAM itself: its period k bounds that age at k − 1)."
+        + (" *AE-LookSAM, g_v unbounded (paper's rule)* (`max_age=None`) are the runs of the previous round, made "
+           "before the bound existed, kept as the paper's rule." if regime.looksam_matched else ""),
     ]
     warning = degenerate_warning([r["run_id"] for r in runs if r["degenerate"]])
     return lines + ([""] + warning if warning else [])
