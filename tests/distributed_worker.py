@@ -73,7 +73,7 @@ def record_sam_branches(model, log):
     direction = model.direction
     perturbation = direction.perturbation
 
-    def recorded(grads, weights, step):
+    def recorded(grads, weights, step, grad_norm_sq=None):
         ctx = tf.distribute.get_replica_context()
         replica = ctx.replica_id_in_sync_group if ctx is not None else 0
 
@@ -83,7 +83,7 @@ def record_sam_branches(model, log):
 
         tick = tf.py_function(record, [replica, step], tf.int32)
         with tf.control_dependencies([tick]):
-            return [tf.identity(e) for e in perturbation(grads, weights, step)]
+            return [tf.identity(e) for e in perturbation(grads, weights, step, grad_norm_sq)]
 
     direction.perturbation = recorded
 

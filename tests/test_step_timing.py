@@ -79,3 +79,15 @@ def test_rows_are_timed_against_erm_in_one_process():
 def test_the_first_row_must_be_erm():
     with pytest.raises(ValueError, match="ERM"):
         step_timing.time_rows(plan.main_specs(0.4, 0, 0.1)[1:2], noisy_labels.compiled_model)
+
+
+def test_a_row_that_took_no_sam_step_while_timed_borrows_its_directions_sam_step():
+    from keras_aesam.bench import noisy_labels_report as report
+
+    timing = {"rows": {"ae_looksam": {"plain": 0.010, "sam": None}, "looksam": {"plain": 0.011, "sam": 0.020},
+                       "sam": {"plain": None, "sam": 0.019}, "ae_sam": {"plain": 0.009, "sam": None}}}
+    assert math.isclose(report._seconds(timing, "ae_looksam", 0.1), 0.9 * 0.010 + 0.1 * 0.020)  # LookSAM's
+    assert math.isclose(report._seconds(timing, "ae_sam", 0.5), 0.5 * 0.009 + 0.5 * 0.019)  # SAM's
+    summary = [{"label": "ae_looksam", "sam_fraction": 0.1, "seconds_per_step": 0.011},
+               {"label": "looksam", "sam_fraction": 0.2, "seconds_per_step": 0.0128}]
+    assert report.borrowing_rows(timing, summary) == ["ae_looksam"]

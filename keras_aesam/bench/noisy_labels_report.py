@@ -109,8 +109,33 @@ def summarize(runs, timing=None):
 
 
 def _seconds(timing, label, zeta):
-    row = (timing or {}).get("rows", {}).get(timing_key(label))
-    return None if row is None else seconds_per_step(row, zeta)
+    rows = (timing or {}).get("rows", {})
+    row = rows.get(timing_key(label))
+    if row is None:
+        return None
+    value = seconds_per_step(row, zeta)
+    donor = rows.get(borrowed_from(label))
+    if value is None and donor is not None:
+        value = seconds_per_step({kind: row[kind] if row[kind] is not None else donor[kind]
+                                  for kind in ("plain", "sam")}, zeta)
+    return value
+
+
+def borrowed_from(label):
+    """The row whose step a row's timing borrows when its short timed fit never took that kind of step
+    (a policy that took no SAM step in it): the same direction's, LookSAM's or SAM's."""
+    return "looksam" if "looksam" in label else "sam"
+
+
+def borrowing_rows(timing, summary):
+    """The timed rows whose seconds mix in another row's step (see :func:`borrowed_from`)."""
+    rows = (timing or {}).get("rows", {})
+    found = set()
+    for r in summary:
+        row = rows.get(timing_key(r["label"]))
+        if row is not None and seconds_per_step(row, r["sam_fraction"]) is None and r["seconds_per_step"]:
+            found.add(timing_key(r["label"]))
+    return sorted(found)
 
 
 def _max_dev(rs):
@@ -346,7 +371,7 @@ def _commands(out):
             *(f"{c['command']}  # {c['started']}" for c in recorded), "```"]
 
 
-def _header(out, runs, rhos, regime=MLP, timing=None):
+def _header(out, runs, rhos, regime=MLP, timing=None, summary=()):
     seconds = sum(r.get("run_seconds", 0.0) for r in runs)
     stamps = sorted(r["finished_at"] for r in runs if r.get("finished_at"))
     m = machine()
@@ -369,7 +394,7 @@ def _header(out, runs, rhos, regime=MLP, timing=None):
         + (f", finished between {stamps[0]} and {stamps[-1]}." if stamps else "."),
         "- *Sharpness*: mean over 8 training batches of L(w + e) − L(w), e = 0.05·g/‖g‖, at the final "
         "weights (first-order worst case in a ρ-ball, the same ρ for every method).",
-        _timing_line(timing),
+        _timing_line(timing, borrowing_rows(timing, summary)),
         "- *Grad. evals / step*: forward-backward passes per step (1 + SAM share); the cost axis. MSAM takes its "
         "one pass at w + e (1.0); ESAM's second pass counts as one although it runs on half the batch and "
         "perturbs 60 % of the weight tensors (plus a forward pass to choose the samples).",
@@ -382,7 +407,7 @@ def _header(out, runs, rhos, regime=MLP, timing=None):
     return lines + ([""] + warning if warning else [])
 
 
-def _timing_line(timing):
+def _timing_line(timing, borrowing=()):
     if timing is None:
         return ("- *ms / step (timed)*: not measured yet (`--timing` times every row side by side, after the "
                 "runs); the seconds axis is then drawn.")
@@ -392,7 +417,9 @@ def _timing_line(timing):
             f"{timing['steps']} steps from seed 0's weights, load average {low:g} → {high:g}); a row's "
             "non-SAM and SAM steps are timed apart and mixed at its realised SAM share, ERM's median step "
             "times the row's median per-round ratio to ERM. The runs' own fit times are not used: they "
-            "shared the machine with other runs.")
+            "shared the machine with other runs."
+            + ("" if not borrowing else " Rows whose timed steps included no SAM step take the SAM step of the "
+               "row with their direction (LookSAM's or SAM's): " + ", ".join(pretty(b) for b in borrowing) + "."))
 
 
 def incomplete_rows(runs, rhos, msam_rhos, regime=MLP):
@@ -427,7 +454,7 @@ def _incomplete_lines(missing, setting):
 
 def report_text(out, runs, summary, tests, rhos, plots, msam_rhos=None, regime=MLP, timing=None):
     msam_rhos = msam_rhos or {}
-    lines = _header(out, runs, rhos, regime, timing)
+    lines = _header(out, runs, rhos, regime, timing, summary)
     missing = incomplete_rows(runs, rhos, msam_rhos, regime)
     order = sorted({r["setting"] for r in runs}, key=lambda s: (s != setting_name(regime.main_noise), s))
     for setting in order:
