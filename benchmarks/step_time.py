@@ -60,7 +60,7 @@ import tensorflow as tf  # noqa: E402
 
 import keras_aesam  # noqa: E402
 from keras_aesam import networks, recipe  # noqa: E402
-from keras_aesam.bench.step_timing import step_timer  # noqa: E402
+from keras_aesam.bench.step_timing import TimedFits  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _step_graph  # noqa: E402
@@ -313,12 +313,9 @@ class Run:
 
 
 class Contender:
-    """One configuration's compiled model, put back to its initial state before each fit.
-
-    The model is built and compiled once, so that its ``train_function`` is
-    traced once per process; before every fit all of its variables (weights,
-    BatchNorm statistics, Dropout seeds, the policy's state) and all of its
-    optimizer's (step count, momenta) get their initial values back.
+    """One configuration's compiled model, built and compiled once (its
+    ``train_function`` traced once per process) and put back to its initial
+    state before each fit (:class:`keras_aesam.bench.step_timing.TimedFits`).
     """
 
     def __init__(self, config: Config, build, initial_weights, total_steps: int, seed: int):
@@ -326,22 +323,14 @@ class Contender:
         keras.utils.set_random_seed(seed)
         inner = build()
         inner.set_weights(initial_weights)
-        self.model = config.make(inner, total_steps)
-        recipe.compile_model(self.model, RECIPE, total_steps, jit_compile=config.jit_compile)
-        optimizer = self.model.optimizer
-        optimizer.build(self.model.trainable_variables)
-        variables = list(self.model.variables) + list(optimizer.variables)
-        self._initial = [(v, v.numpy()) for v in variables]
+        model = config.make(inner, total_steps)
+        recipe.compile_model(model, RECIPE, total_steps, jit_compile=config.jit_compile)
+        self.timed = TimedFits(model)
+        self.model = model
 
     def fit(self, dataset, warmup: int, steps: int) -> Run:
         """Reset, then fit ``warmup + steps`` steps and time them."""
-        for variable, value in self._initial:
-            variable.assign(value)
-        timer = step_timer()
-        self.model.fit(
-            dataset, epochs=1, steps_per_epoch=warmup + steps, shuffle=False,
-            callbacks=[timer], verbose=0,
-        )
+        timer = self.timed.fit(dataset, warmup + steps)
         flags = timer.sam[warmup:]
         return Run(
             ms=np.asarray(timer.seconds[warmup:]) * 1000.0,

@@ -94,30 +94,38 @@ def seconds_per_step(timing, zeta):
     return (1.0 - zeta) * (plain or 0.0) + zeta * (sam or 0.0)
 
 
-class _Row:
-    """One spec's compiled model, traced once, put back to its initial state before each timed fit."""
+class TimedFits:
+    """A compiled model, traced once, put back to its initial state before each timed fit.
 
-    def __init__(self, spec, build, data, weights, total_steps):
-        import keras
+    Before every fit all of its variables (weights, BatchNorm statistics,
+    Dropout seeds, the policy's state) and all of its optimizer's (step count,
+    momenta) get their initial values back, so each fit times the same steps.
+    """
 
-        from keras_aesam.bench.networks import build_network
-
-        inner = build_network(keras, spec["network"], num_classes=data.num_classes, input_shape=data.input_shape)
-        inner.set_weights(weights)
-        self.model = build(spec, inner, total_steps)
-        self.model.optimizer.build(self.model.trainable_variables)
-        variables = list(self.model.variables) + list(self.model.optimizer.variables)
+    def __init__(self, model):
+        self.model = model
+        model.optimizer.build(model.trainable_variables)
+        variables = list(model.variables) + list(model.optimizer.variables)
         self._initial = [(v, v.numpy()) for v in variables]
-        self.train = data.train.repeat()
 
-    def fit(self, steps, warmup):
-        """Fit ``warmup + steps`` steps from the initial state; the timed ones' seconds and SAM flags."""
+    def fit(self, dataset, steps):
+        """Reset, then fit ``steps`` steps of ``dataset``; the :class:`StepTimer` of every step."""
         for variable, value in self._initial:
             variable.assign(value)
         timer = step_timer()
-        self.model.fit(self.train, epochs=1, steps_per_epoch=warmup + steps, verbose=0, callbacks=[timer],
-                       shuffle=False)
-        return timer.seconds[warmup:], timer.sam[warmup:]
+        self.model.fit(dataset, epochs=1, steps_per_epoch=steps, verbose=0, callbacks=[timer], shuffle=False)
+        return timer
+
+
+def _timed_row(spec, build, data, weights, total_steps):
+    """``spec``'s compiled model around a fresh network loaded with ``weights``, as :class:`TimedFits`."""
+    import keras
+
+    from keras_aesam.bench.networks import build_network
+
+    inner = build_network(keras, spec["network"], num_classes=data.num_classes, input_shape=data.input_shape)
+    inner.set_weights(weights)
+    return TimedFits(build(spec, inner, total_steps))
 
 
 def time_rows(specs, build, steps=60, rounds=5, warmup=10, stream=sys.stderr):
@@ -144,7 +152,8 @@ def time_rows(specs, build, steps=60, rounds=5, warmup=10, stream=sys.stderr):
                                    validation_fraction=first["validation_fraction"])
     weights = build_network(keras, first["network"], num_classes=data.num_classes,
                             input_shape=data.input_shape).get_weights()
-    rows = [_Row(spec, build, data, weights, warmup + steps) for spec in specs]
+    rows = [_timed_row(spec, build, data, weights, warmup + steps) for spec in specs]
+    train = data.train.repeat()
     ratios = {s["label"]: {"plain": [], "sam": []} for s in specs}
     erm_seconds = []
     for r in range(rounds):
@@ -152,8 +161,8 @@ def time_rows(specs, build, steps=60, rounds=5, warmup=10, stream=sys.stderr):
         order = order if r % 2 == 0 else order[:1] + order[:0:-1]
         means = {}
         for spec, row in order:
-            seconds, sam = row.fit(steps, warmup)
-            means[spec["label"]] = split_means(seconds, [bool(s) for s in sam])
+            timer = row.fit(train, warmup + steps)
+            means[spec["label"]] = split_means(timer.seconds[warmup:], [bool(s) for s in timer.sam[warmup:]])
         erm = means[first["label"]][0]
         erm_seconds.append(erm)
         for label, (plain, sam_mean) in means.items():
