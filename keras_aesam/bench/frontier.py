@@ -20,12 +20,12 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
 import math
 import sys
 from pathlib import Path
 
-from keras_aesam.bench.noisy_labels_plan import pretty
+from keras_aesam.bench.noisy_labels_plan import pretty, rho_label
+from keras_aesam.bench.noisy_labels_report import chosen_rhos, load_regime
 from keras_aesam.bench.tables import interval, points
 
 MAX_PASSES = 1.25
@@ -38,11 +38,6 @@ FAMILY = {"sam": "SAM", "msam": "MSAM"}
 def _rows(path):
     with open(path, newline="") as f:
         return list(csv.DictReader(f))
-
-
-def _chosen(folder, prefix, setting):
-    path = Path(folder) / f"{prefix}rho_{setting}.json"
-    return json.loads(path.read_text())["rho"] if path.is_file() else None
 
 
 def row_key(label, sam_label, msam_label):
@@ -69,16 +64,15 @@ def load_settings(folders):
     out = {}
     for folder in folders:
         folder = Path(folder)
-        profile = json.loads((folder / "profile.json").read_text())
-        regime = profile.get("regime", "mlp")
+        regime = load_regime(folder).name
+        rhos, msam_rhos = chosen_rhos(folder), chosen_rhos(folder, "msam_")
         summary = _rows(folder / "summary.csv")
         tests = _rows(folder / "tests.csv") if (folder / "tests.csv").is_file() else []
         for setting in sorted({r["setting"] for r in summary}):
-            rho, msam_rho = _chosen(folder, "", setting), _chosen(folder, "msam_", setting)
-            if rho is None:
+            if setting not in rhos:
                 continue
-            sam_label = f"sam_rho{rho:g}"
-            msam_label = None if msam_rho is None else f"msam_rho{msam_rho:g}"
+            sam_label = rho_label(rhos[setting])
+            msam_label = rho_label(msam_rhos[setting], "msam") if setting in msam_rhos else None
             rows = {}
             for r in summary:
                 if r["setting"] != setting:

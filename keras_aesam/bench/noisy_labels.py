@@ -37,6 +37,7 @@ from keras_aesam.bench.noisy_labels_plan import (
     main_specs,
     msam_rho_specs,
     planned_runs,
+    realised_budget,
     rho_specs,
     rival_specs,
     run_id,
@@ -309,9 +310,7 @@ def run_profile(out, settings=None, seeds=SEEDS, budget_seeds=SEEDS, stream=sys.
         for seed in seeds:
             first = run(main_specs(noise, seed, rho, regime=regime))
             if first[2] is not None and first[4] is not None:  # the zeta-matched runs need AE-SAM's and AE-LookSAM's
-                zeta = max(round(first[2]["sam_fraction"], 3), 0.001)  # a budget must be > 0
-                zeta_look = max(round(first[4]["sam_fraction"], 3), 0.001)
-                run(main_specs(noise, seed, rho, zeta, zeta_look, regime)[5:])
+                run(main_specs(noise, seed, rho, realised_budget(first[2]), realised_budget(first[4]), regime)[5:])
             run([s for s in rival_specs(noise, seed, rho, msam_rho or 1.0, regime)
                  if msam_rho is not None or s["method"] != "msam"])
     if budget_seeds:
@@ -342,19 +341,16 @@ def timing_specs(out):
 
 def _planned_seed0(out):
     """Seed 0's planned rows of the folder's main setting, as far as the stored runs fix them."""
-    record = Path(out) / "profile.json"
-    regime = REGIMES[json.loads(record.read_text()).get("regime", MLP.name)] if record.is_file() else MLP
-    noise = regime.main_noise
-    rho_path, msam_path = _rho_path(out, noise), _rho_path(out, noise, "msam_")
-    if not rho_path.is_file():
+    regime = noisy_labels_report.load_regime(out)
+    setting = setting_name(regime.main_noise)
+    rho, msam_rho = (noisy_labels_report.chosen_rhos(out, method).get(setting) for method in ("", "msam_"))
+    if rho is None:
         return []
-    rho = json.loads(rho_path.read_text())["rho"]
-    first = [finished(out, s) for s in main_specs(noise, 0, rho, regime=regime)]
-    zeta = None if first[2] is None else max(round(first[2]["sam_fraction"], 3), 0.001)
-    zeta_look = None if first[4] is None else max(round(first[4]["sam_fraction"], 3), 0.001)
-    planned = main_specs(noise, 0, rho, zeta, zeta_look, regime)
-    if msam_path.is_file():
-        planned += rival_specs(noise, 0, rho, json.loads(msam_path.read_text())["rho"], regime)
+    first = [finished(out, s) for s in main_specs(regime.main_noise, 0, rho, regime=regime)]
+    zeta, zeta_look = (None if r is None else realised_budget(r) for r in (first[2], first[4]))
+    planned = main_specs(regime.main_noise, 0, rho, zeta, zeta_look, regime)
+    if msam_rho is not None:
+        planned += rival_specs(regime.main_noise, 0, rho, msam_rho, regime)
     return planned
 
 
@@ -443,10 +439,6 @@ def main(argv=None, prog="keras-aesam bench --profile noisy-labels"):
         if other != regime.name:
             raise SystemExit(f"error: {args.output} holds the {other!r} regime's runs; --regime {regime.name} "
                              "needs a folder of its own (--output)")
-    seeds = tuple(range(args.seeds))[::-1 if args.reverse_seeds else 1]
-    budget_seeds = seeds if args.budget_seeds is None else tuple(args.budget_seeds)
-    record_command(args.output, argv, prog)
-    settings = None if args.noise is None else tuple(args.noise)
     if args.methods:
         from keras_aesam.methods import METHODS
 
@@ -454,6 +446,10 @@ def main(argv=None, prog="keras-aesam bench --profile noisy-labels"):
         if unknown:
             raise SystemExit(f"error: --methods: unknown method(s) {', '.join(unknown)}; valid: "
                              f"{', '.join(sorted(METHODS))}")
+    seeds = tuple(range(args.seeds))[::-1 if args.reverse_seeds else 1]
+    budget_seeds = seeds if args.budget_seeds is None else tuple(args.budget_seeds)
+    settings = None if args.noise is None else tuple(args.noise)
+    record_command(args.output, argv, prog)
     run_profile(args.output, settings=settings, seeds=seeds, budget_seeds=budget_seeds, regime=regime,
                 methods=None if args.methods is None else set(args.methods))
     return 0

@@ -128,8 +128,19 @@ def run_id(spec):
     return f"{spec['setting']}__{spec['label']}__s{spec['seed']}"
 
 
+def rho_label(rho, method="sam"):
+    """The label of ``method``'s row at ``rho`` (SAM's or MSAM's ρ search and chosen ρ): ``'sam_rho0.2'``."""
+    return f"{method}_rho{rho:g}"
+
+
+def realised_budget(result):
+    """The budget a matched row aims at: the SAM share a run realised, to 0.001 and at least 0.001
+    (a budget must be > 0)."""
+    return max(round(result["sam_fraction"], 3), 0.001)
+
+
 def rho_specs(noise, regime=MLP):
-    return [_spec(noise, seed, f"sam_rho{rho:g}", "sam", {"rho": rho}, regime=regime)
+    return [_spec(noise, seed, rho_label(rho), "sam", {"rho": rho}, regime=regime)
             for rho in regime.rho_grid for seed in RHO_SEEDS]
 
 
@@ -141,7 +152,7 @@ def main_specs(noise, seed, rho, zeta=None, zeta_look=None, regime=MLP):
 
     specs = [
         spec("erm", "erm", {}),
-        spec(f"sam_rho{rho:g}", "sam", {"rho": rho}),
+        spec(rho_label(rho), "sam", {"rho": rho}),
         spec("ae_sam", "ae_sam", {"rho": rho}),
         spec("looksam", "looksam", {"rho": rho}),
         spec("ae_looksam", "ae_looksam", {"rho": rho, "max_age": MAX_AGE}),
@@ -165,13 +176,13 @@ def looksam_k(zeta):
 
 
 def msam_rho_specs(noise, regime=MLP):
-    return [_spec(noise, seed, f"msam_rho{rho:g}", "msam", {"rho": rho}, regime=regime)
+    return [_spec(noise, seed, rho_label(rho, "msam"), "msam", {"rho": rho}, regime=regime)
             for rho in regime.msam_rho_grid for seed in RHO_SEEDS]
 
 
 def rival_specs(noise, seed, rho, msam_rho, regime=MLP):
     """The rivals stage for one seed: MSAM at its chosen ρ, LookSAM at other periods, ESAM."""
-    return [_spec(noise, seed, f"msam_rho{msam_rho:g}", "msam", {"rho": msam_rho}, regime=regime),
+    return [_spec(noise, seed, rho_label(msam_rho, "msam"), "msam", {"rho": msam_rho}, regime=regime),
             *(_spec(noise, seed, f"looksam_k{k}", "looksam", {"rho": rho, "k": k}, regime=regime)
               for k in LOOKSAM_PERIODS),
             _spec(noise, seed, "esam", "esam", {"rho": rho}, regime=regime)]

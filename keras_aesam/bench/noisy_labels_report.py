@@ -27,6 +27,7 @@ from keras_aesam.bench.noisy_labels_plan import (
     main_specs,
     msam_rho_specs,
     pretty,
+    rho_label,
     rival_specs,
     setting_name,
     timing_key,
@@ -65,10 +66,6 @@ def chosen_rhos(out, method=""):
     """``{setting: ρ}`` chosen on validation for SAM (``method=""``) or MSAM (``"msam_"``)."""
     prefix = f"{method}rho_"
     return {p.stem[len(prefix):]: json.loads(p.read_text())["rho"] for p in Path(out).glob(f"{prefix}*.json")}
-
-
-def _sam_label(rho, method="sam"):
-    return f"{method}_rho{rho:g}"
 
 
 def is_search_row(label, sam_label, msam_label=None):
@@ -172,8 +169,8 @@ def paired_tests(runs, rhos, msam_rhos=None):
         if setting not in rhos:
             continue
         labels = {r["label"] for r in runs if r["setting"] == setting}
-        msam_label = _sam_label(msam_rhos[setting], "msam") if setting in msam_rhos else None
-        for a, b, question in comparisons(setting, _sam_label(rhos[setting]), labels, msam_label):
+        msam_label = rho_label(msam_rhos[setting], "msam") if setting in msam_rhos else None
+        for a, b, question in comparisons(setting, rho_label(rhos[setting]), labels, msam_label):
             xa, xb = _accuracies(runs, setting, a), _accuracies(runs, setting, b)
             seeds = sorted(set(xa) & set(xb))
             if len(seeds) < 2:
@@ -460,8 +457,8 @@ def report_text(out, runs, summary, tests, rhos, plots, msam_rhos=None, regime=M
     for setting in order:
         if setting not in rhos:
             continue
-        sam_label = _sam_label(rhos[setting])
-        msam_label = _sam_label(msam_rhos[setting], "msam") if setting in msam_rhos else None
+        sam_label = rho_label(rhos[setting])
+        msam_label = rho_label(msam_rhos[setting], "msam") if setting in msam_rhos else None
         lines += ["", f"## {setting}: {int(setting[len('noise'):])} % of training labels flipped"]
         if msam_label:
             lines += ["", f"MSAM's ρ chosen on validation: {msam_rhos[setting]:g}."]
@@ -498,8 +495,8 @@ def write_report(out):
         write_csv(out / "tests.csv", tests, list(tests[0]))
     plots = {}
     for setting, rho in rhos.items():
-        sam_label = _sam_label(rho)
-        msam_label = _sam_label(msam_rhos[setting], "msam") if setting in msam_rhos else None
+        sam_label = rho_label(rho)
+        msam_label = rho_label(msam_rhos[setting], "msam") if setting in msam_rhos else None
         plots[setting] = [write_pareto(out, summary, setting, sam_label, msam_label, regime=regime),
                           write_pareto(out, summary, setting, sam_label, msam_label, "seconds", regime),
                           write_curves(out, runs, setting, ["erm", sam_label, "ae_sam", "late_sam@ae",
