@@ -12,6 +12,10 @@ counts, over the ops a step executes:
   ``L2Loss``) read, over the number of trainable parameters: the passes over
   the gradient that norms cost, the only policy work that grows with the model
   (scalars left out);
+- ``elementwise_elements``: the elements that elementwise arithmetic
+  (``Neg``, ``Mul``, ``AddV2``, ``Sub``, ``RealDiv``) writes in tensors of rank
+  ≥ 1: passes over the weights (forming ``e``, ``w + e``) and over activations
+  alike, so compared between two steps whose passes are the same;
 - ``predicates``: the distinct tensors the taken conds branch on. Each is a
   device-to-host copy on a GPU (a ``Switch`` reads its predicate in host
   memory), which the host waits for before it can issue the branch's kernels.
@@ -29,6 +33,7 @@ import tensorflow as tf
 
 NOT_WORK = frozenset({"Const", "NoOp", "Placeholder", "Identity"})
 SQUARE_REDUCTIONS = frozenset({"Square", "L2Loss"})
+ELEMENTWISE = frozenset({"Neg", "Mul", "AddV2", "Sub", "RealDiv"})
 CONDS = frozenset({"If", "StatelessIf"})
 CALLS = frozenset({"StatefulPartitionedCall", "PartitionedCall"})
 
@@ -37,6 +42,7 @@ CALLS = frozenset({"StatefulPartitionedCall", "PartitionedCall"})
 class StepCount:
     ops: int = 0
     squared_elements: int = 0
+    elementwise_elements: int = 0
     predicates: int = 0
     conds: int = 0
 
@@ -75,6 +81,9 @@ def count(graph, branches=(), default="then") -> StepCount:
                 shape = op.inputs[0].shape if op.inputs else None
                 if op.type in SQUARE_REDUCTIONS and shape.rank:  # scalars are no pass
                     total.squared_elements += int(np.prod(shape)) if shape.is_fully_defined() else 0
+                out = op.outputs[0].shape if op.outputs else None
+                if op.type in ELEMENTWISE and out.rank and out.is_fully_defined():
+                    total.elementwise_elements += int(np.prod(out))
 
     predicates = set()
     visit(graph, True, predicates)

@@ -16,6 +16,7 @@ import abc
 import re
 
 import keras
+import tensorflow as tf
 from keras import ops
 
 from keras_aesam import _keras_compat as compat, ops as sam_ops
@@ -226,9 +227,10 @@ class MSAM(Direction):
     def perturbs_before_pass(self):
         return True
 
-    def perturbation(self, velocity, weights, step, grad_norm_sq=None):
-        """``e`` from the momentum ``v`` (``velocity``, one tensor per weight; no gradient norm)."""
-        return sam_ops.momentum_perturbation(velocity, self.rho)
+    def perturbation(self, momentum, weights, step, grad_norm_sq=None):
+        """``-ρ·m/‖m‖`` for the optimizer's momentum slots ``m`` (no gradient norm):
+        ``e`` itself where the slot is ``v`` (Adam), ``-e`` where it is ``-v`` (SGD)."""
+        return sam_ops.momentum_perturbation(momentum, self.rho)
 
     def on_sam_step(self, grads, sam_grads, state):
         raise ValueError("msam takes no second pass: its policy must be Never.")
@@ -261,14 +263,22 @@ class MSAM(Direction):
         )
 
     @classmethod
-    def velocity(cls, optimizer, variables):
-        """The momentum ``v`` in gradient units, one tensor per variable."""
+    def momentum(cls, optimizer, variables):
+        """``(slots, sign)``: the optimizer's momentum slot per variable and the
+        sign ``s`` with ``v = s·slot`` in gradient units.
+
+        SGD keeps ``m ← µm - lr·g`` (``s = -1``), Adam and AdamW their first
+        moment (``s = +1``). The sign is returned, not applied: the step folds
+        it into ``w + e`` (``w - e(m)``, the same bits) instead of negating
+        every slot, a pass over all the weights' worth of memory.
+        """
         cls.check_optimizer(optimizer)
         inner = getattr(optimizer, "inner_optimizer", optimizer)
-        if isinstance(inner, keras.optimizers.SGD):  # m ← µm - lr·g: v = -m
-            return [-inner.momentums[compat.variable_index(inner, v)].value for v in variables]
-        slots = compat.first_moments(inner)  # m ← β1·m + (1-β1)·g: v = m
-        return [slots[compat.variable_index(inner, v)].value for v in variables]
+        sgd = isinstance(inner, keras.optimizers.SGD)
+        slots = inner.momentums if sgd else compat.first_moments(inner)
+        # read once: the norm and the scaling use the same tensor
+        read = [tf.convert_to_tensor(slots[compat.variable_index(inner, v)].value) for v in variables]
+        return read, -1.0 if sgd else 1.0
 
 
 # --------------------------------------------------------------------------

@@ -570,9 +570,11 @@ class SharpnessAwareModel(keras.Model):
         variables = self.trainable_variables
         if not self.optimizer.built:  # a model built by this step: as Keras's apply would
             self.optimizer.build(variables)
-        velocity = self.direction.velocity(self.optimizer, variables)
-        e = self._perturbation(velocity, variables, self.applied_steps.value)
-        values = sam_ops.add_lists([v.value for v in variables], e)
+        slots, sign = self.direction.momentum(self.optimizer, variables)
+        e_of_slots = self._perturbation(slots, variables, self.applied_steps.value)
+        weights = [v.value for v in variables]
+        # w + e: e is e_of_slots, or its negative for SGD's slot -v (no negated copy of m)
+        values = (sam_ops.add_lists if sign > 0 else sam_ops.subtract_lists)(weights, e_of_slots)
         y_pred, loss, grads, new_values = self._xla(self._pass_at)(x, y, sample_weight, values)
         for var, value in zip(self._forward_state_variables(), new_values):
             var.assign(value)

@@ -139,6 +139,13 @@ def add_lists(a, b):
     return [_add(x, y) for x, y in zip(a, b)]
 
 
+def subtract_lists(a, b):
+    """Elementwise ``a - b`` over two lists of dense tensors (``w - e``: MSAM's
+    ``w + e`` when its ``e`` was formed from SGD's slot ``-v``; negation is exact,
+    so ``w - e(-v)`` is ``w + e(v)`` bit for bit)."""
+    return [x - ops.cast(y, x.dtype) for x, y in zip(a, b)]
+
+
 def _add(x, y):
     if is_sparse(y):
         return tf.tensor_scatter_nd_add(

@@ -174,9 +174,10 @@ def test_mixed_precision_perturbs_along_the_inner_optimizers_momentum():
     finally:
         keras.mixed_precision.set_global_policy("float32")
     assert np.all(np.isfinite(h["loss"])) and h["skipped_steps"] == [0.0, 0.0]
-    velocity = directions.MSAM.velocity(model.optimizer, model.trainable_variables)
-    for v, m in zip(velocity, momentum(model)):
-        np.testing.assert_array_equal(v.numpy(), -m)  # v = -m, read from the inner SGD
+    slots, sign = directions.MSAM.momentum(model.optimizer, model.trainable_variables)
+    assert sign == -1.0  # SGD's slot is -v
+    for slot, m in zip(slots, momentum(model)):
+        np.testing.assert_array_equal(slot.numpy(), m)  # read from the inner SGD
     assert any(np.any(m != 0) for m in momentum(model))
 
 

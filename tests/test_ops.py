@@ -47,6 +47,17 @@ def test_momentum_perturbation_has_norm_rho_against_the_momentum():
     assert math.sqrt(sum(np.sum(t**2) for t in e)) == pytest.approx(3.0, rel=1e-5)
 
 
+def test_w_minus_e_of_sgds_slot_is_w_plus_e_of_v_bit_for_bit():
+    """SGD keeps ``m = -v``: the step forms ``w - e(m)`` rather than negating
+    ``m`` first, and gets the same bits as ``w + e(v)``."""
+    w, m = tensors((64, 32), (32,)), tensors((64, 32), (32,))
+    v = [-t for t in m]
+    folded = sam_ops.subtract_lists(w, sam_ops.momentum_perturbation(m, 0.7))
+    direct = sam_ops.add_lists(w, sam_ops.momentum_perturbation(v, 0.7))
+    for a, b in zip(folded, direct):
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
+
+
 def test_momentum_perturbation_is_zero_before_the_first_update():
     zero = [tf.zeros((3, 4)), tf.zeros((4,))]
     for t in np_list(sam_ops.momentum_perturbation(zero, 3.0)):

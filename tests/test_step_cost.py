@@ -80,6 +80,16 @@ def test_a_sam_step_reads_its_gradients_twice_for_norms():
     assert always.squared_elements == 2 * params
 
 
+def test_msam_forms_w_plus_e_in_two_passes_over_the_weights():
+    """Over ERM's step, Momentum-SAM's writes ``e = c·m`` and ``w + e`` (SGD's
+    slot ``m = -v`` is not negated into a copy first: the sign goes into
+    ``w - e(m)``) and reads ``m`` once more for ``‖m‖``; its one pass is ERM's."""
+    erm, params = counted("erm", ["then"])
+    msam, _ = counted("msam", ["then"])
+    assert msam.elementwise_elements - erm.elementwise_elements == 2 * params
+    assert msam.squared_elements - erm.squared_elements == params
+
+
 @pytest.mark.parametrize("method, hyperparameters, predicates", [
     (None, {}, 0),  # plain fit: every kernel is issued without waiting
     ("erm", {}, 1),  # the finiteness guard around optimizer.apply
