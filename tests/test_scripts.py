@@ -23,8 +23,8 @@ SCRIPTS = {
     "examples/label_noise.py": [*TINY, "--noise-levels", "0.4", "--methods", "erm,ae_sam"],
     "examples/lambda_sweep.py": [*TINY, "--values=-1,1"],
     "examples/sam_budget.py": [*TINY, "--targets", "0.5"],
-    "benchmarks/step_time.py": ["--steps", "1", "--warmup", "1", "--repeats", "2",
-                                "--batch-size", "16"],
+    "benchmarks/step_time.py": ["--steps", "1", "--warmup", "1", "--repeats", "2", "--batch-size", "16",
+                                "--guard-parts", "--blocks", "2", "--block-steps", "2"],
     "benchmarks/distributed.py": ["--steps", "6", "--repeats", "1", "--batch-size", "16"],
     "benchmarks/sparse_gradients.py": ["--steps", "1", "--repeats", "1", "--batch", "4"],
 }
