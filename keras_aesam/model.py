@@ -568,8 +568,6 @@ class SharpnessAwareModel(keras.Model):
         statistics, dropout seeds) is kept: this is the step's only pass.
         """
         variables = self.trainable_variables
-        if not self.optimizer.built:  # a model built by this step: as Keras's apply would
-            self.optimizer.build(variables)
         slots, sign = self.direction.momentum(self.optimizer, variables)
         e_of_slots = self._perturbation(slots, variables, self.applied_steps.value)
         weights = [v.value for v in variables]
@@ -652,13 +650,14 @@ class SharpnessAwareModel(keras.Model):
 
     def train_step(self, data):
         x, y, sample_weight = compat.unpack_x_y_sample_weight(data)
+        self._build_unbuilt(x)
         run = _Replicas(self.optimizer)
         # 1. the ERM gradient (scaled by 1/replicas and by the loss scale);
         # the forward pass moves BatchNorm statistics, kept only if the step applies
         guarded, guarded_before = self._snapshot_guarded(x)
         with tf.control_dependencies(guarded_before):
             y_pred, loss, local_grads = self._first_pass()(x, y, sample_weight)
-        self._prepare_weight_state()  # a subclass unbuilt until now was built by that pass
+        self._prepare_weight_state()  # a subclass that could not be built from shapes was built by that pass
         self._track_loss(loss, x)
         # 2. ‖g‖² and the decision, identical on every replica
         global_grads, perturb_from, grad_norm_sq = self._gradient_statistic(local_grads, run)
@@ -683,18 +682,24 @@ class SharpnessAwareModel(keras.Model):
         return distribution.per_replica_outputs(results)
 
     # Stages of train_step -------------------------------------------------
-    def _snapshot_guarded(self, x):
-        """The non-trainable variables the forward pass may move (BatchNorm
-        statistics), and their values before it, for the rollback of a
-        non-finite step.
+    def _build_unbuilt(self, x):
+        """Build an unbuilt model from ``x``'s shapes, then an unbuilt optimizer.
 
-        An unbuilt model (a subclass, which Keras builds at its first call:
-        in the first traced step, or the first eager one) is built first
-        from ``x``'s shapes, so that the variables that pass creates are in
-        the list, at their initial values. A built model is untouched.
+        A subclass is built by Keras at its first call: in the first traced
+        step, or the first eager one. Built here, before the step reads
+        anything, the variables the forward pass creates are in the rollback's
+        snapshot at their initial values, and a ``LossScaleOptimizer`` has its
+        dynamic scale before the step reads it. A built model is untouched.
         """
         if not self.built:
             compat.build_from_batch_shapes(self, x)
+        if self.built and not self.optimizer.built:  # as Keras's apply would, before the step reads it
+            self.optimizer.build(self.trainable_variables)
+
+    def _snapshot_guarded(self, x):
+        """The non-trainable variables the forward pass may move (BatchNorm
+        statistics), and their values before it, for the rollback of a
+        non-finite step."""
         guarded = self._forward_state_variables()
         return guarded, [tf.identity(v.value) for v in guarded]
 

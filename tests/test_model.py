@@ -83,6 +83,36 @@ def test_subclass_form_trains():
     assert model.policy_state["step"] == 8
 
 
+class SubclassedInner(keras.Model):
+    def __init__(self):
+        super().__init__()
+        self.hidden = keras.layers.Dense(8, activation="relu")
+        self.bn = keras.layers.BatchNormalization()
+        self.out = keras.layers.Dense(3)
+
+    def call(self, x, training=False):
+        return self.out(self.bn(self.hidden(x), training=training))
+
+
+@pytest.mark.parametrize("jit_compile", [False, True], ids=["graph", "xla"])
+@pytest.mark.parametrize("method", ["erm", "ae_sam", "msam"])
+def test_an_unbuilt_subclass_trains_under_loss_scaling(method, jit_compile):
+    """mixed_float16 wraps the optimizer in a LossScaleOptimizer, whose dynamic
+    scale exists only once it is built; a subclass unbuilt at compile time is
+    built by its first step, which reads that scale (and, with XLA and no SAM
+    branch, must not create variables inside the compiled step)."""
+    keras.mixed_precision.set_global_policy("mixed_float16")
+    try:
+        model = compile_sgd(keras_aesam.wrap(SubclassedInner(), method=method), jit_compile=jit_compile)
+        x, y = toy_data()
+        history = model.fit(x, y, epochs=2, batch_size=16, verbose=0).history
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    assert np.all(np.isfinite(history["loss"])) and history["loss"][-1] < history["loss"][0]
+    assert model.policy_state["step"] + round(sum(history["skipped_steps"])) == 8
+    assert isinstance(model.optimizer, keras.optimizers.LossScaleOptimizer) and model.optimizer.built
+
+
 class SubclassedLookSAMNet(keras_aesam.LookSAMModel):
     def __init__(self, late_layer=False, **kwargs):
         super().__init__(**kwargs)
