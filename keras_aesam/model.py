@@ -408,7 +408,11 @@ class SharpnessAwareModel(keras.Model):
 
         A SAM branch inside an XLA-compiled ``tf.cond`` is pathologically slow on
         CPU, so with ``jit_compile=True`` the step runs as a graph and each
-        forward-backward pass is its own XLA cluster.
+        forward-backward pass is its own XLA cluster. A policy that never uses
+        SAM (ERM, MSAM) has no such branch: on one replica its whole step is
+        compiled, so XLA also fuses the guard, the update and MSAM's ``w + e``
+        (once the model is built: a subclass built by its first step creates
+        variables there, which an XLA function cannot).
         """
         distribution.claim_fresh_collective_keys(self.distribute_strategy)
         if self.train_function is not None and not force:
@@ -449,6 +453,12 @@ class SharpnessAwareModel(keras.Model):
             self.optimizer.build(self.trainable_variables)
         if self.direction.selects_samples:
             self._per_sample_loss_fn()  # fail before the first step, not inside it
+        whole_step = self.policy.never_sam and strategy.num_replicas_in_sync == 1 and self.built
+        if self.jit_compile and whole_step:
+            # No SAM branch (ERM, MSAM): XLA compiles the whole step, as Keras does
+            # for plain fit, the finiteness guard and the update included.
+            self._xla_passes = False
+            return super().make_train_function(force)
         self._xla_passes = bool(self.jit_compile)
         return compat.make_train_function_without_jit(self, super().make_train_function, force)
 

@@ -364,6 +364,17 @@ def test_jit_compile_matches_graph_mode(method):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("method, whole_step", [("erm", True), ("msam", True), ("ae_sam", False), ("sam", False)])
+def test_xla_compiles_the_whole_step_where_there_is_no_sam_branch(method, whole_step):
+    """ERM and MSAM have no SAM branch: XLA compiles their whole step, as Keras
+    does for plain fit; a policy's step keeps its cond outside XLA and compiles
+    each pass."""
+    model = compile_sgd(keras_aesam.wrap(small_net(), method=method), jit_compile=True)
+    x, y = toy_data()
+    model.fit(x, y, epochs=1, batch_size=16, verbose=0)
+    assert model._xla_passes is not whole_step
+
+
 def test_activity_regularizer_losses_reach_both_passes():
     """add_loss losses (here an activity regularizer) enter g and ĝ: compare one
     SAM step with the same step written out with assign-and-restore."""
