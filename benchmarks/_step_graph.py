@@ -12,6 +12,10 @@ counts, over the ops a step executes:
   ``L2Loss``) read, over the number of trainable parameters: the passes over
   the gradient that norms cost, the only policy work that grows with the model
   (scalars left out);
+- ``summed_elements``: the elements that plain ``Sum`` reductions of tensors of
+  rank ≥ 1 read: a step whose policy needs no norm checks that ``g`` is finite
+  by its sum (``ops.global_sum``); the loss's and the metrics' sums over the
+  batch are counted too, so compared with plain ``fit``'s count;
 - ``elementwise_elements``: the elements that elementwise arithmetic
   (``Neg``, ``Mul``, ``AddV2``, ``Sub``, ``RealDiv``) writes in tensors of rank
   ≥ 1: passes over the weights (forming ``e``, ``w + e``) and over activations
@@ -33,6 +37,7 @@ import tensorflow as tf
 
 NOT_WORK = frozenset({"Const", "NoOp", "Placeholder", "Identity"})
 SQUARE_REDUCTIONS = frozenset({"Square", "L2Loss"})
+SUM = "Sum"
 ELEMENTWISE = frozenset({"Neg", "Mul", "AddV2", "Sub", "RealDiv"})
 CONDS = frozenset({"If", "StatelessIf"})
 CALLS = frozenset({"StatefulPartitionedCall", "PartitionedCall"})
@@ -42,12 +47,10 @@ CALLS = frozenset({"StatefulPartitionedCall", "PartitionedCall"})
 class StepCount:
     ops: int = 0
     squared_elements: int = 0
+    summed_elements: int = 0
     elementwise_elements: int = 0
     predicates: int = 0
     conds: int = 0
-
-    def squared(self, parameters: int) -> float:
-        return self.squared_elements / parameters
 
 
 def step_graph(model, batch):
@@ -81,6 +84,9 @@ def count(graph, branches=(), default="then") -> StepCount:
                 shape = op.inputs[0].shape if op.inputs else None
                 if op.type in SQUARE_REDUCTIONS and shape.rank:  # scalars are no pass
                     total.squared_elements += int(np.prod(shape)) if shape.is_fully_defined() else 0
+                if (op.type == SUM and shape.rank and shape.is_fully_defined()
+                        and op.inputs[0].op.type != "Pack"):  # a stack of per-tensor scalars is no pass
+                    total.summed_elements += int(np.prod(shape))
                 out = op.outputs[0].shape if op.outputs else None
                 if op.type in ELEMENTWISE and out.rank and out.is_fully_defined():
                     total.elementwise_elements += int(np.prod(out))

@@ -254,9 +254,10 @@ class PartsFit(keras.Model):
     """Plain ``fit`` plus one part of ERM's finiteness guard, nothing else changed:
     diagnostic rows, what each part costs by itself next to ``method="erm"``.
 
-    ``guard``: ``optimizer.apply`` inside a ``tf.cond`` on ``isfinite(‖g‖²)``,
-    the whole guard (the update waits for the whole gradient and its norm);
-    ``read``: ``‖g‖²`` computed (kept in a variable), the update unconditional;
+    ``guard``: ``optimizer.apply`` inside a ``tf.cond`` on the finiteness of
+    ``Σ g`` (``ops.global_sum``, ERM's check), the whole guard (the update
+    waits for the whole gradient and its sum);
+    ``read``: ``Σ g`` computed (kept in a variable), the update unconditional;
     ``wait``: a ``tf.cond`` whose predicate waits for every gradient tensor but
     reads none (the loss's finiteness, under a control dependency on ``g``).
     """
@@ -266,7 +267,7 @@ class PartsFit(keras.Model):
     def __init__(self, inner, part):
         super().__init__(inner.inputs, inner.outputs, name=f"{part}_{inner.name}")
         self.part = part
-        self.norm_sq = keras.Variable(0.0, trainable=False, name="norm_sq")
+        self.total = keras.Variable(0.0, trainable=False, name="total")
 
     def train_step(self, data):
         from keras_aesam import _keras_compat as compat, distribution, ops as sam_ops
@@ -278,10 +279,10 @@ class PartsFit(keras.Model):
         grads = tape.gradient(loss, self.trainable_variables)
         variables = self.trainable_variables
         if self.part == "guard":
-            finite = tf.math.is_finite(sam_ops.global_sq_norm(grads))
+            finite = tf.math.is_finite(sam_ops.global_sum(grads))
             distribution.apply_if(finite, self.optimizer, grads, variables)
         elif self.part == "read":
-            self.norm_sq.assign(sam_ops.global_sq_norm(grads))
+            self.total.assign(sam_ops.global_sum(grads))
             self.optimizer.apply(grads, variables)
         else:
             with tf.control_dependencies(grads):
@@ -297,7 +298,7 @@ def configurations(xla: bool = False, extended: bool = False, guard_parts: bool 
     rows = [
         Config("plain", "plain `keras.Model.fit`", lambda m, t: m),
         Config("guard", "plain `fit` + the finiteness guard alone (diagnostic)", lambda m, t: PartsFit(m, "guard")),
-        Config("read", "plain `fit` + the guard's ‖g‖² read alone, no cond (diagnostic)",
+        Config("read", "plain `fit` + the guard's read of g alone, no cond (diagnostic)",
                lambda m, t: PartsFit(m, "read"), group="guard_parts"),
         Config("wait", "plain `fit` + a cond waiting for all of g, no read (diagnostic)",
                lambda m, t: PartsFit(m, "wait"), group="guard_parts"),
@@ -320,7 +321,7 @@ def configurations(xla: bool = False, extended: bool = False, guard_parts: bool 
                 c, key=f"{c.key}_xla", label=f"{c.label} + XLA", jit_compile=True,
                 base="plain_xla",
             )
-            for c in rows if c.key in ("plain", "erm", "never", "always")
+            for c in rows if c.key in ("plain", "erm", "never", "always", "msam")
         ]
     return rows
 
@@ -550,10 +551,13 @@ def kind_table(results, configs):
 def graph_table(contenders, batch):
     """Markdown rows: what one step executes, counted in its traced graph."""
     lines = [
-        "| configuration | step | ops | passes over the gradient for norms "
+        "| configuration | step | ops | passes over the gradient for norms and finiteness "
         "| cond predicates (host synchronisations on a GPU) |",
         "|---|---|---:|---:|---:|",
     ]
+    # plain fit's own sums (the loss's, the metrics') are no pass over the gradient
+    plain = next(c for c in contenders if c.config.key == "plain").model
+    plain_summed = _step_graph.count_step(_step_graph.step_graph(plain, batch), False).summed_elements
     for contender in contenders:
         config = contender.config
         if config.jit_compile:
@@ -568,10 +572,8 @@ def graph_table(contenders, batch):
         for sam_step in kinds:
             count = _step_graph.count_step(graph, sam_step)
             kind = "SAM step" if sam_step else ("step" if len(kinds) == 1 else "ERM step")
-            lines.append(
-                f"| {config.label} | {kind} | {count.ops} "
-                f"| {count.squared(params.count_params()):.2f} | {count.predicates} |"
-            )
+            reads = (count.squared_elements + count.summed_elements - plain_summed) / params.count_params()
+            lines.append(f"| {config.label} | {kind} | {count.ops} | {reads:.2f} | {count.predicates} |")
     return lines
 
 
@@ -644,9 +646,9 @@ def parse_args(argv=None):
     parser.add_argument("--all", action="store_true",
                         help="also SAM, AE-SAM, LookSAM and AE-LookSAM with their defaults")
     parser.add_argument("--guard-parts", action="store_true",
-                        help="also the finiteness guard's parts alone: its ‖g‖² read, and a cond waiting for all of g")
+                        help="also the finiteness guard's parts alone: its read of g, and a cond waiting for all of g")
     parser.add_argument("--xla", action="store_true",
-                        help="also plain, ERM, never- and always-SAM with jit_compile=True")
+                        help="also plain, ERM, never- and always-SAM and MSAM with jit_compile=True")
     parser.add_argument("--blocks", type=int, default=None,
                         help="rounds of the compiled-step-alone measurement (default 60; 0: skip)")
     parser.add_argument("--block-steps", type=int, default=20, help="steps per block (default 20)")

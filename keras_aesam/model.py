@@ -669,7 +669,7 @@ class SharpnessAwareModel(keras.Model):
             y_pred, loss, local_grads = self._first_pass()(x, y, sample_weight)
         self._prepare_weight_state()  # a subclass that could not be built from shapes was built by that pass
         self._track_loss(loss, x)
-        # 2. ‖g‖² and the decision, identical on every replica
+        # 2. ‖g‖² (or, without SAM, just whether g is finite) and the decision, identical on every replica
         global_grads, perturb_from, grad_norm_sq = self._gradient_statistic(local_grads, run)
         decision = self._decide(grad_norm_sq)
         # 3. the second pass at w + e, on SAM steps only
@@ -726,26 +726,31 @@ class SharpnessAwareModel(keras.Model):
         )
 
     def _gradient_statistic(self, local_grads, run):
-        """``(global g, g to perturb along, ‖g‖²)``, all still loss-scaled but ‖g‖².
+        """``(global g, g to perturb along, statistic)``, all still loss-scaled but the statistic.
 
         The replicas' ``g`` is summed when the perturbation is synced or the
         direction keeps state; the statistic is the global batch's ‖g‖², or
-        the replicas' mean of their own ‖g‖² when ``e`` is per replica.
+        the replicas' mean of their own ‖g‖² when ``e`` is per replica. A
+        policy that never uses SAM (ERM, MSAM) reads only whether ``g`` is
+        finite, so its statistic is the sum of ``g``'s entries instead
+        (``sam_ops.global_sum``): as finite as ``g``, and the cheapest read of it.
         """
         replicas = run.replicas
+        reduce = sam_ops.global_sum if self.policy.never_sam else sam_ops.global_sq_norm
         needs_global = replicas > 1 and (self.sync_perturbation or self.direction.has_state)
         global_grads = distribution.all_reduce_sum(local_grads) if needs_global else local_grads
         if replicas > 1 and self.sync_perturbation:
-            return global_grads, global_grads, sam_ops.global_sq_norm(run.unscale(global_grads))
+            return global_grads, global_grads, reduce(run.unscale(global_grads))
         own = _per_replica_map(lambda v: v * replicas, local_grads, replicas)
-        grad_norm_sq = sam_ops.global_sq_norm(run.unscale(own))
+        statistic = reduce(run.unscale(own))
         if replicas > 1:
-            grad_norm_sq = run.ctx.all_reduce(tf.distribute.ReduceOp.MEAN, grad_norm_sq)
-        return global_grads, own, grad_norm_sq
+            statistic = run.ctx.all_reduce(tf.distribute.ReduceOp.MEAN, statistic)
+        return global_grads, own, statistic
 
     def _decide(self, grad_norm_sq):
         """The policy's ``use_sam`` and new state; a non-finite or zero ‖g‖²
-        makes an ERM step (a zero gradient has no direction to perturb along)."""
+        makes an ERM step (a zero gradient has no direction to perturb along).
+        A policy that never uses SAM gets the sum of ``g`` instead, which it ignores."""
         finite = tf.math.is_finite(grad_norm_sq)
         # read once: the commit reuses these tensors
         step = tf.convert_to_tensor(self.applied_steps.value)

@@ -80,6 +80,22 @@ def global_sq_norm(tensors):
     return ops.sum(ops.stack([_sq_sum(t) for t in tensors]))
 
 
+def global_sum(tensors):
+    """``Σ`` of every entry of every tensor, in float32: the finiteness check of
+    a step whose policy needs no norm.
+
+    Finite exactly when every entry is (a NaN or an infinity stays non-finite
+    in a sum), unless finite entries sum past float32's 3.4e38, which skips the
+    step as a ``‖g‖²`` past it would, far later. One read per tensor and the
+    cheapest reduction there is: under XLA on a CPU a sum is vectorised and a
+    sum of squares is not (several times slower on the MLP's gradient).
+    An IndexedSlices sums its rows (repeated rows need no merging for a sum).
+    """
+    return ops.sum(ops.stack([
+        ops.sum(ops.cast(t.values if is_sparse(t) else t, "float32")) for t in tensors
+    ]))
+
+
 def global_norm(tensors):
     """The global L2 norm ``‖[t_1, …, t_n]‖``."""
     return ops.sqrt(global_sq_norm(tensors))

@@ -58,6 +58,29 @@ def test_w_minus_e_of_sgds_slot_is_w_plus_e_of_v_bit_for_bit():
         np.testing.assert_array_equal(a.numpy(), b.numpy())
 
 
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf, None], ids=["nan", "inf", "-inf", "inf and -inf"])
+def test_global_sum_is_finite_exactly_when_every_entry_is(bad):
+    """ERM's finiteness check: one non-finite entry anywhere makes the sum
+    non-finite (+inf and -inf together make a NaN), finite entries keep it finite."""
+    g = tensors((64, 32), (32,))
+    assert np.isfinite(float(sam_ops.global_sum(g)))
+    assert float(sam_ops.global_sum(g)) == pytest.approx(sum(float(np.sum(t, dtype=np.float64)) for t in g),
+                                                         rel=1e-4, abs=1e-3)
+    broken = [t.copy() for t in g]
+    if bad is None:
+        broken[0][3, 5], broken[1][7] = np.inf, -np.inf
+    else:
+        broken[1][7] = bad
+    assert not np.isfinite(float(sam_ops.global_sum(broken)))
+
+
+def test_global_sum_reads_sparse_rows_and_half_precision_in_float32():
+    g = tf.IndexedSlices(tf.constant([[1.0, 2.0], [1.0, 0.0]]), tf.constant([3, 3]), tf.constant([5, 2]))
+    assert float(sam_ops.global_sum([g])) == 4.0  # repeated rows add up, as in the dense tensor
+    half = [tf.fill([100], tf.constant(60000.0, tf.float16))]  # its float16 sum would overflow
+    assert float(sam_ops.global_sum(half)) == pytest.approx(6.0e6, rel=1e-3)
+
+
 def test_momentum_perturbation_is_zero_before_the_first_update():
     zero = [tf.zeros((3, 4)), tf.zeros((4,))]
     for t in np_list(sam_ops.momentum_perturbation(zero, 3.0)):
