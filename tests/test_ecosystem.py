@@ -228,7 +228,12 @@ def _serve(path, x):
     return reloaded.serve(tf.constant(x)).numpy()
 
 
-@pytest.mark.parametrize("name", list(CASES))
+#: ResNet50V2's layers (conv, BatchNorm, residual adds) are hub_resnet's and MobileNetV2's,
+#: and its file and export took 22 s of the suite; it trains with every method above.
+SAVED = [name for name in CASES if name != "ResNet50V2"]
+
+
+@pytest.mark.parametrize("name", SAVED)
 def test_the_keras_file_and_the_export_predict_what_the_trained_model_predicts(name, tmp_path):
     """Same process, same kernels: the reloaded model runs the same operations on the
     same weights, so it predicts bit for bit alike; the SavedModel is another graph
