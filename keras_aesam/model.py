@@ -833,11 +833,12 @@ class SharpnessAwareModel(keras.Model):
     def _d_finite(self, d, pass_finite, run):
         """Whether ``d`` is finite on every replica, without a second pass over
         it when the direction keeps no state: ``d`` is then the pass's
-        gradient, ``g`` (checked by ``‖g‖²``) or ``ĝ`` (checked in the SAM branch)."""
+        gradient, ``g`` (checked by its statistic: ``‖g‖²``, or its sum) or
+        ``ĝ`` (checked in the SAM branch)."""
         if self.direction.has_state:
             return self._all_finite(d, run)
         if self.policy.never_sam:
-            return pass_finite  # d is g: ‖g‖², global already, said it all
+            return pass_finite  # d is g: its statistic, global already, said it all
         return distribution.all_replicas_true(run.ctx, pass_finite)
 
     @staticmethod
