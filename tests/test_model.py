@@ -375,6 +375,25 @@ def test_xla_compiles_the_whole_step_where_there_is_no_sam_branch(method, whole_
     assert model._xla_passes is not whole_step
 
 
+@pytest.mark.parametrize("method", ["erm", "msam"])
+def test_a_non_finite_step_moves_nothing_when_xla_compiles_the_whole_step(method):
+    """The guard is an XLA conditional there: weights, BatchNorm statistics,
+    momentum, the optimizer's and the model's step counters all stay."""
+    inner = keras.Sequential([keras.Input((6,)), keras.layers.Dense(8), keras.layers.BatchNormalization(),
+                              keras.layers.Dense(3)])
+    model = compile_sgd(keras_aesam.wrap(inner, method=method), jit_compile=True)
+    x, y = toy_data()
+    model.fit(x, y, epochs=1, batch_size=16, verbose=0)
+    assert model._xla_passes is False
+    state = [v.numpy().copy() for v in model.variables + model.optimizer.variables]
+    x_bad = x[:16].copy()
+    x_bad[0, 0] = np.nan
+    logs = model.train_on_batch(x_bad, y[:16], return_dict=True)
+    assert logs["skipped_steps"] == 1.0
+    for before, after in zip(state, model.variables + model.optimizer.variables):
+        np.testing.assert_array_equal(after.numpy(), before)
+
+
 def test_activity_regularizer_losses_reach_both_passes():
     """add_loss losses (here an activity regularizer) enter g and ĝ: compare one
     SAM step with the same step written out with assign-and-restore."""
