@@ -262,8 +262,6 @@ class PartsFit(keras.Model):
     reads none (the loss's finiteness, under a control dependency on ``g``).
     """
 
-    PARTS = ("guard", "read", "wait")
-
     def __init__(self, inner, part):
         super().__init__(inner.inputs, inner.outputs, name=f"{part}_{inner.name}")
         self.part = part
@@ -555,15 +553,15 @@ def graph_table(contenders, batch):
         "| cond predicates (host synchronisations on a GPU) |",
         "|---|---|---:|---:|---:|",
     ]
+    graphs = {c.config.key: _step_graph.step_graph(c.model, batch) for c in contenders if not c.config.jit_compile}
     # plain fit's own sums (the loss's, the metrics') are no pass over the gradient
-    plain = next(c for c in contenders if c.config.key == "plain").model
-    plain_summed = _step_graph.count_step(_step_graph.step_graph(plain, batch), False).summed_elements
+    plain_summed = _step_graph.count_step(graphs["plain"], False).summed_elements
     for contender in contenders:
         config = contender.config
         if config.jit_compile:
             continue
         model = contender.model
-        graph = _step_graph.step_graph(model, batch)
+        graph = graphs[config.key]
         params = getattr(model, "inner", None) or model
         kinds = {"plain": [False], "guard": [False], "read": [False], "wait": [False], "erm": [False],
                  "never": [False], "always": [True], "msam": [False]}.get(
