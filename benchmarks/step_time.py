@@ -665,6 +665,11 @@ def parse_args(argv=None):
         parser.error("--blocks must be >= 0 and --block-steps >= 1")
     if args.steps < 1 or args.warmup < 1 or args.batch_size < 1:
         parser.error("--steps, --warmup and --batch-size must be positive")
+    if args.output:
+        try:  # its folder now, not after minutes of timing
+            os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
+        except OSError as error:
+            parser.error(f"--output {args.output}: cannot create its folder ({error.strerror})")
     return args
 
 

@@ -52,17 +52,26 @@ def test_script_runs_at_tiny_settings(script, tmp_path):
     if script.startswith("examples/"):
         args += ["--output", str(tmp_path / "out")]
     else:
-        args += ["--output", str(tmp_path / "report.md")] if "step_time" in script else []
+        # relative, into a folder that does not exist yet, as a user would type it
+        args += ["--output", "reports/step_time.md"] if "step_time" in script else []
     done = run_script(script, args, tmp_path)
     assert done.returncode == 0, (done.stdout[-2000:], done.stderr[-3000:])
     if script.startswith("examples/"):
         assert any((tmp_path / "out").rglob("history.csv")), done.stdout[-2000:]
     elif "step_time" in script:
-        assert (tmp_path / "report.md").read_text().strip()
+        assert (tmp_path / "reports" / "step_time.md").read_text().strip()
     elif "sparse_gradients" in script:
         assert all(f"| {method} |" in done.stdout for method in ("plain", "erm", "sam", "looksam", "msam"))
     else:
         assert "2 replicas" in done.stdout
+
+
+def test_step_time_refuses_an_output_it_cannot_create_before_timing_anything(tmp_path):
+    (tmp_path / "taken").write_text("a file, not a folder")
+    done = run_script("benchmarks/step_time.py", ["--quick", "--output", "taken/report.md"], tmp_path)
+    assert done.returncode == 2
+    assert "--output taken/report.md: cannot create its folder" in done.stderr
+    assert "[round " not in done.stderr  # nothing was timed
 
 
 def test_imagenet_example_parses_its_flags():
